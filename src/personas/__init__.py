@@ -1,0 +1,3 @@
+"""personas: many voices from one local model."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from personas.cli import main
+
+raise SystemExit(main())

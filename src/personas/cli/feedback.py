@@ -1,0 +1,53 @@
+"""What a person sees on stderr: status lines, a spinner while loading, a bar while generating.
+
+Data goes to stdout and never through here. On a terminal, rich draws live progress; when
+stderr is not a terminal (a script, CI), only plain one-line messages are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+class Feedback:
+    def __init__(self, quiet: bool = False):
+        # Bound to the real stderr now: library output is redirected while models load.
+        self.console = Console(file=sys.stderr, highlight=False)
+        self.live = self.console.is_terminal
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, style="dim", markup=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"Warning: {message}", style="yellow", markup=False)
+
+    @contextlib.contextmanager
+    def loading(self, what: str) -> Iterator[Callable[[str], None]]:
+        """A spinner on a terminal; yields a function that updates the status line."""
+        if self.live and not self.quiet:
+            with self.console.status(what) as status:
+                yield lambda message: status.update(message)
+        else:
+            yield self.info
+
+    @contextlib.contextmanager
+    def generating(self, rows: int, steps: int) -> Iterator[tuple[Callable[[int], None], Callable[[], None]]]:
+        """A bar over decode steps and a count of finished samples; yields (on_step, on_sample)."""
+        if not self.live or self.quiet:
+            yield (lambda _: None), (lambda: None)
+            return
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
+                            transient=True)
+        with progress:
+            step_task = progress.add_task("tokens ", total=steps)
+            sample_task = progress.add_task("samples", total=rows)
+            yield (lambda step: progress.update(step_task, completed=step)), (
+                lambda: progress.advance(sample_task))

@@ -1,0 +1,126 @@
+"""`personas generate`: flags in, the core's records out through a writer."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError
+from ..output import FORMATS, make_writer
+from ..persona import find_library_file, load_library
+from .feedback import Feedback
+from .options import DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt
+
+TEMPLATE_CHOICES = ("auto", "llama2", "model")
+
+
+def generate(
+    names: Annotated[Optional[list[str]], typer.Argument(
+        help="Personas to run (default: all of them).", show_default=False)] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", help="A user message; repeat for several (default: each persona's own prompt).",
+        show_default=False)] = None,
+    temp: Annotated[Optional[list[float]], typer.Option(
+        "--temp", "-t", help="A sampling temperature; repeat for several. 0 = greedy. "
+        "Default: [defaults].temperatures, else 0.7.", show_default=False)] = None,
+    n: Annotated[Optional[int], typer.Option(
+        "-n", help="Samples per persona, prompt and temperature (default: [defaults].n, else 1).",
+        show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", "-s", help="Base seed; the same seed repeats the same texts (default: random, printed).",
+        min=0, show_default=False)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", help="Most tokens per sample (default: [defaults].max_new_tokens, else 128).",
+        show_default=False)] = None,
+    min_new_tokens: Annotated[int, typer.Option(
+        "--min-new-tokens", help="Forbid ending the turn before this many tokens.", min=0)] = 0,
+    top_p: Annotated[Optional[float], typer.Option(
+        "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability.",
+        show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", help="Keep only the k most likely tokens (0 = off).", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option(
+        "--format", "-f", help="table | jsonl | json | csv (default: table on a terminal, else jsonl).",
+        show_default=False)] = None,
+    template: Annotated[str, typer.Option(
+        "--template", help="Prompt format: auto (Llama-2 for Llama-2-chat models, else the model's "
+        "chat template), llama2, model.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Most rows per generate call (default: the whole grid at once).",
+        min=1, show_default=False)] = None,
+    file: FileOpt = None,
+    model: ModelOpt = None,
+    gptq_backend: GptqBackendOpt = "auto",
+    device: DeviceOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+) -> None:
+    """Sample each persona's answer N times at each temperature, in one batched call."""
+    from ..engine import default_model_spec, load_model, resolve_model
+    from ..generation import Request, plan, run
+    from ..sampling import Settings
+
+    feedback = Feedback(quiet)
+    out = sys.stdout
+    fmt = fmt or ("table" if out.isatty() else "jsonl")
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format '{fmt}'", "choose one of: " + ", ".join(FORMATS))
+    if template not in TEMPLATE_CHOICES:
+        raise InputError(f"unknown template '{template}'", "choose one of: " + ", ".join(TEMPLATE_CHOICES))
+
+    library = load_library(find_library_file(file))
+    defaults = library.defaults
+    personas = [library.get(name) for name in names] if names else list(library.personas.values())
+    request_kwargs = {}
+    if seed is not None or defaults.seed is not None:
+        request_kwargs["seed"] = seed if seed is not None else defaults.seed
+    request = Request(
+        personas=personas,
+        prompts=prompt or [],
+        temperatures=temp or defaults.temperatures or [0.7],
+        n=n if n is not None else (defaults.n or 1),
+        settings=Settings(
+            max_new_tokens=max_new_tokens or defaults.max_new_tokens or 128,
+            min_new_tokens=min_new_tokens,
+            top_p=top_p if top_p is not None else defaults.top_p,
+            top_k=top_k if top_k is not None else defaults.top_k,
+            max_batch=batch_size,
+        ),
+        template=None if template == "auto" else template,
+        **request_kwargs,
+    )
+    choice = resolve_model(default_model_spec(model, defaults.model))
+    if seed is None and defaults.seed is None:
+        feedback.info(f"seed {request.seed} (pass --seed {request.seed} to repeat this run)")
+    if choice.reason:
+        feedback.info(f"model: {choice.label} ({choice.reason})")
+
+    # Libraries (gptqmodel's banner, for one) print to stdout; only our records may go there.
+    with contextlib.redirect_stdout(sys.stderr):
+        with feedback.loading(f"loading {choice.label}") as status:
+            loaded = load_model(choice, device=device, gptq_backend=gptq_backend, status=status)
+        kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
+        feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
+
+        rows = plan(request, loaded)
+        writer = make_writer(fmt, out, [(r.persona, r.prompt, r.temperature, r.sample) for r in rows],
+                             list(request.temperatures))
+        tokens = 0
+        started = time.perf_counter()
+        with feedback.generating(len(rows), request.settings.max_new_tokens) as (on_step, sample_done):
+            def on_record(record) -> None:
+                nonlocal tokens
+                tokens += record.new_tokens
+                writer.add(record)
+                sample_done()
+
+            run(request, loaded, rows, on_record, on_step=on_step,
+                on_split=lambda size, half: feedback.warn(
+                    f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
+        elapsed = time.perf_counter() - started
+    writer.close()
+    feedback.info(f"{len(rows)} samples, {tokens} new tokens in {elapsed:.1f} s "
+                  f"({tokens / elapsed if elapsed else 0:.0f} tokens/s)")

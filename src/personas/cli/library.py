@@ -1,0 +1,93 @@
+"""`personas list` and `personas render`: looking at personas and the exact prompts they make."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import InputError
+from ..persona import find_library_file, load_library
+from ..prompt import Dialog, llama2_text
+from .feedback import Feedback
+from .options import FileOpt, ModelOpt, PromptOpt
+
+
+def list_personas(
+    file: FileOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
+) -> None:
+    """Show the personas in the persona file."""
+    library = load_library(find_library_file(file))
+    if fmt == "json":
+        rows = [p.model_dump(exclude_none=True) for p in library.personas.values()]
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+        return
+    if fmt != "table":
+        raise InputError(f"unknown format '{fmt}'", "choose table or json")
+    table = Table(box=box.SIMPLE_HEAD, caption=str(library.path), caption_justify="left")
+    for column in ("persona", "description", "examples", "default prompt"):
+        table.add_column(column, overflow="fold")
+    for p in library.personas.values():
+        table.add_row(Text(p.name, style="bold cyan"), p.description or "", str(len(p.examples)),
+                      p.prompt or Text("(none: pass --prompt)", style="dim"))
+    Console().print(table)
+
+
+def render(
+    name: Annotated[str, typer.Argument(help="The persona to render.", show_default=False)],
+    prompt: PromptOpt = None,
+    file: FileOpt = None,
+    template: Annotated[str, typer.Option(
+        "--template", help="llama2 (Meta's Llama-2-chat format; no model needed) or model "
+        "(the model's own chat template).")] = "llama2",
+    model: ModelOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Print exactly the text that is tokenized, "
+                                      "special tokens written as text, and nothing else.")] = False,
+    ids: Annotated[bool, typer.Option("--ids", help="Print the token ids the model sees, "
+                                      "space-separated on one line, and nothing else.")] = False,
+) -> None:
+    """Print a persona's exact prompt and its token count."""
+    if template not in ("llama2", "model"):
+        raise InputError(f"unknown template '{template}'", "choose llama2 or model")
+    if raw and ids:
+        raise InputError("--raw and --ids cannot be combined", "choose one")
+    library = load_library(find_library_file(file))
+    persona = library.get(name)
+    text = prompt if prompt is not None else persona.prompt
+    if text is None:
+        raise InputError(f"persona '{name}' has no default prompt", "pass --prompt TEXT")
+    if not text.strip():
+        raise InputError("the prompt is empty", "pass a non-empty --prompt")
+    dialog = Dialog.for_persona(persona, text)
+
+    if raw and template == "llama2":  # pure text: no tokenizer needed at all
+        sys.stdout.write(llama2_text(dialog))
+        return
+
+    from ..engine import default_model_spec, load_model, resolve_model
+
+    choice = resolve_model(default_model_spec(model, library.defaults.model))
+    feedback = Feedback(quiet=raw or ids)
+    with contextlib.redirect_stdout(sys.stderr), feedback.loading(f"loading tokenizer of {choice.label}") as status:
+        loaded = load_model(choice, status=status, tokenizer_only=True)
+    prompt_text = loaded.prompt_text(dialog, template)
+    if raw:
+        sys.stdout.write(prompt_text)
+        return
+    token_ids = loaded.prompt_ids(dialog, template)
+    if ids:
+        sys.stdout.write(" ".join(map(str, token_ids)) + "\n")
+        return
+    title = f"{name} · template {template}"
+    subtitle = f"{len(token_ids)} tokens (tokenizer of {choice.label})"
+    Console().print(Panel(Text(prompt_text), title=title, subtitle=subtitle, title_align="left",
+                          subtitle_align="right"))

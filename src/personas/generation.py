@@ -1,0 +1,105 @@
+"""From a request (personas, prompts, temperatures, n, seed) to records, on a loaded model.
+
+This is the core behind `personas generate`; it validates the request's values, builds the
+grid, checks every prompt fits the model's context, and turns samples into records.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .engine import LoadedModel
+from .errors import InputError
+from .persona import Persona
+from .prompt import Dialog
+from .record import Record
+from .sampling import Job, Row, Sample, Settings, build_grid, generate_grid
+
+DEFAULT_TEMPERATURES = (0.7,)
+DEFAULT_N = 1
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class Request:
+    personas: Sequence[Persona]
+    prompts: Sequence[str] = ()  # empty: each persona's own prompt
+    temperatures: Sequence[float] = DEFAULT_TEMPERATURES
+    n: int = DEFAULT_N
+    seed: int = field(default_factory=lambda: secrets.randbelow(2**31))
+    settings: Settings = Settings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    template: str | None = None  # "llama2" | "model"; None: the model's own choice
+
+    def __post_init__(self) -> None:
+        # Everything that can be checked without a model is checked here, before a slow load.
+        validate_values(self.temperatures, self.n, self.settings)
+        dialogs(self)
+
+
+def validate_values(temperatures: Sequence[float], n: int, settings: Settings) -> None:
+    if not temperatures:
+        raise InputError("no temperature given", "pass --temp T (e.g. --temp 0.7)")
+    for t in temperatures:
+        if not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature {t} is not allowed", "use a finite number >= 0 (0 = greedy)")
+    if n < 1:
+        raise InputError(f"-n {n} is not allowed", "ask for at least 1 sample")
+    if settings.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {settings.max_new_tokens} is not allowed", "use 1 or more")
+    if settings.min_new_tokens > settings.max_new_tokens:
+        raise InputError("--min-new-tokens is larger than --max-new-tokens", "lower it")
+    if settings.top_p is not None and not 0 < settings.top_p <= 1:
+        raise InputError(f"--top-p {settings.top_p} is not allowed", "use a value in (0, 1]")
+    if settings.top_k is not None and settings.top_k < 0:
+        raise InputError(f"--top-k {settings.top_k} is not allowed", "use 0 (off) or more")
+
+
+def dialogs(request: Request) -> list[tuple[Persona, str]]:
+    """Each persona × prompt pair of the request, in order."""
+    pairs = []
+    for persona in request.personas:
+        prompts = list(request.prompts) or ([persona.prompt] if persona.prompt else [])
+        if not prompts:
+            raise InputError(f"persona '{persona.name}' has no default prompt",
+                             "pass --prompt TEXT or add prompt = \"...\" to the persona")
+        for prompt in prompts:
+            if not prompt.strip():
+                raise InputError("the prompt is empty", "pass a non-empty --prompt")
+            pairs.append((persona, prompt))
+    return pairs
+
+
+def plan(request: Request, model: LoadedModel) -> list[Row]:
+    jobs = []
+    limit = model.context_length
+    for persona, prompt in dialogs(request):
+        ids = tuple(model.prompt_ids(Dialog.for_persona(persona, prompt), request.template))
+        needed = len(ids) + request.settings.max_new_tokens
+        if limit and needed > limit:
+            raise InputError(
+                f"persona '{persona.name}': the prompt is {len(ids)} tokens and "
+                f"{request.settings.max_new_tokens} new tokens are asked for, but the model's "
+                f"context is {limit} tokens",
+                "shorten the prompt or examples, or lower --max-new-tokens",
+            )
+        jobs.append(Job(persona.name, prompt, ids))
+    return build_grid(jobs, request.temperatures, request.n, request.seed)
+
+
+def to_record(sample: Sample, model: LoadedModel) -> Record:
+    row = sample.row
+    return Record(persona=row.persona, prompt=row.prompt, temperature=row.temperature,
+                  sample=row.sample, seed=row.seed, text=model.decode(list(sample.token_ids)),
+                  new_tokens=len(sample.token_ids), finish_reason=sample.finish_reason,
+                  model=model.label)
+
+
+def run(request: Request, model: LoadedModel, rows: Sequence[Row],
+        on_record: Callable[[Record], None],
+        on_step: Callable[[int], None] = lambda _: None,
+        on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
+    generate_grid(model.model, rows, request.settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                  on_sample=lambda s: on_record(to_record(s, model)), on_step=on_step, on_split=on_split)

@@ -1,0 +1,132 @@
+"""Rendering results: a rich table for people, JSONL/JSON/CSV for scripts. No model code here.
+
+Every writer gets records as they finish (`add`) and is closed once (`close`). JSONL writes and
+flushes each record at once, so a script reading the pipe sees samples as they are done and an
+interrupted run keeps every finished line; the other formats need the whole grid and write it
+in grid order at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import asdict
+from typing import IO, Protocol
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .record import FIELDS, Record
+
+FORMATS = ("table", "jsonl", "json", "csv")
+
+
+
+
+class Writer(Protocol):
+    def add(self, record: Record) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlWriter:
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def add(self, record: Record) -> None:
+        self.stream.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class _Collecting:
+    """Keeps records until `close`, then writes them in the grid's order."""
+
+    def __init__(self, stream: IO[str], order: list[tuple]):
+        self.stream = stream
+        self.rank = {key: i for i, key in enumerate(order)}
+        self.records: list[Record] = []
+
+    def add(self, record: Record) -> None:
+        self.records.append(record)
+
+    def ordered(self) -> list[Record]:
+        return sorted(self.records, key=lambda r: self.rank.get(r.grid_key, len(self.rank)))
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class JsonWriter(_Collecting):
+    def close(self) -> None:
+        json.dump([asdict(r) for r in self.ordered()], self.stream, ensure_ascii=False, indent=2)
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+class CsvWriter(_Collecting):
+    def close(self) -> None:
+        writer = csv.DictWriter(self.stream, fieldnames=FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in self.ordered())
+        self.stream.flush()
+
+
+class TableWriter(_Collecting):
+    """One table row per persona × prompt, one column per temperature, samples stacked."""
+
+    def __init__(self, stream: IO[str], order: list[tuple], temperatures: list[float]):
+        super().__init__(stream, order)
+        self.temperatures = temperatures
+
+    def close(self) -> None:
+        Console(file=self.stream, soft_wrap=False).print(build_table(self.ordered(), self.temperatures))
+
+
+def build_table(records: list[Record], temperatures: list[float]) -> Table:
+    model = records[0].model if records else ""
+    table = Table(box=box.ROUNDED, show_lines=True, expand=True,
+                  caption=f"model: {model}" if model else None, caption_justify="right")
+    table.add_column("persona / prompt", ratio=1, style="bold")
+    for t in temperatures:
+        table.add_column(f"T = {t:g}" + (" (greedy)" if t == 0 else ""), ratio=2)
+
+    cells: dict[tuple[str, str], dict[float, list[Record]]] = {}
+    for r in records:
+        cells.setdefault((r.persona, r.prompt), {}).setdefault(r.temperature, []).append(r)
+    for (persona, prompt), by_temp in cells.items():
+        head = Text.assemble((persona, "bold cyan"), "\n", (prompt, "dim italic"))
+        table.add_row(head, *(_cell(by_temp.get(t, [])) for t in temperatures))
+    return table
+
+
+def _cell(records: list[Record]) -> Group:
+    """Distinct samples in order of first appearance; repeats shown once with ×count."""
+    counts = Counter(r.text for r in records)
+    truncated = {r.text for r in records if r.finish_reason == "length"}
+    parts: list[Text] = []
+    for text in dict.fromkeys(r.text for r in records):
+        line = Text()
+        if counts[text] > 1:
+            line.append(f"×{counts[text]} ", style="bold magenta")
+        line.append(text or "(empty)", style="" if text else "dim")
+        if text in truncated:
+            line.append(" …", style="dim")
+        if parts:
+            parts.append(Text("─" * 3, style="dim"))
+        parts.append(line)
+    return Group(*parts)
+
+
+def make_writer(fmt: str, stream: IO[str], order: list[tuple], temperatures: list[float]) -> Writer:
+    if fmt == "jsonl":
+        return JsonlWriter(stream)
+    if fmt == "json":
+        return JsonWriter(stream, order)
+    if fmt == "csv":
+        return CsvWriter(stream, order)
+    return TableWriter(stream, order, temperatures)

@@ -1,0 +1,142 @@
+"""Chat prompts, as text and as token ids. Pure strings and lists: no torch, no transformers.
+
+Two formats:
+
+* Llama-2 chat, exactly as Meta's reference builds it (`llama/generation.py`, `chat_completion`):
+  the system context folds into the first user turn, each finished exchange is encoded on its own
+  as `[INST] {user} [/INST] {answer} ` with BOS and EOS added as *ids*, and the open turn is
+  `[INST] {user} [/INST]` with a BOS id. The text form writes those ids as `<s>`/`</s>` and equals
+  the Hugging Face Llama-2-chat `chat_template`.
+* Any other model: the tokenizer's own chat template.
+
+Text from a persona or a user never becomes a control token: it is encoded with
+`split_special_tokens=True`, so a typed `<s>` or `<|im_start|>` stays text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+
+TEMPLATES = ("llama2", "model")
+
+
+@dataclass(frozen=True)
+class Dialog:
+    """What a persona's prompt is made of: system context, few-shot exchanges, the open question."""
+
+    system: str | None
+    examples: tuple[tuple[str, str], ...]
+    user: str
+
+    @classmethod
+    def for_persona(cls, persona: Any, prompt: str) -> Dialog:
+        return cls(
+            system=persona.system,
+            examples=tuple((e.user, e.assistant) for e in persona.examples),
+            user=prompt,
+        )
+
+
+# --- Llama-2 -----------------------------------------------------------------------------------
+
+
+def llama2_turns(dialog: Dialog) -> list[tuple[str, bool]]:
+    """Each turn's text as Meta encodes it, and whether an EOS id follows it (finished exchange)."""
+    users = [u for u, _ in dialog.examples] + [dialog.user]
+    if dialog.system is not None:
+        users[0] = B_SYS + dialog.system + E_SYS + users[0]
+    turns = [
+        (f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", True)
+        for user, (_, answer) in zip(users, dialog.examples)
+    ]
+    turns.append((f"{B_INST} {users[-1].strip()} {E_INST}", False))
+    return turns
+
+
+def llama2_text(dialog: Dialog) -> str:
+    """The prompt with BOS/EOS written as text: the Hugging Face Llama-2-chat template's output."""
+    return "".join(BOS_TEXT + text + (EOS_TEXT if eos else "") for text, eos in llama2_turns(dialog))
+
+
+def llama2_ids(dialog: Dialog, encode: Callable[[str], list[int]], bos_id: int,
+               eos_id: int) -> list[int]:
+    """Token ids as Meta's reference builds them: each turn encoded alone, BOS/EOS as ids."""
+    ids: list[int] = []
+    for text, eos in llama2_turns(dialog):
+        ids += [bos_id, *encode(text)] + ([eos_id] if eos else [])
+    return ids
+
+
+# --- the model's own chat template -------------------------------------------------------------
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+    def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+
+
+def messages(dialog: Dialog) -> list[dict[str, str]]:
+    out = [{"role": "system", "content": dialog.system}] if dialog.system is not None else []
+    for user, answer in dialog.examples:
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    out.append({"role": "user", "content": dialog.user})
+    return out
+
+
+def _render(tokenizer: ChatTokenizer, msgs: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def template_text(dialog: Dialog, tokenizer: ChatTokenizer) -> str:
+    return _render(tokenizer, messages(dialog))
+
+
+# Private-use code points: no persona text or chat template contains them.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def template_pieces(dialog: Dialog, tokenizer: ChatTokenizer) -> list[tuple[str, bool]]:
+    """The rendered prompt split into (text, is_message_content) pieces.
+
+    The template is rendered once with each message's content replaced by a marker, so the
+    pieces the template wrote (which may hold control tokens) can be told apart from the
+    persona's and user's text (which must not). If the template transforms content in a way the
+    markers cannot follow (e.g. strips it), the stripped content is tried; failing that the
+    whole text is one template piece, which is still the exact text, only without the guard.
+    """
+    msgs = messages(dialog)
+    real = _render(tokenizer, msgs)
+    marked = _render(tokenizer, [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(msgs)])
+    for transform in (lambda s: s, str.strip):
+        pieces: list[tuple[str, bool]] = []
+        rest = marked
+        for i, m in enumerate(msgs):
+            marker = f"{_OPEN}{i}{_CLOSE}"
+            before, found, rest = rest.partition(marker)
+            if not found:
+                break
+            pieces += [(before, False), (transform(m["content"]), True)]
+        else:
+            pieces.append((rest, False))
+            pieces = [p for p in pieces if p[0]]
+            if "".join(text for text, _ in pieces) == real:
+                return pieces
+    return [(real, False)]
+
+
+def template_ids(dialog: Dialog, tokenizer: ChatTokenizer) -> list[int]:
+    ids: list[int] = []
+    for text, is_content in template_pieces(dialog, tokenizer):
+        ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=is_content)
+    return ids
+
+
+def is_llama2_chat_template(template: str | None) -> bool:
+    """True for Llama-2-chat's own template (and for none at all, where Llama-2 is the default)."""
+    return template is None or ("[INST]" in template and "<<SYS>>" in template)

@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny real models built in code, the real Llama-2 vocabulary, the embedded model.
+
+Nothing here is mocked: the tiny models are real transformers Llama models with random
+weights and a real BPE tokenizer trained on a few sentences, so every code path (padding,
+generate, logits processors, GPTQ kernels) runs for real, only small.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a hub, and none may hang trying
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO.parent / "shared" / "testdata"
+LLAMA_VOCAB = "ggml-vocab-llama-spm.gguf"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there, how are you today? I am fine, thank you.",
+    "Galaxy Rider mountain bikes are great on muddy trails and steep climbs.",
+    "Recall a memorable day out with your bike in 50 words or less.",
+    "You are a pirate captain who runs a tea shop by the sea.",
+    "[INST] <<SYS>> system [/INST] answer </s> <s> user assistant",
+]
+
+
+def make_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE tokenizer with Llama's special tokens (and ChatML's), trained in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(CORPUS * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", additional_special_tokens=specials[3:])
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def make_tiny_llama(directory: Path, chat_template: str | None = None, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger logits than the default init, so temperature visibly matters
+        model.lm_head.weight.mul_(40)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with no chat template: personas uses the Llama-2 format for it."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_dir(tmp_path_factory) -> Path:
+    """The same kind of model with a ChatML chat template: personas uses the model's template."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-chatml"), chat_template=CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny Llama quantized to 4 bits by optimum + gptqmodel, on the CPU, and saved."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    # group_size must divide every in_features (64 and 128 here).
+    config = GPTQConfig(bits=4, group_size=32, dataset=CORPUS * 2, tokenizer=tokenizer, backend="gptq_torch")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config, device_map="cpu")
+    out = tmp_path_factory.mktemp("tiny-gptq")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_vocab_dir() -> Path:
+    if not (TESTDATA / LLAMA_VOCAB).is_file():
+        pytest.skip(f"the real Llama-2 vocabulary is not here ({TESTDATA / LLAMA_VOCAB})")
+    return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(llama_vocab_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_vocab_dir, gguf_file=LLAMA_VOCAB)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """One personas cache for the session, so the embedded model is converted once."""
+    path = tmp_path_factory.mktemp("personas-cache")
+    os.environ["PERSONAS_CACHE_DIR"] = str(path)
+    return path
+
+
+def cli_env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAS_")}
+    env.update(HF_HUB_OFFLINE="1", PERSONAS_CACHE_DIR=str(cache), NO_COLOR="1", COLUMNS="160",
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cache: Path, cwd: Path = REPO, timeout: float = 600, **env: str):
+    """The real CLI in a subprocess, as a user's shell runs it."""
+    return subprocess.run([sys.executable, "-m", "personas", *args], cwd=cwd, env=cli_env(cache, **env),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def embedded_ready(cache_dir) -> Path:
+    """The embedded model converted into the session cache (the first start's one-time work)."""
+    from personas.engine import embedded_gguf_path
+
+    embedded_gguf_path()
+    result = run_cli(["render", "customer", "--template", "model", "--ids"], cache_dir)
+    assert result.returncode == 0, result.stderr
+    return cache_dir

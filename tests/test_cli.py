@@ -1,0 +1,175 @@
+"""The CLI as users meet it: real subprocesses on the embedded model, and every input error."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from conftest import REPO, run_cli
+from typer.testing import CliRunner
+
+from personas.cli import app, main
+
+KEYS = ["persona", "prompt", "temperature", "sample", "seed", "text", "new_tokens", "finish_reason", "model"]
+runner = CliRunner()
+
+
+# --- commands that need no model ------------------------------------------------------------------
+
+
+def test_list_shows_every_persona():
+    result = runner.invoke(app, ["list", "--file", str(REPO / "personas.toml")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in ("customer", "pirate", "critic", "scientist", "toddler", "noir"):
+        assert name in result.stdout
+    as_json = json.loads(runner.invoke(app, ["list", "--format", "json"]).stdout)
+    assert as_json[0]["name"] == "customer" and len(as_json[0]["examples"]) == 2
+
+
+def test_render_raw_llama2_is_exactly_the_text():
+    result = runner.invoke(app, ["render", "customer", "--prompt", "Hi", "--template", "llama2", "--raw"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("<s>[INST] <<SYS>>\nYou are a perennially satisfied customer")
+    assert result.stdout.endswith("</s><s>[INST] Hi [/INST]")
+    assert result.stdout.count("<s>") == 3 and result.stdout.count("</s>") == 2
+
+
+def test_render_ids_from_the_real_llama2_vocabulary(llama_vocab_dir, cache_dir):
+    gguf = str(llama_vocab_dir / "ggml-vocab-llama-spm.gguf")
+    result = run_cli(["render", "customer", "--prompt", "hello <s>", "--template", "llama2", "--ids",
+                      "--model", gguf], cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n") and result.stdout.count("\n") == 1
+    ids = [int(i) for i in result.stdout.split()]
+    assert ids[0] == 1 and ids[1] != 1
+    assert ids.count(1) == 3 and ids.count(2) == 2
+    # "... hello <s> [/INST]": the typed <s> is the text pieces '▁<', 's', '>', not id 1.
+    assert ids[-8:] == [22172, 529, 29879, 29958, 518, 29914, 25580, 29962]
+
+
+# --- bad input: one line, the right exit status, never a traceback ---------------------------------
+
+
+BAD = [
+    (["generate", "nobody"], "unknown persona 'nobody'"),
+    (["generate", "custmer"], "did you mean 'customer'?"),
+    (["generate", "-t", "-1"], "temperature -1.0 is not allowed"),
+    (["generate", "-t", "nan"], "temperature nan is not allowed"),
+    (["generate", "-t", "inf"], "temperature inf is not allowed"),
+    (["generate", "-n", "0"], "-n 0 is not allowed"),
+    (["generate", "--top-p", "1.5"], "--top-p 1.5 is not allowed"),
+    (["generate", "--format", "yaml"], "unknown format 'yaml'"),
+    (["generate", "-t", "warm"], "Invalid value for '--temp' / '-t'"),
+    (["generate", "--file", "missing.toml"], "persona file not found: missing.toml"),
+    (["generate", "--prompt", "  "], "the prompt is empty"),
+    (["generate", "--model", "./no/such/model"], "model './no/such/model' not found"),
+    (["render", "customer", "--raw", "--ids"], "--raw and --ids cannot be combined"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    status = main(args)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("Error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert " — " in err, "says what to do"
+
+
+def test_broken_toml_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[personas.a]\nprompt = "p"\nsystem = """never closed\n')
+    assert main(["generate", "--file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: {bad}:3: invalid TOML") and err.count("\n") == 1
+
+
+def test_runtime_failure_is_exit_1(capsys):
+    # A hub id that is not cached, offline: the model cannot load.
+    assert main(["generate", "customer", "--model", "someone/not-cached"]) == 1
+    err = capsys.readouterr().err
+    *info, last = err.splitlines()
+    assert last.startswith("Error: ") and "not in the local Hugging Face cache" in last and "--model embedded" in last
+    assert not any(line.startswith("Error") for line in info) and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(cache_dir):
+    result = run_cli(["generate", "nobody"], cache_dir, PERSONAS_DEBUG="1")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# --- end to end on the embedded model --------------------------------------------------------------
+
+E2E = ["generate", "customer", "pirate", "-t", "0", "-t", "1.0", "-n", "2", "--seed", "7", "--max-new-tokens", "24"]
+
+
+@pytest.mark.slow
+def test_jsonl_end_to_end(embedded_ready):
+    result = run_cli([*E2E, "--format", "jsonl"], embedded_ready)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 * 2 * 2
+    assert all(list(r) == KEYS for r in rows)
+    assert {(r["persona"], r["temperature"], r["sample"]) for r in rows} == {
+        (p, t, k) for p in ("customer", "pirate") for t in (0.0, 1.0) for k in (1, 2)}
+    assert all(r["model"] == "embedded" and r["finish_reason"] in ("stop", "length") for r in rows)
+    assert all(r["text"].strip() and 0 < r["new_tokens"] <= 24 for r in rows)
+    greedy = {r["persona"]: set() for r in rows}
+    for r in rows:
+        if r["temperature"] == 0:
+            greedy[r["persona"]].add(r["text"])
+    assert all(len(texts) == 1 for texts in greedy.values()), "greedy samples are identical"
+    assert "loaded embedded on cpu" in result.stderr and "Traceback" not in result.stderr
+
+    # The same seed prints the same texts, in any format.
+    again = run_cli([*E2E, "--format", "json"], embedded_ready)
+    assert again.returncode == 0, again.stderr
+    by_key = {(r["persona"], r["temperature"], r["sample"]): r["text"] for r in rows}
+    as_json = json.loads(again.stdout)
+    assert {(r["persona"], r["temperature"], r["sample"]): r["text"] for r in as_json} == by_key
+    assert [(r["persona"], r["temperature"], r["sample"]) for r in as_json] == sorted(
+        by_key, key=lambda k: (["customer", "pirate"].index(k[0]), k[1], k[2])), "json is in grid order"
+
+
+@pytest.mark.slow
+def test_table_and_csv_end_to_end(embedded_ready):
+    table = run_cli([*E2E, "--format", "table"], embedded_ready)
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    for text in ("persona / prompt", "T = 0 (greedy)", "T = 1", "customer", "pirate", "model: embedded"):
+        assert text in out, text
+    assert "×2" in out, "identical greedy samples are shown once with a count"
+
+    as_csv = run_cli([*E2E, "--format", "csv"], embedded_ready)
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert as_csv.returncode == 0 and len(rows) == 8 and list(rows[0]) == KEYS
+
+
+@pytest.mark.slow
+def test_default_format_off_a_terminal_is_jsonl_and_prompt_override(embedded_ready):
+    result = run_cli(["generate", "toddler", "-p", "What is your favourite colour?", "-n", "1", "-t", "0.7",
+                      "--max-new-tokens", "8"], embedded_ready)
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["prompt"] == "What is your favourite colour?" and row["temperature"] == 0.7
+    assert "seed " in result.stderr and "--seed" in result.stderr, "a random seed is printed so it can be repeated"
+
+
+@pytest.mark.slow
+def test_render_with_the_models_template(embedded_ready):
+    result = run_cli(["render", "customer", "--template", "model", "--raw", "--prompt", "Hi <|im_start|>"],
+                     embedded_ready)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("<|im_start|>system\nYou are a perennially satisfied customer")
+    assert result.stdout.endswith("<|im_start|>user\nHi <|im_start|><|im_end|>\n<|im_start|>assistant\n")
+    ids = run_cli(["render", "customer", "--template", "model", "--ids", "--prompt", "Hi <|im_start|>"],
+                  embedded_ready)
+    start = 1  # <|im_start|> in SmolLM2's vocabulary
+    assert ids.stdout.split().count(str(start)) == 7, "6 messages + the generation prompt; the typed one is text"
+    panel = run_cli(["render", "customer"], embedded_ready)
+    assert panel.returncode == 0 and "tokens (tokenizer of" in panel.stdout
