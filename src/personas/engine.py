@@ -191,7 +191,7 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     if choice.kind == "hub":
         directory, gguf_file = _hub_snapshot(choice.location, status), None
     elif choice.kind == "embedded":
-        directory, gguf_file = _embedded_directory(Path(choice.location), status)
+        directory, gguf_file = embedded_checkpoint(Path(choice.location), status)
     elif choice.kind == "gguf":
         directory, gguf_file = str(Path(choice.location).parent), Path(choice.location).name
     else:
@@ -335,7 +335,7 @@ def _hub_snapshot(repo_id: str, status: Status) -> str:
 # --- the embedded model ------------------------------------------------------------------------
 
 
-def _embedded_directory(gguf: Path, status: Status) -> tuple[str, str | None]:
+def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:
     """A converted copy of the embedded GGUF (safetensors + tokenizer.json) in the user's cache.
 
     Converting the GGUF (tokenizer conversion + dequantizing) takes ~15 s on two cores; loading

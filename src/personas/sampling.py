@@ -220,6 +220,7 @@ def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings:
         seeds=torch.tensor([rows[i].seed for i in chunk], dtype=torch.long, device=device),
         prompt_length=width, settings=settings, eos_ids=eos_ids, on_finish=finished, on_step=on_step,
     )
+    past = _prefill_shared_prompts(model, rows, chunk, input_ids, attention)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
         do_sample=False, num_beams=1, repetition_penalty=1.0,
@@ -227,7 +228,35 @@ def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings:
     )
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+                                cache=past, generation_config=config,
+                                logits_processor=LogitsProcessorList([sampler]))
     # Rows that sampled an end-of-turn were delivered as they finished; the rest ran out of room.
     for r, i in enumerate(chunk):
         deliver(i, Sample(rows[i], tuple(output[r, width:].tolist()), "length"))
+
+
+def _prefill_shared_prompts(model: Any, rows: Sequence[Row], chunk: list[int], input_ids: torch.Tensor,
+                            attention: torch.Tensor) -> Any | None:
+    """The KV cache of every prompt but its last token, computed once per distinct prompt.
+
+    A grid repeats each prompt temperatures × n times; encoding it once and copying its cache
+    to every row that shares it removes most of the prompt work (the bulk of a CPU run).
+    `generate` then continues from this cache and only feeds the last prompt token.
+    Returns None when no prompt is shared.
+    """
+    distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
+    if len(distinct) == len(chunk) or input_ids.shape[1] < 2:
+        return None
+    firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
+    ids, mask = input_ids[firsts, :-1].to(model.device), attention[firsts, :-1].to(model.device)
+    # The same positions generate derives from the attention mask (pads get a dummy 1).
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    which = [distinct.index(rows[i].prompt_ids) for i in chunk]
+    cache.reorder_cache(torch.tensor(which, device=model.device))
+    return cache
+
