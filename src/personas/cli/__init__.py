@@ -7,8 +7,10 @@ import sys
 
 import typer
 
-# Typer (since 0.29 at least) carries its own copy of click; its exceptions are the ones raised.
-from typer._click import exceptions as click_errors
+try:  # Typer 0.29 carries its own copy of click; its exceptions are the ones raised then.
+    from typer._click import exceptions as click_errors
+except ImportError:  # older Typer runs on click itself
+    from click import exceptions as click_errors
 
 from .. import __version__
 from ..errors import ExitStatus, PersonasError

@@ -1,0 +1,212 @@
+"""The 13B GPTQ grid on one GPU: the notebook's way, per-temperature calls, personas' grid, the floor.
+
+The job (issue 3): the Galaxy Rider customer with its examples, 3 temperatures × 8 samples,
+exactly 128 new tokens each (min_new_tokens = 128, so every method does the same work), on a
+GPTQ checkpoint with Llama-2-13B-chat-GPTQ's exact layout (benchmarks/gptq_checkpoint.py;
+random weights, since the GPU machine reaches no hub), loaded through personas' own loader.
+
+  a. notebook: a text-generation pipeline, one call per sample, sequential (24 calls)
+  b. one generate per temperature with num_return_sequences=8 (3 calls)
+  c. personas' grid: one call, as `personas generate` runs it
+  d. the floor: bytes one decode step must read (quantized weights + KV cache, the shared
+     prompt counted once) / measured device-to-device bandwidth, × 128 steps
+
+    python benchmarks/bench_gpu_grid.py [--shape 13b] [--backend exllama_v2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_checkpoint import write_checkpoint  # noqa: E402
+
+TEMPERATURES = (0.2, 0.7, 1.0)
+N = 8
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", flush=True)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script itself
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def sync_time(fn) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def copy_bandwidth(gigabytes: float = 2.0, repeats: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second (median of `repeats`)."""
+    src = torch.empty(int(gigabytes * 2**30) // 2, dtype=torch.float16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = [sync_time(lambda: dst.copy_(src)) for _ in range(repeats)]
+    del src, dst
+    return 2 * gigabytes * 2**30 / statistics.median(times)
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        reset_peak()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
+
+
+def quantized_bytes(model) -> int:
+    """Every parameter and buffer a decode step reads: all weights except the embedding table."""
+    total = 0
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.data_ptr() in seen or "embed_tokens" in name or "rotary" in name:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="13b")
+    parser.add_argument("--backend", default="exllama_v2")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--deadline-s", type=float, default=540, help="stop the notebook loop before this")
+    args = parser.parse_args()
+    new = args.new_tokens
+
+    from personas.engine import load_model, resolve_model
+    from personas.generation import Request, plan, run
+    from personas.persona import find_library_file, load_library
+    from personas.prompt import Dialog
+    from personas.sampling import Settings
+
+    results: dict = {"card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__,
+                     "shape": args.shape, "backend": args.backend}
+    import transformers
+    results["transformers"] = transformers.__version__
+
+    directory = args.checkpoint / args.shape
+    if not (directory / "model.safetensors").is_file():
+        results["write_s"] = sync_time(lambda: write_checkpoint(directory, args.shape, DEVICE))
+        log(f"checkpoint written in {results['write_s']:.1f} s")
+    results["bandwidth_Bps"] = copy_bandwidth(2.0 if DEVICE == "cuda" else 0.25)
+    log(f"device-to-device copy: {results['bandwidth_Bps'] / 1e12:.2f} TB/s")
+
+    choice = resolve_model(str(directory))
+    t = time.perf_counter()
+    model = load_model(choice, device=DEVICE, gptq_backend=args.backend)
+    results["load_cold_s"] = time.perf_counter() - t
+    del model
+    reset_peak()
+    t = time.perf_counter()
+    model = load_model(choice, device=DEVICE, gptq_backend=args.backend)
+    results["load_warm_s"] = time.perf_counter() - t
+    results["kernel"] = model.gptq_kernel
+    log(f"loaded: cold {results['load_cold_s']:.1f} s, warm {results['load_warm_s']:.1f} s, kernel {model.gptq_kernel}")
+
+    persona = load_library(find_library_file(None)).get("customer")
+    dialog = Dialog.for_persona(persona, persona.prompt)
+    prompt_ids = model.prompt_ids(dialog, "llama2")
+    results["prompt_tokens"] = len(prompt_ids)
+    weights = quantized_bytes(model.model)
+    cfg = model.model.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    rows = len(TEMPERATURES) * N
+    mean_generated = (new + 1) / 2  # tokens already generated, averaged over the steps
+    step_bytes = weights + kv_per_token * (len(prompt_ids) + rows * mean_generated)
+    results["floor_step_s"] = step_bytes / results["bandwidth_Bps"]
+    results["floor_bytes_per_step"] = step_bytes
+    log(f"floor: {step_bytes / 1e9:.2f} GB per step -> {results['floor_step_s'] * 1e3:.2f} ms/step")
+
+    ids = torch.tensor([prompt_ids], device=DEVICE)
+    mask = torch.ones_like(ids)
+    common = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, top_p=1.0, top_k=0,
+                  pad_token_id=model.pad_id)
+
+    # c. personas' grid, as `personas generate` runs it (warm-up first: kernels, allocator)
+    request = Request(personas=[persona], temperatures=TEMPERATURES, n=N, seed=1,
+                      settings=Settings(max_new_tokens=new, min_new_tokens=new))
+    grid_rows = plan(request, model)
+    run(Request(personas=[persona], temperatures=(1.0,), n=2, seed=0, settings=Settings(max_new_tokens=8)),
+        model, plan(Request(personas=[persona], temperatures=(1.0,), n=2, seed=0,
+                            settings=Settings(max_new_tokens=8)), model), lambda r: None)
+    reset_peak()
+    records = []
+    results["c_s"] = sync_time(lambda: run(request, model, grid_rows, records.append))
+    results["c_peak_GB"] = peak_gb()
+    assert len(records) == rows and all(r.new_tokens == new for r in records), [r.new_tokens for r in records]
+    log(f"c. grid: {results['c_s']:.2f} s ({results['c_s'] / new * 1e3:.1f} ms/step)")
+
+    # b. one generate per temperature, num_return_sequences = 8
+    reset_peak()
+    def per_temperature():
+        for temperature in TEMPERATURES:
+            model.model.generate(input_ids=ids, attention_mask=mask, temperature=temperature,
+                                 num_return_sequences=N, **common)
+    results["b_s"] = sync_time(per_temperature)
+    results["b_peak_GB"] = peak_gb()
+    log(f"b. per temperature: {results['b_s']:.2f} s ({results['b_s'] / (3 * new) * 1e3:.1f} ms/step)")
+
+    # a. the notebook: a pipeline, one call per sample
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=model.model, tokenizer=model.tokenizer)
+    text = model.prompt_text(dialog, "llama2")
+    reset_peak()
+    calls = []
+    for temperature in TEMPERATURES:
+        for _ in range(N):
+            if calls and time.perf_counter() - STARTED + 1.5 * max(calls) > args.deadline_s:
+                break
+            calls.append(sync_time(lambda: pipe(text, temperature=temperature, return_full_text=False, **common)))
+    results["a_calls_measured"] = len(calls)
+    results["a_call_s_median"] = statistics.median(calls)
+    results["a_s"] = sum(calls) * rows / len(calls)
+    results["a_peak_GB"] = peak_gb()
+    log(f"a. notebook: {len(calls)} of {rows} calls measured, median {results['a_call_s_median']:.2f} s/call")
+
+    (args.out / "gpu_grid.json").write_text(json.dumps(results, indent=2))
+    floor = results["floor_step_s"] * new
+    extrapolated = "" if len(calls) == rows else f" ({len(calls)} of {rows} calls timed, scaled)"
+    print(f"\ncard: {results['card']}, torch {results['torch']}, transformers {results['transformers']}, "
+          f"GPTQ kernel {results['kernel']} (--gptq-backend {args.backend})")
+    print(f"job: {args.shape} GPTQ (4-bit, g128), prompt {len(prompt_ids)} tokens, {rows} rows × {new} new tokens; "
+          f"load cold {results['load_cold_s']:.1f} s, warm {results['load_warm_s']:.1f} s\n")
+    print("| method | generation (s) | ms per decode step | peak GPU memory (GB) | vs notebook |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| a. notebook: {rows} pipeline calls{extrapolated} | {results['a_s']:.1f} | "
+          f"{results['a_call_s_median'] / new * 1e3:.1f} | {results['a_peak_GB']:.1f} | 1.0× |")
+    print(f"| b. 3 generate calls, num_return_sequences=8 | {results['b_s']:.1f} | "
+          f"{results['b_s'] / (3 * new) * 1e3:.1f} | {results['b_peak_GB']:.1f} | {results['a_s'] / results['b_s']:.1f}× |")
+    print(f"| c. personas grid, 1 call | {results['c_s']:.1f} | {results['c_s'] / new * 1e3:.1f} | "
+          f"{results['c_peak_GB']:.1f} | {results['a_s'] / results['c_s']:.1f}× |")
+    print(f"| d. floor: {step_bytes / 1e9:.2f} GB/step at {results['bandwidth_Bps'] / 1e12:.2f} TB/s | "
+          f"{floor:.2f} | {results['floor_step_s'] * 1e3:.2f} | | {results['a_s'] / floor:.0f}× |")
+
+
+if __name__ == "__main__":
+    main()
