@@ -101,5 +101,8 @@ def run(request: Request, model: LoadedModel, rows: Sequence[Row],
         on_record: Callable[[Record], None],
         on_step: Callable[[int], None] = lambda _: None,
         on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
+    from .fastpath import usable
+
     generate_grid(model.model, rows, request.settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
-                  on_sample=lambda s: on_record(to_record(s, model)), on_step=on_step, on_split=on_split)
+                  on_sample=lambda s: on_record(to_record(s, model)), on_step=on_step, on_split=on_split,
+                  graph_safe=usable(model.model, model.gptq_kernel))

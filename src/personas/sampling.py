@@ -45,6 +45,7 @@ class Settings:
     top_p: float | None = None
     top_k: int | None = None
     max_batch: int | None = None  # rows per generate call; None = the whole grid
+    fast_path: bool = True  # on CUDA: static cache + CUDA graph decoding (fastpath.py)
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,43 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One float64 uniform in [0, 1) per seed, a pure function of (seed, step)."""
+def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per seed, a pure function of (seed, step).
+
+    `step` may be a one-element device tensor, so a captured CUDA graph can advance it.
+    """
     lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    h = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(seeds, step & _MASK32))))
+    steps = step.expand_as(seeds) if isinstance(step, torch.Tensor) else torch.full_like(seeds, step)
+    h = _mix32(lo ^ _mix32(hi ^ _mix32(steps & _MASK32)))
     a = _mix32(h ^ 0x5BD1E995) >> 5  # 27 bits
     b = _mix32(h ^ 0x1B873593) >> 6  # 26 bits
     return (a * 67108864 + b).double() / 9007199254740992.0  # (a·2**26 + b) / 2**53
+
+
+class TokenChooser:
+    """Each row's next token from its scores: temperature, top-k/top-p, one counter uniform.
+
+    Pure tensor code with no host synchronisation, so it also runs inside a CUDA graph.
+    """
+
+    def __init__(self, temperatures: torch.Tensor, seeds: torch.Tensor, settings: Settings):
+        self.greedy = temperatures == 0
+        self.divisor = torch.where(self.greedy, torch.ones_like(temperatures), temperatures)[:, None]
+        self.seeds = seeds
+        self.warpers = LogitsProcessorList()
+        if settings.top_k:
+            self.warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p is not None and settings.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor,
+                 step: int | torch.Tensor) -> torch.Tensor:
+        logits = self.warpers(input_ids, scores.float() / self.divisor)
+        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        target = counter_uniform(self.seeds, step).to(cdf.dtype) * cdf[:, -1]
+        sampled = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+        sampled = sampled.clamp_(max=scores.shape[-1] - 1)
+        return torch.where(self.greedy, scores.argmax(dim=-1), sampled)
 
 
 class RowSampler(LogitsProcessor):
@@ -119,28 +150,15 @@ class RowSampler(LogitsProcessor):
     def __init__(self, temperatures: torch.Tensor, seeds: torch.Tensor, prompt_length: int,
                  settings: Settings, eos_ids: Sequence[int],
                  on_finish: Callable[[int, list[int]], None], on_step: Callable[[int], None]):
-        self.temperatures = temperatures
-        self.greedy = temperatures == 0
-        self.divisor = torch.where(self.greedy, torch.ones_like(temperatures), temperatures)[:, None]
-        self.seeds = seeds
+        self.choose = TokenChooser(temperatures, seeds, settings)
         self.prompt_length = prompt_length
         self.eos_ids = torch.tensor(list(eos_ids), device=seeds.device)
-        self.done = torch.zeros_like(self.greedy)
+        self.done = torch.zeros_like(self.choose.greedy)
         self.on_finish, self.on_step = on_finish, on_step
-        self.warpers = LogitsProcessorList()
-        if settings.top_k:
-            self.warpers.append(TopKLogitsWarper(settings.top_k))
-        if settings.top_p is not None and settings.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(settings.top_p))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
-        logits = self.warpers(input_ids, scores.float() / self.divisor)
-        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-        target = counter_uniform(self.seeds, step).to(cdf.dtype) * cdf[:, -1]
-        sampled = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
-        sampled = sampled.clamp_(max=scores.shape[-1] - 1)
-        chosen = torch.where(self.greedy, scores.argmax(dim=-1), sampled)
+        chosen = self.choose(input_ids, scores, step)
 
         finished = torch.isin(chosen, self.eos_ids) & ~self.done
         if finished.any():
@@ -167,13 +185,19 @@ def generate_grid(
     on_sample: Callable[[Sample], None],
     on_step: Callable[[int], None] = lambda _: None,
     on_split: Callable[[int, int], None] = lambda _a, _b: None,
+    graph_safe: bool = False,
 ) -> None:
     """Sample every row; `on_sample` gets each one as soon as it is finished.
 
     The whole grid goes in one `generate` (or `max_batch`-row chunks). On out-of-memory the
     failing chunk is halved and retried, down to one row; rows already delivered are not
-    generated again, so nothing is lost and nothing is written twice.
+    generated again, so nothing is lost and nothing is written twice. `graph_safe` (the model
+    is on CUDA with a kernel that survives graph capture) enables the CUDA-graph fast path.
     """
+    from . import fastpath
+
+    fast = settings.fast_path and graph_safe
+    generate_chunk = fastpath.generate_chunk_graphed if fast else _generate_chunk
     delivered: set[int] = set()
 
     def deliver(index: int, sample: Sample) -> None:
@@ -188,7 +212,7 @@ def generate_grid(
         if not chunk:
             continue
         try:
-            _generate_chunk(model, rows, chunk, settings, eos_ids, pad_id, deliver, on_step)
+            generate_chunk(model, rows, chunk, settings, eos_ids, pad_id, deliver, on_step)
         except Exception as e:
             if not is_out_of_memory(e) or len(chunk) == 1:
                 raise

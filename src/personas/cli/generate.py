@@ -52,6 +52,9 @@ def generate(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Most rows per generate call (default: the whole grid at once).",
         min=1, show_default=False)] = None,
+    fast_path: Annotated[bool, typer.Option(
+        "--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
+        "CUDA graph (much faster; off: transformers' plain generate).")] = True,
     file: FileOpt = None,
     model: ModelOpt = None,
     gptq_backend: GptqBackendOpt = "auto",
@@ -88,6 +91,7 @@ def generate(
             top_p=top_p if top_p is not None else defaults.top_p,
             top_k=top_k if top_k is not None else defaults.top_k,
             max_batch=batch_size,
+            fast_path=fast_path,
         ),
         template=None if template == "auto" else template,
         **request_kwargs,

@@ -1,0 +1,88 @@
+"""The static-cache decode loop (the CUDA fast path) against transformers' plain generate.
+
+On the CPU the loop runs eagerly, so CI checks its logic — padding, positions, the mask,
+min_new_tokens, end-of-turn handling, per-row seeds — token for token against the plain path.
+On a CUDA machine the same checks run with the step captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personas.engine import load_model, resolve_model
+from personas.fastpath import usable
+from personas.generation import Request, plan
+from personas.persona import Example, Persona
+from personas.sampling import Settings, generate_grid
+
+PERSONAS = [
+    Persona(name="a", system="You are a pirate.", prompt="Hello there",
+            examples=[Example(user="How are you?", assistant="I am fine.")]),
+    Persona(name="b", prompt="Tell me about the quick brown fox and the lazy dog"),
+]
+SETTINGS = [
+    Settings(max_new_tokens=20),
+    Settings(max_new_tokens=20, min_new_tokens=6, top_k=5),
+    Settings(max_new_tokens=40, top_p=0.9),  # longer than CHECK_EVERY: rows are read back mid-run
+]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def both_paths(model, settings: Settings) -> tuple[dict, dict]:
+    request = Request(personas=PERSONAS, temperatures=[0, 0.8, 1.5], n=2, seed=3, settings=settings)
+    rows = plan(request, model)
+    results = []
+    for graph_safe in (False, True):
+        got: dict = {}
+        generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                      on_sample=lambda s: got.__setitem__((s.row.persona, s.row.temperature, s.row.sample),
+                                                          (s.token_ids, s.finish_reason)),
+                      graph_safe=graph_safe)
+        assert len(got) == len(rows), "every row delivered exactly once"
+        results.append(got)
+    return results[0], results[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_cpu(tiny_llama_dir):
+    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "min-new-top-k", "long-top-p"])
+def test_static_loop_equals_plain_generate_on_cpu(tiny_cpu, settings):
+    plain, fast = both_paths(tiny_cpu, settings)
+    assert fast == plain
+    if settings.min_new_tokens:
+        assert all(len(tokens) >= settings.min_new_tokens for tokens, _ in fast.values())
+    assert any(reason == "stop" for _, reason in fast.values()) or all(
+        len(tokens) == settings.max_new_tokens for tokens, _ in fast.values())
+
+
+def test_fast_path_is_only_chosen_where_it_is_safe(tiny_cpu):
+    assert not usable(tiny_cpu.model, None), "CPU keeps transformers' generate"
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    assert usable(OnCuda(), "MarlinLinear") and usable(OnCuda(), None)
+    assert not usable(OnCuda(), "ExllamaV2Linear"), "wrong tokens under graph capture (measured)"
+    assert not usable(OnCuda(), "SomeNewKernel"), "unknown kernels take the plain path"
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "min-new-top-k", "long-top-p"])
+def test_cuda_graph_equals_plain_generate(tiny_llama_dir, settings):
+    model = load_model(resolve_model(str(tiny_llama_dir)), device="cuda")
+    plain, fast = both_paths(model, settings)
+    assert fast == plain
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_graph_gptq_greedy_equals_plain(tiny_gptq_dir):
+    model = load_model(resolve_model(str(tiny_gptq_dir)), device="cuda", gptq_backend="torch")
+    plain, fast = both_paths(model, Settings(max_new_tokens=24))
+    greedy = [k for k in plain if k[1] == 0]
+    assert [fast[k] for k in greedy] == [plain[k] for k in greedy]
