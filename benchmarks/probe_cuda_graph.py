@@ -126,6 +126,15 @@ def main() -> None:
         times.append(timed_steps(graph.replay, 20) * 1e3)
     print(f"CUDA graph replay step, batch {B}: {statistics.median(times):.2f} ms (median of 5×20)")
 
+    # Where a replayed step spends its GPU time, by kernel (CUPTI sees kernels inside graphs).
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
 
 if __name__ == "__main__":
     main()
