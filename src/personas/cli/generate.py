@@ -63,7 +63,8 @@ def generate(
 ) -> None:
     """Sample each persona's answer N times at each temperature, in one batched call."""
     from ..engine import default_model_spec, load_model, resolve_model
-    from ..generation import Request, plan, run
+    from ..fastpath import usable
+    from ..generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TEMPERATURES, Request, plan, run
     from ..sampling import Settings
 
     feedback = Feedback(quiet)
@@ -83,10 +84,11 @@ def generate(
     request = Request(
         personas=personas,
         prompts=prompt or [],
-        temperatures=temp or defaults.temperatures or [0.7],
-        n=n if n is not None else (defaults.n or 1),
+        temperatures=temp or defaults.temperatures or DEFAULT_TEMPERATURES,
+        n=n if n is not None else (defaults.n or DEFAULT_N),
         settings=Settings(
-            max_new_tokens=max_new_tokens or defaults.max_new_tokens or 128,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else (
+                defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS),
             min_new_tokens=min_new_tokens,
             top_p=top_p if top_p is not None else defaults.top_p,
             top_k=top_k if top_k is not None else defaults.top_k,
@@ -109,6 +111,9 @@ def generate(
         kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
         feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
 
+        if loaded.device.type == "cuda" and fast_path and not usable(loaded.model, loaded.gptq_kernel):
+            feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
+                          "decoding without the fast path (--gptq-backend marlin enables it)")
         rows = plan(request, loaded)
         writer = make_writer(fmt, out, [(r.persona, r.prompt, r.temperature, r.sample) for r in rows],
                              list(request.temperatures))
