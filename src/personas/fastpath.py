@@ -69,12 +69,18 @@ def generate_chunk_graphed(model: Any, rows: Sequence[Row], chunk: list[int], se
         done.logical_or_(torch.isin(chosen, eos))
         return chosen
 
+    # Prefill each distinct prompt once (a grid repeats each temperatures × n times), then
+    # give every row its prompt's copy of the cache.
+    distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
+    firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
+    which = torch.tensor([distinct.index(rows[i].prompt_ids) for i in chunk], device=device)
     cache = StaticCache(config=model.config, max_cache_len=L)
     with torch.inference_mode():
         positions = (real.cumsum(-1) - 1).masked_fill_(real == 0, 1)
-        logits = model(input_ids=ids, attention_mask=real, position_ids=positions,
+        logits = model(input_ids=ids[firsts], attention_mask=real[firsts], position_ids=positions[firsts],
                        cache_position=torch.arange(W, device=device), cache=cache, use_cache=True).logits
-        tok = pick(logits[:, -1])[:, None].clone()
+        cache.reorder_cache(which)
+        tok = pick(logits[:, -1].index_select(0, which))[:, None].clone()
         # Decode state, updated in place by every step (a graph replays fixed addresses).
         pos = real.sum(-1, keepdim=True)
         cpos = torch.tensor([W], device=device)
