@@ -173,3 +173,26 @@ def test_render_with_the_models_template(embedded_ready):
     assert ids.stdout.split().count(str(start)) == 7, "6 messages + the generation prompt; the typed one is text"
     panel = run_cli(["render", "customer"], embedded_ready)
     assert panel.returncode == 0 and "tokens (tokenizer of" in panel.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_finished_rows_valid(embedded_ready):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "personas", "generate", "-t", "1.0", "-n", "2", "--seed", "1", "-f", "jsonl"],
+        cwd=REPO, env=cli_env(embedded_ready), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "loaded embedded" not in (process.stderr.readline() or "") and time.monotonic() < deadline:
+        pass
+    time.sleep(3)  # into generation
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.splitlines()[-1] == "Error: interrupted" and "Traceback" not in err
+    assert all(json.loads(line)["persona"] for line in out.splitlines())

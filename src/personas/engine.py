@@ -169,6 +169,7 @@ def _quiet_libraries() -> None:
     import logging
 
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import chatter
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -272,10 +273,23 @@ def _gptq_loading_config(stored: dict, backend: str) -> Any:
                              "install the GPTQ extra: pip install 'personas[gptq]'")
     if backend not in GPTQ_BACKENDS:
         raise InputError(f"unknown GPTQ backend '{backend}'", "choose one of: " + ", ".join(GPTQ_BACKENDS))
+    _quiet_gptqmodel()
     from transformers import GPTQConfig
 
     # Only the loading attributes (backend) of this config are used; the rest comes from the file.
     return GPTQConfig(bits=int(stored.get("bits", 4)), backend=GPTQ_BACKENDS[backend])
+
+
+def _quiet_gptqmodel() -> None:
+    """gptqmodel logs a banner and INFO lines through logbar; keep them off the user's terminal."""
+    import logging
+
+    try:
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.ERROR)
+    except Exception:  # an older or newer logbar: its chatter is only noise, never a failure
+        pass
 
 
 def _gptq_kernel_name(model: Any) -> str | None:

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("PERSONAS_DEBUG") == "1"
     try:
         result = app(args=argv, prog_name="personas", standalone_mode=False)
+        if result == ExitStatus.INTERRUPTED:  # Typer turns Ctrl-C into this exit code
+            _error("interrupted")
         return int(result) if isinstance(result, int) else ExitStatus.SUCCESS
     except PersonasError as e:
         if debug:
