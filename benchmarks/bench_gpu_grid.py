@@ -61,7 +61,6 @@ def copy_bandwidth(gigabytes: float = 2.0, repeats: int = 20) -> float:
     for _ in range(3):
         dst.copy_(src)
     times = [sync_time(lambda: dst.copy_(src)) for _ in range(repeats)]
-    del src, dst
     return 2 * gigabytes * 2**30 / statistics.median(times)
 
 
