@@ -119,3 +119,38 @@ def test_gptq_checkpoint_loads_through_personas_and_generates(tiny_gptq_dir):
 def test_unknown_gptq_backend_is_bad_input(tiny_gptq_dir):
     with pytest.raises(InputError, match="unknown GPTQ backend 'warp'"):
         load_model(resolve_model(str(tiny_gptq_dir)), device="cpu", gptq_backend="warp")
+
+
+@pytest.fixture(scope="module")
+def pickle_only_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama with its weights as a pickle file (pytorch_model.bin) and no safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("pickle-only")
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    torch.save(load_file(tiny_llama_dir / "model.safetensors"), out / "pytorch_model.bin")
+    return out
+
+
+def test_pickle_weights_are_refused_unless_allowed(pickle_only_dir):
+    with pytest.raises(InputError, match=r"only pickle weights .* --allow-pickle") as info:
+        load_model(resolve_model(str(pickle_only_dir)), device="cpu")
+    assert info.value.exit_status == ExitStatus.BAD_INPUT
+    model = load_model(resolve_model(str(pickle_only_dir)), device="cpu", allow_pickle=True)
+    request = Request(personas=[PIRATE], temperatures=[0.0], n=1, seed=1, settings=Settings(max_new_tokens=3))
+    records = []
+    run(request, model, plan(request, model), records.append)
+    assert len(records) == 1
+
+
+def test_pickle_refusal_from_the_cli(pickle_only_dir, capsys):
+    from personas.cli import main
+
+    assert main(["generate", "customer", "--model", str(pickle_only_dir), "-n", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("Error: ") and "--allow-pickle" in err

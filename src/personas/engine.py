@@ -177,8 +177,13 @@ def _quiet_libraries() -> None:
 
 
 def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: str = "auto",
-               status: Status = lambda _: None, tokenizer_only: bool = False) -> LoadedModel:
-    """Load `choice` once, on `device` (default: CUDA when present, else CPU)."""
+               status: Status = lambda _: None, tokenizer_only: bool = False,
+               allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `choice` once, on `device` (default: CUDA when present, else CPU).
+
+    Safe by default: weights only from safetensors (pickle files can run code when loaded)
+    unless `allow_pickle`, and a model's own Python code never runs unless `trust_remote_code`.
+    """
     started = time.perf_counter()
     _quiet_libraries()
     import torch
@@ -198,9 +203,12 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     else:
         directory, gguf_file = choice.location, None
 
-    tokenizer = _load_tokenizer(directory, gguf_file, choice, status)
+    if not tokenizer_only and not gguf_file and not allow_pickle:
+        refuse_pickle_only(directory, choice.label)
+    tokenizer = _load_tokenizer(directory, gguf_file, choice, status, trust_remote_code)
     model, kernel = (None, None) if tokenizer_only else _load_weights(
-        directory, gguf_file, choice, torch_device, gptq_backend, status)
+        directory, gguf_file, choice, torch_device, gptq_backend, status,
+        {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
 
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
         getattr(tokenizer, "chat_template", None)) else "model"
@@ -211,13 +219,27 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
                        load_seconds=time.perf_counter() - started, gptq_kernel=kernel)
 
 
-def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, status: Status) -> Any:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def refuse_pickle_only(directory: str, label: str) -> None:
+    """Refuse a folder whose weights exist only as pickle files."""
+    files = [p.name for p in Path(directory).iterdir()] if Path(directory).is_dir() else []
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        raise InputError(f"'{label}' has only pickle weights (.bin/.pt), which can run code when loaded",
+                         "convert them to safetensors, or pass --allow-pickle if you trust their source")
+
+
+def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, status: Status,
+                    trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     status(f"loading tokenizer of {choice.label}")
     try:
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return AutoTokenizer.from_pretrained(directory, **kwargs)
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # transformers raises many types for an unusable folder
         raise ModelError(f"cannot load the tokenizer of '{choice.label}': {_first_line(e)}",
                          "check that the folder holds a complete model") from e
@@ -234,11 +256,13 @@ def gptq_config_of(directory: str) -> dict | None:
 
 
 def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, device: Any,
-                  gptq_backend: str, status: Status) -> tuple[Any, str | None]:
+                  gptq_backend: str, status: Status, safety: dict[str, Any]) -> tuple[Any, str | None]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"device_map": {"": device}}
+    kwargs: dict[str, Any] = {"device_map": {"": device}, "trust_remote_code": safety["trust_remote_code"]}
+    if not gguf_file:
+        kwargs["use_safetensors"] = safety["use_safetensors"]
     gptq = None if gguf_file else gptq_config_of(directory)
     if gptq is not None:
         kwargs["quantization_config"] = _gptq_loading_config(gptq, gptq_backend)

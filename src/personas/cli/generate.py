@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..output import FORMATS, make_writer
 from ..persona import find_library_file, load_library
 from .feedback import Feedback
-from .options import DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt
+from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
 
 TEMPLATE_CHOICES = ("auto", "llama2", "model")
 
@@ -57,6 +57,8 @@ def generate(
         "CUDA graph (much faster; off: transformers' plain generate).")] = True,
     file: FileOpt = None,
     model: ModelOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = "auto",
     device: DeviceOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
@@ -107,7 +109,8 @@ def generate(
     # Libraries (gptqmodel's banner, for one) print to stdout; only our records may go there.
     with contextlib.redirect_stdout(sys.stderr):
         with feedback.loading(f"loading {choice.label}") as status:
-            loaded = load_model(choice, device=device, gptq_backend=gptq_backend, status=status)
+            loaded = load_model(choice, device=device, gptq_backend=gptq_backend, status=status,
+                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
         feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
 

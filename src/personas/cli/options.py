@@ -35,3 +35,12 @@ PromptOpt = Annotated[
     typer.Option("--prompt", "-p", help="The user's message (default: the persona's own prompt).",
                  show_default=False),
 ]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option("--allow-pickle", help="Load pickle (.bin/.pt) weights, which can run code: only for "
+                 "models you trust. By default only safetensors are loaded."),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Run Python code shipped with the model (never by default)."),
+]
