@@ -15,6 +15,14 @@ class ExitStatus(enum.IntEnum):
     ERROR = 1  # runtime failure: the model cannot load, out of memory after retries, ...
     BAD_INPUT = 2  # usage, TOML, unknown persona, bad values
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + 15)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program happens to be so that cleanup (closing files) runs.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it.
+    """
 
 
 class PersonasError(Exception):

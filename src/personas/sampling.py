@@ -205,6 +205,8 @@ def generate_grid(
             delivered.add(index)
             on_sample(sample)
 
+    if not rows:
+        return
     size = settings.max_batch or len(rows)
     pending = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
     while pending:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -13,7 +14,7 @@ except ImportError:  # older Typer runs on click itself
     from click import exceptions as click_errors
 
 from .. import __version__
-from ..errors import ExitStatus, PersonasError
+from ..errors import ExitStatus, PersonasError, Terminated
 from .generate import generate
 from .library import list_personas, render
 
@@ -47,9 +48,14 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure ends here as one line on stderr and an exit status."""
     debug = os.environ.get("PERSONAS_DEBUG") == "1"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = app(args=argv, prog_name="personas", standalone_mode=False)
         if result == ExitStatus.INTERRUPTED:  # Typer turns Ctrl-C into this exit code
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         _error("interrupted")
         return ExitStatus.INTERRUPTED
+    except Terminated:
+        _error("terminated")
+        return ExitStatus.TERMINATED
     except BrokenPipeError:
         # The reader went away (`personas generate | head -1`): nothing left to say to it.
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
@@ -83,3 +92,5 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"unexpected {type(e).__name__}: {e} — rerun with PERSONAS_DEBUG=1 for the "
                "traceback, and please report it")
         return ExitStatus.ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -52,6 +53,13 @@ def generate(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Most rows per generate call (default: the whole grid at once).",
         min=1, show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write results to this file instead of stdout (json/csv/table: "
+        "atomically at the end; jsonl: each sample as it finishes).", dir_okay=False,
+        show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="With --output FILE in jsonl and a fixed --seed: skip the samples already in "
+        "FILE and append the rest.")] = False,
     fast_path: Annotated[bool, typer.Option(
         "--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
         "CUDA graph (much faster; off: transformers' plain generate).")] = True,
@@ -64,14 +72,13 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
 ) -> None:
     """Sample each persona's answer N times at each temperature, in one batched call."""
-    from ..engine import default_model_spec, load_model, resolve_model
-    from ..fastpath import usable
-    from ..generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TEMPERATURES, Request, plan, run
+    from ..engine import default_model_spec, resolve_model
+    from ..generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TEMPERATURES, Request
+    from ..outfile import OutputFile
     from ..sampling import Settings
 
     feedback = Feedback(quiet)
-    out = sys.stdout
-    fmt = fmt or ("table" if out.isatty() else "jsonl")
+    fmt = fmt or ("table" if output is None and sys.stdout.isatty() else "jsonl")
     if fmt not in FORMATS:
         raise InputError(f"unknown format '{fmt}'", "choose one of: " + ", ".join(FORMATS))
     if template not in TEMPLATE_CHOICES:
@@ -100,8 +107,31 @@ def generate(
         template=None if template == "auto" else template,
         **request_kwargs,
     )
+    if resume and (output is None or "seed" not in request_kwargs):
+        raise InputError("--resume needs --output FILE and a fixed seed (--seed or [defaults].seed)",
+                         "the samples already written are matched by their seeds")
     choice = resolve_model(default_model_spec(model, defaults.model))
-    if seed is None and defaults.seed is None:
+    target = OutputFile(output, fmt, resume) if output is not None else None
+    try:
+        _generate(request, choice, fmt, target, feedback, device, gptq_backend, allow_pickle,
+                  trust_remote_code, fast_path, seed is None and defaults.seed is None)
+    except BaseException:
+        if target is not None:
+            target.abandon()
+        raise
+    if target is not None:
+        target.commit()
+
+
+def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gptq_backend: str,
+              allow_pickle: bool, trust_remote_code: bool, fast_path: bool, random_seed: bool) -> None:
+    from ..engine import load_model
+    from ..fastpath import usable
+    from ..generation import plan, run
+    from ..outfile import finished_rows
+
+    out = target.stream if target is not None else sys.stdout
+    if random_seed:
         feedback.info(f"seed {request.seed} (pass --seed {request.seed} to repeat this run)")
     if choice.reason:
         feedback.info(f"model: {choice.label} ({choice.reason})")
@@ -118,6 +148,10 @@ def generate(
             feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
                           "decoding without the fast path (--gptq-backend marlin enables it)")
         rows = plan(request, loaded)
+        if target is not None and target.resumed:
+            done = finished_rows(target.path)
+            rows = [r for r in rows if (r.persona, r.prompt, r.temperature, r.sample, r.seed) not in done]
+            feedback.info(f"resuming: {len(done)} samples already in {target.path}, {len(rows)} to go")
         writer = make_writer(fmt, out, [(r.persona, r.prompt, r.temperature, r.sample) for r in rows],
                              list(request.temperatures))
         tokens = 0

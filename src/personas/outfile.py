@@ -1,0 +1,75 @@
+"""`--output FILE`: where results go when not to stdout, without ever losing what was there.
+
+* json, csv and table are written to a temporary file beside the target and renamed over it
+  only when the run has finished: an interrupted or failed run leaves the old file untouched.
+* jsonl is appended line by line and flushed, so every finished sample is on disk at once;
+  with `--resume` the rows already in the file are read back and not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from .errors import InputError
+
+
+class OutputFile:
+    def __init__(self, path: Path, fmt: str, resume: bool = False):
+        self.path = path
+        if not path.parent.is_dir():
+            raise InputError(f"cannot write {path}: the folder {path.parent} does not exist", "create it first")
+        if path.is_dir():
+            raise InputError(f"cannot write {path}: it is a folder", "give a file name")
+        if resume and fmt != "jsonl":
+            raise InputError("--resume works with --format jsonl only", "use --format jsonl")
+        self._temporary: str | None = None
+        self.resumed = resume
+        try:
+            if fmt == "jsonl":
+                if resume:
+                    _drop_torn_last_line(path)
+                self.stream: IO[str] = open(path, "a" if resume else "w", encoding="utf-8")
+            else:
+                fd, self._temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                self.stream = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror}", "check the path and its permissions") from None
+
+    def commit(self) -> None:
+        self.stream.close()
+        if self._temporary:
+            os.replace(self._temporary, self.path)
+
+    def abandon(self) -> None:
+        self.stream.close()
+        if self._temporary:
+            os.unlink(self._temporary)
+
+
+def finished_rows(path: Path) -> set[tuple]:
+    """(persona, prompt, temperature, sample, seed) of every valid line of a jsonl output."""
+    done: set[tuple] = set()
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+                done.add((r["persona"], r["prompt"], float(r["temperature"]), int(r["sample"]), int(r["seed"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # not one of ours, or torn: generated again
+    return done
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """A run killed mid-write can leave half a line; cut it so appended lines start clean."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)

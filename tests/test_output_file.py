@@ -1,0 +1,88 @@
+"""--output FILE: atomic json/csv, streamed jsonl, --resume, and signals that keep what was written."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, cli_env, run_cli
+
+from personas.cli import main
+
+
+def gen(model_dir, *extra: str) -> list[str]:
+    return ["generate", "a", "b", "--file", str(PERSONA_FILE), "--model", str(model_dir), "-t", "0", "-t", "1",
+            "-n", "3", "--seed", "5", "--max-new-tokens", "6", *extra]
+
+
+PERSONA_FILE = REPO / "tests" / "data" / "two.toml"
+
+
+def test_json_output_is_written_whole_and_atomically(tmp_path, tiny_llama_dir, cache_dir):
+    target = tmp_path / "out.json"
+    target.write_text("previous results\n")
+    result = run_cli(gen(tiny_llama_dir, "--format", "json", "--output", str(target)), cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    rows = json.loads(target.read_text())
+    assert len(rows) == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file left behind"
+
+
+def test_failed_run_leaves_the_previous_file_alone(tmp_path, tiny_llama_dir, capsys):
+    target = tmp_path / "out.csv"
+    target.write_text("previous results\n")
+    status = main(gen(tiny_llama_dir, "--format", "csv", "--output", str(target), "--max-new-tokens", "4000"))
+    assert status == 2 and "context is 512 tokens" in capsys.readouterr().err
+    assert target.read_text() == "previous results\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_unwritable_output_is_bad_input(tmp_path, tiny_llama_dir, capsys):
+    assert main(gen(tiny_llama_dir, "--output", str(tmp_path / "no" / "such" / "out.jsonl"))) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(gen(tiny_llama_dir, "--output", str(tmp_path / "x.json"), "--resume", "-f", "json")) == 2
+
+
+def test_resume_needs_a_seed(tmp_path, tiny_llama_dir, capsys):
+    args = [a for a in gen(tiny_llama_dir, "--output", str(tmp_path / "o.jsonl"), "--resume") if a not in ("--seed", "5")]
+    assert main(args) == 2 and "fixed seed" in capsys.readouterr().err
+
+
+def test_resume_completes_a_torn_jsonl_without_duplicates(tmp_path, tiny_llama_dir, cache_dir):
+    full = tmp_path / "full.jsonl"
+    assert run_cli(gen(tiny_llama_dir, "-f", "jsonl", "--output", str(full)), cache_dir).returncode == 0
+    lines = full.read_text().splitlines()
+    assert len(lines) == 12
+
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])  # killed mid-line
+    result = run_cli(gen(tiny_llama_dir, "-f", "jsonl", "--output", str(partial), "--resume"), cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "5 samples already in" in result.stderr and "7 to go" in result.stderr
+    resumed = [json.loads(line) for line in partial.read_text().splitlines()]
+    key = lambda r: (r["persona"], r["temperature"], r["sample"])  # noqa: E731
+    assert sorted(map(key, resumed)) == sorted(map(key, map(json.loads, lines))), "each row once"
+    assert {key(r): r["text"] for r in resumed} == {key(json.loads(x)): json.loads(x)["text"] for x in lines}
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_and_keeps_the_finished_rows(tmp_path, embedded_ready):
+    target = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "personas", "generate", "-t", "1.0", "-n", "2", "--seed", "1", "-f", "jsonl",
+         "--output", str(target)],
+        cwd=REPO, env=cli_env(embedded_ready), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "loaded embedded" not in (process.stderr.readline() or "") and time.monotonic() < deadline:
+        pass
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert err.splitlines()[-1] == "Error: terminated" and "Traceback" not in err
+    assert all(json.loads(line)["seed"] for line in target.read_text().splitlines())
