@@ -15,6 +15,7 @@ class ExitStatus(enum.IntEnum):
     ERROR = 1  # runtime failure: the model cannot load, out of memory after retries, ...
     BAD_INPUT = 2  # usage, TOML, unknown persona, bad values
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    PIPE_CLOSED = 141  # the reader of stdout went away (128 + SIGPIPE), as `yes | head` ends
     TERMINATED = 143  # SIGTERM (128 + 15)
 
 
@@ -59,3 +60,11 @@ class ModelError(PersonasError):
     """The model cannot be found, loaded or run."""
 
     exit_status = ExitStatus.ERROR
+
+
+class PipeClosed(BaseException):
+    """stdout's reader went away (`personas generate | head -1`).
+
+    Raised in place of BrokenPipeError so that Typer, which turns that error into exit 1,
+    lets it through to the CLI boundary.
+    """

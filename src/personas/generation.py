@@ -24,19 +24,35 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True)
+class Spec:
+    """One persona × prompt cell; a prompts-file line may set its own temperatures, n, seed, id."""
+
+    persona: Persona
+    prompt: str
+    temperatures: tuple[float, ...] | None = None
+    n: int | None = None
+    seed: int | None = None
+    id: str | int | None = None
+
+
+@dataclass(frozen=True)
 class Request:
     personas: Sequence[Persona]
     prompts: Sequence[str] = ()  # empty: each persona's own prompt
+    specs: Sequence[Spec] = ()  # when given (a prompts file), these cells replace personas × prompts
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES
     n: int = DEFAULT_N
     seed: int = field(default_factory=lambda: secrets.randbelow(2**31))
     settings: Settings = Settings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     template: str | None = None  # "llama2" | "model"; None: the model's own choice
+    truncate: bool = False  # drop examples (oldest first) from prompts too long for the context
+    on_truncate: Callable[[str, int, int], None] = field(default=lambda _p, _d, _n: None, compare=False)
 
     def __post_init__(self) -> None:
         # Everything that can be checked without a model is checked here, before a slow load.
         validate_values(self.temperatures, self.n, self.settings)
-        dialogs(self)
+        for spec in cells(self):
+            validate_values(spec.temperatures or self.temperatures, spec.n or self.n, self.settings)
 
 
 def validate_values(temperatures: Sequence[float], n: int, settings: Settings) -> None:
@@ -57,9 +73,11 @@ def validate_values(temperatures: Sequence[float], n: int, settings: Settings) -
         raise InputError(f"--top-k {settings.top_k} is not allowed", "use 0 (off) or more")
 
 
-def dialogs(request: Request) -> list[tuple[Persona, str]]:
-    """Each persona × prompt pair of the request, in order."""
-    pairs = []
+def cells(request: Request) -> list[Spec]:
+    """Each persona × prompt cell of the request, in order."""
+    if request.specs:
+        return list(request.specs)
+    out = []
     for persona in request.personas:
         prompts = list(request.prompts) or ([persona.prompt] if persona.prompt else [])
         if not prompts:
@@ -68,25 +86,42 @@ def dialogs(request: Request) -> list[tuple[Persona, str]]:
         for prompt in prompts:
             if not prompt.strip():
                 raise InputError("the prompt is empty", "pass a non-empty --prompt")
-            pairs.append((persona, prompt))
-    return pairs
+            out.append(Spec(persona, prompt))
+    return out
 
 
 def plan(request: Request, model: LoadedModel) -> list[Row]:
     jobs = []
-    limit = model.context_length
-    for persona, prompt in dialogs(request):
-        ids = tuple(model.prompt_ids(Dialog.for_persona(persona, prompt), request.template))
-        needed = len(ids) + request.settings.max_new_tokens
-        if limit and needed > limit:
-            raise InputError(
-                f"persona '{persona.name}': the prompt is {len(ids)} tokens and "
-                f"{request.settings.max_new_tokens} new tokens are asked for, but the model's "
-                f"context is {limit} tokens",
-                "shorten the prompt or examples, or lower --max-new-tokens",
-            )
-        jobs.append(Job(persona.name, prompt, ids))
+    for spec in cells(request):
+        ids = fitted_prompt_ids(spec.persona, spec.prompt, request, model)
+        jobs.append(Job(spec.persona.name, spec.prompt, ids, spec.temperatures, spec.n, spec.seed, spec.id))
     return build_grid(jobs, request.temperatures, request.n, request.seed)
+
+
+def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel) -> tuple[int, ...]:
+    """The prompt's ids, checked against the model's context; with `truncate`, examples are
+    dropped (oldest first) until it fits — and `on_truncate` says so. Never silently."""
+    limit = model.context_length
+    room = (limit - request.settings.max_new_tokens) if limit else None
+    dialog = Dialog.for_persona(persona, prompt)
+    ids = model.prompt_ids(dialog, request.template)
+    dropped = 0
+    while room is not None and len(ids) > room and request.truncate and dialog.examples:
+        dialog = Dialog(dialog.system, dialog.examples[1:], dialog.user)
+        ids = model.prompt_ids(dialog, request.template)
+        dropped += 1
+    if room is not None and len(ids) > room:
+        raise InputError(
+            f"persona '{persona.name}': the prompt is {len(ids)} tokens"
+            + (f" (after dropping all {dropped} examples)" if dropped else "")
+            + f" and {request.settings.max_new_tokens} new tokens are asked for, but the model's "
+            f"context is {limit} tokens",
+            "shorten the prompt" + ("" if dropped else ", pass --truncate to drop examples")
+            + " or lower --max-new-tokens",
+        )
+    if dropped:
+        request.on_truncate(persona.name, dropped, len(ids))
+    return tuple(ids)
 
 
 def to_record(sample: Sample, model: LoadedModel) -> Record:
@@ -94,7 +129,7 @@ def to_record(sample: Sample, model: LoadedModel) -> Record:
     return Record(persona=row.persona, prompt=row.prompt, temperature=row.temperature,
                   sample=row.sample, seed=row.seed, text=model.decode(list(sample.token_ids)),
                   new_tokens=len(sample.token_ids), finish_reason=sample.finish_reason,
-                  model=model.label)
+                  model=model.label, id=row.id)
 
 
 def run(request: Request, model: LoadedModel, rows: Sequence[Row],

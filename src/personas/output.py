@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from dataclasses import asdict
 from typing import IO, Protocol
 
 from rich import box
@@ -19,7 +18,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .record import FIELDS, Record
+from .record import FIELDS, Record, as_dict
 
 FORMATS = ("table", "jsonl", "json", "csv")
 
@@ -36,7 +35,7 @@ class JsonlWriter:
         self.stream = stream
 
     def add(self, record: Record) -> None:
-        self.stream.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        self.stream.write(json.dumps(as_dict(record), ensure_ascii=False) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -63,16 +62,18 @@ class _Collecting:
 
 class JsonWriter(_Collecting):
     def close(self) -> None:
-        json.dump([asdict(r) for r in self.ordered()], self.stream, ensure_ascii=False, indent=2)
+        json.dump([as_dict(r) for r in self.ordered()], self.stream, ensure_ascii=False, indent=2)
         self.stream.write("\n")
         self.stream.flush()
 
 
 class CsvWriter(_Collecting):
     def close(self) -> None:
-        writer = csv.DictWriter(self.stream, fieldnames=FIELDS, lineterminator="\n")
+        records = self.ordered()
+        fields = FIELDS if any(r.id is not None for r in records) else [f for f in FIELDS if f != "id"]
+        writer = csv.DictWriter(self.stream, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(asdict(r) for r in self.ordered())
+        writer.writerows(as_dict(r) for r in records)
         self.stream.flush()
 
 

@@ -18,10 +18,19 @@ class Record:
     new_tokens: int
     finish_reason: str  # "stop": the model ended its turn; "length": max_new_tokens reached
     model: str
+    id: str | int | None = None  # the input line's id, for prompts files and `serve`
 
     @property
     def grid_key(self) -> tuple:
-        return (self.persona, self.prompt, self.temperature, self.sample)
+        return (self.id, self.persona, self.prompt, self.temperature, self.sample)
 
 
 FIELDS = list(Record.__dataclass_fields__)
+
+
+def as_dict(record: Record) -> dict:
+    """The record's fields in order; `id` only where the input gave rows ids."""
+    d = {name: getattr(record, name) for name in FIELDS}
+    if d["id"] is None:
+        del d["id"]
+    return d

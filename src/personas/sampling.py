@@ -36,6 +36,7 @@ class Row:
     sample: int  # 1-based index within (persona, prompt, temperature)
     seed: int
     prompt_ids: tuple[int, ...]
+    id: str | int | None = None  # the input line's id (prompts files, serve)
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,18 @@ class Sample:
 
 @dataclass(frozen=True)
 class Job:
-    """One persona × prompt cell of the grid, with its prompt already tokenized."""
+    """One persona × prompt cell of the grid, with its prompt already tokenized.
+
+    temperatures, n and seed override the grid's own for this cell (a prompts-file line).
+    """
 
     persona: str
     prompt: str
     prompt_ids: tuple[int, ...]
+    temperatures: tuple[float, ...] | None = None
+    n: int | None = None
+    seed: int | None = None
+    id: str | int | None = None
 
 
 def derive_seed(base_seed: int, *parts: object) -> int:
@@ -71,12 +79,15 @@ def derive_seed(base_seed: int, *parts: object) -> int:
 
 
 def build_grid(jobs: Iterable[Job], temperatures: Sequence[float], n: int, seed: int) -> list[Row]:
-    return [
-        Row(job.persona, job.prompt, t, k, derive_seed(seed, job.persona, job.prompt, k), job.prompt_ids)
-        for job in jobs
-        for t in temperatures
-        for k in range(1, n + 1)
-    ]
+    rows = []
+    for job in jobs:
+        base = job.seed if job.seed is not None else seed
+        # An input line's id is part of its rows' place, so two lines with the same prompt differ.
+        place = (job.persona, job.prompt) if job.id is None else (job.persona, job.prompt, job.id)
+        for t in job.temperatures or temperatures:
+            for k in range(1, (job.n or n) + 1):
+                rows.append(Row(job.persona, job.prompt, t, k, derive_seed(base, *place, k), job.prompt_ids, job.id))
+    return rows
 
 
 # --- a counter-based uniform per (seed, step) ----------------------------------------------------
@@ -208,7 +219,9 @@ def generate_grid(
     if not rows:
         return
     size = settings.max_batch or len(rows)
-    pending = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
+    # Chunks of similar prompts: little padding, and identical prompts share one prefill.
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids))
+    pending = [order[i:i + size] for i in range(0, len(rows), size)]
     while pending:
         chunk = [i for i in pending.pop(0) if i not in delivered]
         if not chunk:

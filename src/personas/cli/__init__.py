@@ -14,9 +14,10 @@ except ImportError:  # older Typer runs on click itself
     from click import exceptions as click_errors
 
 from .. import __version__
-from ..errors import ExitStatus, PersonasError, Terminated
+from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
 from .generate import generate
 from .library import list_personas, render
+from .serve import serve
 
 app = typer.Typer(
     name="personas",
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.command("generate")(generate)
 app.command("list")(list_personas)
 app.command("render")(render)
+app.command("serve")(serve)
 
 
 def _version(value: bool) -> None:
@@ -81,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         _error("terminated")
         return ExitStatus.TERMINATED
-    except BrokenPipeError:
+    except (BrokenPipeError, PipeClosed):
         # The reader went away (`personas generate | head -1`): nothing left to say to it.
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitStatus.SUCCESS
+        return ExitStatus.PIPE_CLOSED
     except Exception as e:
         if debug:
             raise

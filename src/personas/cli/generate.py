@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import InputError
+from ..errors import InputError, PipeClosed
 from ..output import FORMATS, make_writer
 from ..persona import find_library_file, load_library
 from .feedback import Feedback
 from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
 
 TEMPLATE_CHOICES = ("auto", "llama2", "model")
+CPU_CHUNK, GPU_CHUNK = 64, 256  # rows per generate call unless --batch-size says otherwise
 
 
 def generate(
@@ -25,6 +27,9 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Option(
         "--prompt", "-p", help="A user message; repeat for several (default: each persona's own prompt).",
         show_default=False)] = None,
+    prompts_file: Annotated[Optional[str], typer.Option(
+        "--prompts-file", help="Prompts from a file ('-': stdin): one per line, or JSONL objects with "
+        "prompt and optional persona, temperatures, n, seed, id.", show_default=False)] = None,
     temp: Annotated[Optional[list[float]], typer.Option(
         "--temp", "-t", help="A sampling temperature; repeat for several. 0 = greedy. "
         "Default: [defaults].temperatures, else 0.7.", show_default=False)] = None,
@@ -51,7 +56,7 @@ def generate(
         "--template", help="Prompt format: auto (Llama-2 for Llama-2-chat models, else the model's "
         "chat template), llama2, model.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Most rows per generate call (default: the whole grid at once).",
+        "--batch-size", help="Most rows per generate call (default: 64 on the CPU, 256 on a GPU).",
         min=1, show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write results to this file instead of stdout (json/csv/table: "
@@ -60,6 +65,9 @@ def generate(
     resume: Annotated[bool, typer.Option(
         "--resume", help="With --output FILE in jsonl and a fixed --seed: skip the samples already in "
         "FILE and append the rest.")] = False,
+    truncate: Annotated[bool, typer.Option(
+        "--truncate", help="Drop examples (oldest first) from a prompt too long for the model's "
+        "context, and say so, instead of refusing it.")] = False,
     fast_path: Annotated[bool, typer.Option(
         "--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
         "CUDA graph (much faster; off: transformers' plain generate).")] = True,
@@ -75,6 +83,7 @@ def generate(
     from ..engine import default_model_spec, resolve_model
     from ..generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TEMPERATURES, Request
     from ..outfile import OutputFile
+    from ..prompts_file import parse_prompts, read_source
     from ..sampling import Settings
 
     feedback = Feedback(quiet)
@@ -87,6 +96,11 @@ def generate(
     library = load_library(find_library_file(file))
     defaults = library.defaults
     personas = [library.get(name) for name in names] if names else list(library.personas.values())
+    specs = []
+    if prompts_file is not None:
+        if prompt:
+            raise InputError("--prompt and --prompts-file cannot be combined", "choose one")
+        specs = parse_prompts(*read_source(prompts_file), library, personas)
     request_kwargs = {}
     if seed is not None or defaults.seed is not None:
         request_kwargs["seed"] = seed if seed is not None else defaults.seed
@@ -105,6 +119,11 @@ def generate(
             fast_path=fast_path,
         ),
         template=None if template == "auto" else template,
+        specs=specs,
+        truncate=truncate,
+        on_truncate=lambda name, dropped, length: feedback.warn(
+            f"persona '{name}': dropped {dropped} example{'s' if dropped > 1 else ''} to fit the "
+            f"model's context (prompt now {length} tokens)"),
         **request_kwargs,
     )
     if resume and (output is None or "seed" not in request_kwargs):
@@ -115,9 +134,11 @@ def generate(
     try:
         _generate(request, choice, fmt, target, feedback, device, gptq_backend, allow_pickle,
                   trust_remote_code, fast_path, seed is None and defaults.seed is None)
-    except BaseException:
+    except BaseException as e:
         if target is not None:
             target.abandon()
+        if isinstance(e, BrokenPipeError):
+            raise PipeClosed() from None
         raise
     if target is not None:
         target.commit()
@@ -147,12 +168,19 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
         if loaded.device.type == "cuda" and fast_path and not usable(loaded.model, loaded.gptq_kernel):
             feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
                           "decoding without the fast path (--gptq-backend marlin enables it)")
+        if request.settings.max_batch is None:
+            # A big grid (a prompts file) runs in chunks, so memory stays bounded.
+            chunk = CPU_CHUNK if loaded.device.type == "cpu" else GPU_CHUNK
+            request = replace(request, settings=replace(request.settings, max_batch=chunk))
         rows = plan(request, loaded)
         if target is not None and target.resumed:
             done = finished_rows(target.path)
             rows = [r for r in rows if (r.persona, r.prompt, r.temperature, r.sample, r.seed) not in done]
             feedback.info(f"resuming: {len(done)} samples already in {target.path}, {len(rows)} to go")
-        writer = make_writer(fmt, out, [(r.persona, r.prompt, r.temperature, r.sample) for r in rows],
+        chunks = -(-len(rows) // request.settings.max_batch) if rows else 0
+        if chunks > 1:
+            feedback.info(f"{len(rows)} samples in {chunks} batches of up to {request.settings.max_batch} rows")
+        writer = make_writer(fmt, out, [(r.id, r.persona, r.prompt, r.temperature, r.sample) for r in rows],
                              list(request.temperatures))
         tokens = 0
         started = time.perf_counter()

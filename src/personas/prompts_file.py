@@ -1,0 +1,91 @@
+"""`--prompts-file`: many prompts in one grid, from a file or stdin.
+
+Two forms, told apart by the first non-blank line:
+
+* plain text: one prompt per line (blank lines skipped); each runs on the command's personas;
+* JSONL: one object per line, `{"prompt": ..., "persona": ..., "temperatures": [...], "n": ...,
+  "seed": ..., "id": ...}`, only `prompt` required; unknown keys are errors.
+
+Every row carries its line's `id`, or the line number (from 1) when it has none. Errors name
+the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError, PersonaFileError
+from .generation import Spec
+from .persona import Library, Persona, Temperature
+
+
+class PromptLine(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    persona: str | None = None
+    temperatures: list[Temperature] | None = Field(default=None, min_length=1)
+    n: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0)
+    id: str | int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def read_source(source: str) -> tuple[str, str]:
+    """(name for messages, text) of a path or '-' for stdin; the bytes must be UTF-8."""
+    name = "<stdin>" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read prompts file {source}: {e.strerror}", "check the path") from None
+    try:
+        return name, data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PersonaFileError(name, line, f"not UTF-8 text ({e.reason})", "save the file as UTF-8") from None
+
+
+def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Persona]) -> list[Spec]:
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    jsonl = first.lstrip().startswith("{")
+    specs: list[Spec] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            specs += [Spec(p, line, id=number) for p in personas]
+            continue
+        try:
+            item = PromptLine.model_validate(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise PersonaFileError(name, number, f"not valid JSON ({e.msg})",
+                                   "write one JSON object per line") from None
+        except ValidationError as e:
+            problem = e.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"]) or "line"
+            what = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"].removeprefix(
+                "Value error, ")
+            raise PersonaFileError(name, number, f"{where}: {what}",
+                                   "keys: " + ", ".join(PromptLine.model_fields)) from None
+        try:
+            targets = [library.get(item.persona)] if item.persona else list(personas)
+        except InputError as e:
+            raise PersonaFileError(name, number, e.what, e.todo) from None
+        temperatures = tuple(item.temperatures) if item.temperatures else None
+        specs += [Spec(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number)
+                  for p in targets]
+    if not specs:
+        raise InputError(f"no prompts in {name}", "write one prompt per line, or JSONL objects with a prompt")
+    return specs

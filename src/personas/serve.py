@@ -1,0 +1,134 @@
+"""`personas serve --stdio`: a resident model answering JSONL requests on stdin.
+
+Each request line is `{"persona": ..., "prompt": ..., "temperatures": [...], "n": ...,
+"seed": ..., "max_new_tokens": ..., "id": ...}` (only `persona` is required; `prompt` defaults to
+the persona's own). Each sample comes back as one line with the `generate` JSONL keys plus
+`id` (the request's, else its line number). A malformed line gets `{"error": ..., "line": N}`
+and the server goes on. Lines that arrive together are answered by one batched grid.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import LoadedModel
+from .errors import InputError
+from .generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TEMPERATURES, Request, Spec, plan, run
+from .persona import Library, Temperature
+from .record import as_dict
+from .sampling import Settings
+
+GATHER_SECONDS = 0.05  # after a first line, how long to wait for the lines sent with it
+MAX_GATHER = 256  # requests answered by one grid at most
+
+
+class ServeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    persona: str
+    prompt: str | None = None
+    temperatures: list[Temperature] | None = Field(default=None, min_length=1)
+    n: int | None = Field(default=None, ge=1, le=1024)
+    seed: int | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    id: str | int | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    line: int
+    spec: Spec
+    max_new_tokens: int
+
+
+def batches(lines: Iterable[bytes]) -> Iterable[list[tuple[int, bytes]]]:
+    """Numbered input lines, grouped as they arrive: a reader thread fills a queue, and each
+    batch is the first waiting line plus whatever else came within GATHER_SECONDS."""
+    waiting: queue.Queue = queue.Queue()
+    end = object()
+
+    def read() -> None:
+        for number, line in enumerate(lines, start=1):
+            waiting.put((number, line))
+        waiting.put(end)
+
+    threading.Thread(target=read, daemon=True).start()
+    finished = False
+    while not finished:
+        item = waiting.get()
+        if item is end:
+            return
+        batch = [item]
+        while len(batch) < MAX_GATHER:
+            try:
+                item = waiting.get(timeout=GATHER_SECONDS)
+            except queue.Empty:
+                break
+            if item is end:
+                finished = True
+                break
+            batch.append(item)
+        yield batch
+
+
+def accept(number: int, raw: bytes, library: Library, seed: int) -> Accepted:
+    """Parse and check one request line; raises InputError with a message for the client."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError("the line is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e.msg})") from None
+    try:
+        req = ServeRequest.model_validate(data)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"]) or "request"
+        what = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
+        raise InputError(f"{where}: {what}") from None
+    persona = library.get(req.persona)
+    prompt = req.prompt if req.prompt is not None else persona.prompt
+    if prompt is None or not prompt.strip():
+        raise InputError("the prompt is empty, and the persona has no default prompt")
+    defaults = library.defaults
+    spec = Spec(persona, prompt,
+                tuple(req.temperatures or defaults.temperatures or DEFAULT_TEMPERATURES),
+                req.n or defaults.n or DEFAULT_N,
+                req.seed if req.seed is not None else seed,
+                req.id if req.id is not None else number)
+    return Accepted(number, spec, req.max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+
+
+def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: int,
+          write: Callable[[dict], None], settings: Settings = Settings()) -> int:
+    """Answer every request in `lines`; returns how many lines were requests (errors included)."""
+    count = 0
+    for batch in batches(lines):
+        accepted: list[Accepted] = []
+        for number, raw in batch:
+            count += 1
+            if not raw.strip():
+                continue
+            try:
+                accepted.append(accept(number, raw, library, seed))
+            except InputError as e:
+                write({"error": str(e), "line": number})
+        # One grid per max_new_tokens value among the requests that came together.
+        for max_new in sorted({a.max_new_tokens for a in accepted}):
+            grid = Settings(max_new_tokens=max_new, max_batch=settings.max_batch, fast_path=settings.fast_path)
+            rows = []
+            for a in (a for a in accepted if a.max_new_tokens == max_new):
+                try:
+                    rows += plan(Request(personas=[], specs=[a.spec], settings=grid), model)
+                except InputError as e:  # e.g. a prompt too long for the context
+                    write({"error": str(e), "line": a.line})
+            if rows:
+                run(Request(personas=[], specs=[accepted[0].spec], settings=grid), model, rows,
+                    lambda record: write(as_dict(record)))
+    return count

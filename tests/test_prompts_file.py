@@ -1,0 +1,145 @@
+"""--prompts-file: plain text and JSONL, stdin, ids, per-line options, errors with file:line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from personas.cli import main
+from personas.engine import load_model, resolve_model
+from personas.errors import InputError, PersonaFileError
+from personas.generation import Request, plan
+from personas.persona import Example, Persona, load_library
+from personas.prompts_file import parse_prompts
+from personas.sampling import Settings, generate_grid
+
+TWO = REPO / "tests" / "data" / "two.toml"
+
+
+@pytest.fixture(scope="module")
+def library():
+    return load_library(TWO)
+
+
+def test_plain_text_lines_run_on_every_chosen_persona(library):
+    specs = parse_prompts("p.txt", "first\n\n  second  \n", library, list(library.personas.values()))
+    assert [(s.persona.name, s.prompt, s.id) for s in specs] == [
+        ("a", "first", 1), ("b", "first", 1), ("a", "  second  ", 3), ("b", "  second  ", 3)]
+
+
+def test_jsonl_lines_carry_their_own_options(library):
+    text = "\n".join([
+        json.dumps({"prompt": "hi", "persona": "b", "temperatures": [0, 0.5], "n": 2, "seed": 9, "id": "x"}),
+        json.dumps({"prompt": "yo"}),
+    ])
+    specs = parse_prompts("p.jsonl", text, library, [library.get("a")])
+    assert [(s.persona.name, s.prompt, s.temperatures, s.n, s.seed, s.id) for s in specs] == [
+        ("b", "hi", (0.0, 0.5), 2, 9, "x"), ("a", "yo", None, None, None, 2)]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "hi",}', "p.jsonl:2: not valid JSON"),
+    ('{"prompt": "hi", "temp": 1}', "p.jsonl:2: temp: unknown key"),
+    ('{"prompt": "  "}', "p.jsonl:2: prompt: must not be empty"),
+    ('{"prompt": "hi", "persona": "aa"}', "p.jsonl:2: unknown persona 'aa'"),
+    ('{"prompt": "hi", "temperatures": [-1]}', "p.jsonl:2: temperatures.0:"),
+    ('{"prompt": "hi", "n": 0}', "p.jsonl:2: n:"),
+    ('["hi"]', "p.jsonl:2: line: Input should be a valid dictionary"),
+])
+def test_jsonl_errors_name_file_and_line(library, line, message):
+    with pytest.raises(PersonaFileError) as info:
+        parse_prompts("p.jsonl", '{"prompt": "ok"}\n' + line, library, [library.get("a")])
+    assert str(info.value).startswith(message)
+
+
+def test_empty_file_is_an_error(library):
+    with pytest.raises(InputError, match="no prompts in p.txt"):
+        parse_prompts("p.txt", "\n\n", library, [library.get("a")])
+
+
+def test_non_utf8_prompts_file(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\ncaf\xe9\n")
+    assert main(["generate", "--file", str(TWO), "--prompts-file", str(bad)]) == 2
+    assert "bad.txt:2: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_prompts_file_from_stdin_end_to_end(tiny_llama_dir, cache_dir):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    lines = "\n".join(json.dumps({"prompt": f"question {i}", "id": f"q{i}"}) for i in range(3))
+    result = subprocess.run(
+        [sys.executable, "-m", "personas", "generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir),
+         "--prompts-file", "-", "-n", "2", "-t", "0.5", "--seed", "1", "--max-new-tokens", "4", "-f", "jsonl"],
+        input=lines, capture_output=True, text=True, env=cli_env(cache_dir), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted((r["id"], r["sample"]) for r in rows) == [(f"q{i}", k) for i in range(3) for k in (1, 2)]
+    assert list(rows[0])[-1] == "id"
+
+
+@pytest.mark.slow
+def test_a_thousand_prompts_run_in_bounded_chunks(tmp_path, tiny_llama_dir, cache_dir):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"Tell me about fox number {i}\n" for i in range(1000)))
+    result = run_cli(["generate", "b", "--file", str(TWO), "--model", str(tiny_llama_dir), "--prompts-file",
+                      str(prompts), "-n", "1", "-t", "1.0", "--seed", "2", "--max-new-tokens", "3", "-f", "jsonl"],
+                     cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "1000 samples in 16 batches of up to 64 rows" in result.stderr
+    ids = sorted(json.loads(line)["id"] for line in result.stdout.splitlines())
+    assert ids == list(range(1, 1001))
+
+
+# --- memory: out-of-memory back-off, and --truncate ---------------------------------------------
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
+    model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+    persona = Persona(name="a", prompt="Hello there")
+    request = Request(personas=[persona], temperatures=[0.0, 1.0], n=3, seed=4, settings=Settings(max_new_tokens=6))
+    rows = plan(request, model)
+
+    def collect(**kwargs):
+        got = {}
+        generate_grid(model.model, rows, request.settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                      on_sample=lambda s: got.__setitem__((s.row.temperature, s.row.sample), s.token_ids), **kwargs)
+        return got
+
+    expected = collect()
+
+    def fail_big_batches(_module, args, kwargs):  # an allocation failure injected above 2 rows
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    splits = []
+    handle = model.model.register_forward_pre_hook(fail_big_batches, with_kwargs=True)
+    try:
+        got = collect(on_split=lambda size, half: splits.append((size, half)))
+    finally:
+        handle.remove()
+    assert splits[0] == (6, 3) and (3, 1) in splits
+    assert got == expected
+
+
+def test_truncate_drops_examples_and_says_so(tiny_llama_dir):
+    model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+    long = "the quick brown fox jumps over the lazy dog " * 20
+    persona = Persona(name="wordy", prompt="Hello there",
+                      examples=[Example(user=long, assistant=long), Example(user="hi", assistant="hello")])
+    settings = Settings(max_new_tokens=64)
+    with pytest.raises(InputError, match="pass --truncate to drop examples"):
+        plan(Request(personas=[persona], settings=settings), model)
+    notes = []
+    rows = plan(Request(personas=[persona], settings=settings, truncate=True,
+                        on_truncate=lambda *note: notes.append(note)), model)
+    assert notes and notes[0][:2] == ("wordy", 1)
+    assert len(rows[0].prompt_ids) + 64 <= 512

@@ -1,0 +1,51 @@
+"""`personas serve --stdio`: a round trip with a malformed line, and batching of lines sent together."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from conftest import REPO, cli_env
+
+from personas.serve import batches
+
+TWO = REPO / "tests" / "data" / "two.toml"
+
+
+def test_serve_round_trip_with_bad_lines(tiny_llama_dir, cache_dir):
+    requests = [
+        json.dumps({"persona": "a", "n": 2, "temperatures": [0, 1], "seed": 3, "id": "x", "max_new_tokens": 5}),
+        "not json",
+        json.dumps({"persona": "zz"}),
+        "",
+        json.dumps({"persona": "b", "prompt": "hi", "max_new_tokens": 3, "colour": "red"}),
+        json.dumps({"persona": "b", "max_new_tokens": 3}),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "personas", "serve", "--stdio", "--file", str(TWO), "--model", str(tiny_llama_dir)],
+        input=("\n".join(requests) + "\n").encode() + b'{"persona": "caf\xe9"}\n',
+        capture_output=True, env=cli_env(cache_dir), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    out = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    errors = {o["line"]: o["error"] for o in out if "error" in o}
+    assert set(errors) == {2, 3, 5, 7}
+    assert errors[2].startswith("not valid JSON") and "unknown persona 'zz'" in errors[3]
+    assert errors[5] == "colour: unknown key" and errors[7] == "the line is not UTF-8 text"
+    samples = [o for o in out if "error" not in o]
+    assert sorted((o["id"], o["temperature"], o["sample"]) for o in samples if o["id"] == "x") == [
+        ("x", 0.0, 1), ("x", 0.0, 2), ("x", 1.0, 1), ("x", 1.0, 2)]
+    assert [o["id"] for o in samples if o["id"] != "x"] == [6], "a request without id is named by its line"
+    assert all(o["new_tokens"] <= (5 if o["id"] == "x" else 3) for o in samples)
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_lines_sent_together_form_one_batch_and_later_ones_another():
+    def arriving():
+        yield b"1"
+        yield b"2"
+        time.sleep(0.5)
+        yield b"3"
+
+    assert [[n for n, _ in batch] for batch in batches(arriving())] == [[1, 2], [3]]
