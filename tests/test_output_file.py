@@ -98,6 +98,3 @@ def test_a_closed_pipe_ends_quietly_with_141(tiny_llama_dir, cache_dir):
     assert result.returncode == 141, result.stderr
     assert json.loads(result.stdout)["persona"] in ("a", "b")
     assert "Traceback" not in result.stderr and "Error" not in result.stderr
-
-
-
