@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .sampling import Row, Sample, Settings, TokenChooser
+from .sampling import Row, Sample, Settings, TokenChooser, distinct_prompts, left_padded
 
 CHECK_EVERY = 16
 GRAPH_SAFE_KERNELS = {None, "MarlinLinear", "TritonV2Linear", "TorchLinear", "MacheteLinear"}
@@ -39,16 +39,9 @@ def generate_chunk_graphed(model: Any, rows: Sequence[Row], chunk: list[int], se
 
     device, dtype = model.device, model.dtype
     B, new = len(chunk), settings.max_new_tokens
-    lengths = [len(rows[i].prompt_ids) for i in chunk]
-    W = max(lengths)
+    ids, real = (t.to(device) for t in left_padded(rows, chunk, pad_id))
+    W = ids.shape[1]
     L = W + new
-
-    ids = torch.full((B, W), pad_id, dtype=torch.long)
-    real = torch.zeros((B, W), dtype=torch.long)
-    for r, i in enumerate(chunk):
-        ids[r, W - lengths[r]:] = torch.tensor(rows[i].prompt_ids)
-        real[r, W - lengths[r]:] = 1
-    ids, real = ids.to(device), real.to(device)
 
     choose = TokenChooser(torch.tensor([rows[i].temperature for i in chunk], dtype=torch.float32, device=device),
                           torch.tensor([rows[i].seed for i in chunk], dtype=torch.long, device=device), settings)
@@ -71,9 +64,8 @@ def generate_chunk_graphed(model: Any, rows: Sequence[Row], chunk: list[int], se
 
     # Prefill each distinct prompt once (a grid repeats each temperatures × n times), then
     # give every row its prompt's copy of the cache.
-    distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
-    firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
-    which = torch.tensor([distinct.index(rows[i].prompt_ids) for i in chunk], device=device)
+    firsts, positions_of = distinct_prompts(rows, chunk)
+    which = torch.tensor(positions_of, device=device)
     cache = StaticCache(config=model.config, max_cache_len=L)
     with torch.inference_mode():
         positions = (real.cumsum(-1) - 1).masked_fill_(real == 0, 1)

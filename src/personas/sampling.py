@@ -238,18 +238,32 @@ def generate_grid(
             pending[:0] = [chunk[:half], chunk[half:]]
 
 
-def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings: Settings,
-                    eos_ids: Sequence[int], pad_id: int,
-                    deliver: Callable[[int, Sample], None], on_step: Callable[[int], None]) -> None:
-    device = model.device
+def left_padded(rows: Sequence[Row], chunk: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's prompts as (input_ids, attention_mask), padded on the left, so every row's
+    last prompt token sits in the same column, where generation starts."""
     width = max(len(rows[i].prompt_ids) for i in chunk)
-    # Left padding: every row's last prompt token sits in the same column, where generation starts.
     input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(chunk), width), dtype=torch.long)
     for r, i in enumerate(chunk):
         ids = rows[i].prompt_ids
         input_ids[r, width - len(ids):] = torch.tensor(ids)
         attention[r, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def distinct_prompts(rows: Sequence[Row], chunk: list[int]) -> tuple[list[int], list[int]]:
+    """(the first chunk position of each distinct prompt, each row's index among them)."""
+    distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
+    firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
+    return firsts, [distinct.index(rows[i].prompt_ids) for i in chunk]
+
+
+def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings: Settings,
+                    eos_ids: Sequence[int], pad_id: int,
+                    deliver: Callable[[int, Sample], None], on_step: Callable[[int], None]) -> None:
+    device = model.device
+    input_ids, attention = left_padded(rows, chunk, pad_id)
+    width = input_ids.shape[1]
 
     def finished(r: int, tokens: list[int]) -> None:
         deliver(chunk[r], Sample(rows[chunk[r]], tuple(tokens), "stop"))
@@ -283,10 +297,9 @@ def _prefill_shared_prompts(model: Any, rows: Sequence[Row], chunk: list[int], i
     `generate` then continues from this cache and only feeds the last prompt token.
     Returns None when no prompt is shared.
     """
-    distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
-    if len(distinct) == len(chunk) or input_ids.shape[1] < 2:
+    firsts, which = distinct_prompts(rows, chunk)
+    if len(firsts) == len(chunk) or input_ids.shape[1] < 2:
         return None
-    firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
     ids, mask = input_ids[firsts, :-1].to(model.device), attention[firsts, :-1].to(model.device)
     # The same positions generate derives from the attention mask (pads get a dummy 1).
     positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
@@ -295,7 +308,6 @@ def _prefill_shared_prompts(model: Any, rows: Sequence[Row], chunk: list[int], i
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    which = [distinct.index(rows[i].prompt_ids) for i in chunk]
     cache.reorder_cache(torch.tensor(which, device=model.device))
     return cache
 
