@@ -376,8 +376,8 @@ def _hub_snapshot(repo_id: str, status: Status) -> str:
 def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:
     """A converted copy of the embedded GGUF (safetensors + tokenizer.json) in the user's cache.
 
-    Converting the GGUF (tokenizer conversion + dequantizing) takes ~15 s on two cores; loading
-    the converted copy takes ~1 s. The copy is float32, exactly the dequantized GGUF, so results
+    Converting the GGUF (tokenizer conversion + dequantizing + writing) took ~45 s on two cores
+    here; loading the converted copy takes ~1 s. The copy is float32, exactly the dequantized GGUF, so results
     are the same before and after it exists. It is written to a temporary folder and renamed,
     so an interrupted conversion never leaves a half copy behind.
     """
@@ -391,7 +391,7 @@ def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[st
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    status("converting the embedded model (first run only, ~15 s)")
+    status("converting the embedded model (first run only, under a minute)")
     # The GGUF reader draws its own tqdm bar on stderr; our status line says the same thing.
     with contextlib.redirect_stderr(io.StringIO()):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
