@@ -96,3 +96,12 @@ def test_a_closed_pipe_ends_quietly_with_141(tiny_llama_dir, cache_dir):
     assert result.returncode == 141, result.stderr
     assert json.loads(result.stdout)["persona"] in ("a", "b")
     assert "Traceback" not in result.stderr and "Error" not in result.stderr
+
+
+def test_jsonl_output_is_untouched_when_the_run_fails_before_any_sample(tmp_path, capsys):
+    target = tmp_path / "out.jsonl"
+    target.write_text('{"earlier": "results"}\n')
+    assert main(["generate", "a", "--file", str(PERSONA_FILE), "--model", "someone/not-cached",
+                 "-f", "jsonl", "--output", str(target)]) == 1
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
+    assert target.read_text() == '{"earlier": "results"}\n'

@@ -2,8 +2,9 @@
 
 * json, csv and table are written to a temporary file beside the target and renamed over it
   only when the run has finished: an interrupted or failed run leaves the old file untouched.
-* jsonl is appended line by line and flushed, so every finished sample is on disk at once;
-  with `--resume` the rows already in the file are read back and not generated again.
+* jsonl is written line by line and flushed, so every finished sample is on disk at once (the
+  file is opened when the first sample arrives); with `--resume` the rows already in the file
+  are read back, not generated again, and the rest appended.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ class OutputFile:
         self._temporary: str | None = None
         self.resumed = resume
         try:
-            if fmt == "jsonl":
-                if resume:
-                    _drop_torn_last_line(path)
-                self.stream: IO[str] = open(path, "a" if resume else "w", encoding="utf-8")
+            if fmt == "jsonl" and resume:
+                _drop_torn_last_line(path)
+                self.stream: IO[str] | _OpenOnFirstWrite = open(path, "a", encoding="utf-8")
+            elif fmt == "jsonl":
+                _check_writable(path)
+                # Opened (and the old file replaced) only when the first sample arrives, so a run
+                # that fails before it — a model that cannot load — leaves the old file alone.
+                self.stream = _OpenOnFirstWrite(path)
             else:
                 fd, self._temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
                 self.stream = os.fdopen(fd, "w", encoding="utf-8", newline="")
@@ -48,6 +53,30 @@ class OutputFile:
         self.stream.close()
         if self._temporary:
             os.unlink(self._temporary)
+
+
+class _OpenOnFirstWrite:
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def write(self, text: str) -> int:
+        if self._file is None:
+            self._file = open(self.path, "w", encoding="utf-8")
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _check_writable(path: Path) -> None:
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise PermissionError(13, "Permission denied")
 
 
 def finished_rows(path: Path) -> set[tuple]:
