@@ -21,6 +21,9 @@ from .sampling import Job, Row, Sample, Settings, build_grid, generate_grid
 DEFAULT_TEMPERATURES = (0.7,)
 DEFAULT_N = 1
 DEFAULT_MAX_NEW_TOKENS = 128
+# Rows per generate call unless --batch-size says otherwise: bigger grids run in chunks of this
+# many rows so memory stays bounded (a prompts file, a busy server).
+CHUNK_ROWS = {"cpu": 64, "cuda": 256}
 
 
 @dataclass(frozen=True)

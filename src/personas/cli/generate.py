@@ -18,7 +18,6 @@ from .feedback import Feedback
 from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
 
 TEMPLATE_CHOICES = ("auto", "llama2", "model")
-CPU_CHUNK, GPU_CHUNK = 64, 256  # rows per generate call unless --batch-size says otherwise
 
 
 def generate(
@@ -148,7 +147,7 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
               allow_pickle: bool, trust_remote_code: bool, fast_path: bool, random_seed: bool) -> None:
     from ..engine import load_model
     from ..fastpath import usable
-    from ..generation import plan, run
+    from ..generation import CHUNK_ROWS, plan, run
     from ..outfile import finished_rows
 
     out = target.stream if target is not None else sys.stdout
@@ -170,7 +169,7 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
                           "decoding without the fast path (--gptq-backend marlin enables it)")
         if request.settings.max_batch is None:
             # A big grid (a prompts file) runs in chunks, so memory stays bounded.
-            chunk = CPU_CHUNK if loaded.device.type == "cpu" else GPU_CHUNK
+            chunk = CHUNK_ROWS.get(loaded.device.type, CHUNK_ROWS["cpu"])
             request = replace(request, settings=replace(request.settings, max_batch=chunk))
         rows = plan(request, loaded)
         if target is not None and target.resumed:

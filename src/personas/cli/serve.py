@@ -34,6 +34,8 @@ def serve(
     if not stdio:
         raise InputError("serve needs a transport", "pass --stdio")
     from ..engine import default_model_spec, load_model, resolve_model
+    from ..generation import CHUNK_ROWS
+    from ..sampling import Settings
     from ..serve import serve as serve_lines
 
     feedback = Feedback(quiet)
@@ -53,7 +55,8 @@ def serve(
         feedback.info(f"serving {loaded.label} on {loaded.device.type}; seed {base_seed} for requests "
                       "without one; one JSON request per line on stdin")
         try:
-            count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write)
+            chunk = CHUNK_ROWS.get(loaded.device.type, CHUNK_ROWS["cpu"])
+            count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write, Settings(max_batch=chunk))
         except BrokenPipeError:
             raise PipeClosed() from None
     feedback.info(f"end of input after {count} lines")
