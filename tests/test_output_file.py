@@ -73,19 +73,25 @@ def test_resume_completes_a_torn_jsonl_without_duplicates(tmp_path, tiny_llama_d
 @pytest.mark.slow
 def test_sigterm_exits_143_and_keeps_the_finished_rows(tmp_path, embedded_ready):
     target = tmp_path / "out.jsonl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about day {i} of your holiday.\n" for i in range(40)))
+    # Small batches, so samples reach the file one batch at a time while the run goes on.
     process = subprocess.Popen(
-        [sys.executable, "-m", "personas", "generate", "-t", "1.0", "-n", "2", "--seed", "1", "-f", "jsonl",
-         "--output", str(target)],
+        [sys.executable, "-m", "personas", "generate", "toddler", "--prompts-file", str(prompts), "-t", "1.0",
+         "--seed", "1", "--batch-size", "2", "--max-new-tokens", "24", "-f", "jsonl", "--output", str(target)],
         cwd=REPO, env=cli_env(embedded_ready), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while "loaded embedded" not in (process.stderr.readline() or "") and time.monotonic() < deadline:
-        pass
-    time.sleep(3)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if target.is_file() and target.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == 143, err
     assert err.splitlines()[-1] == "Error: terminated" and "Traceback" not in err
-    assert all(json.loads(line)["seed"] for line in target.read_text().splitlines())
+    lines = target.read_text().splitlines()
+    assert 2 <= len(lines) < 40
+    assert all(json.loads(line)["persona"] == "toddler" for line in lines), "every written line is whole"
 
 
 def test_a_closed_pipe_ends_quietly_with_141(tiny_llama_dir, cache_dir):
