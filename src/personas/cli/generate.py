@@ -132,7 +132,7 @@ def generate(
     target = OutputFile(output, fmt, resume) if output is not None else None
     try:
         _generate(request, choice, fmt, target, feedback, device, gptq_backend, allow_pickle,
-                  trust_remote_code, fast_path, seed is None and defaults.seed is None)
+                  trust_remote_code, seed is None and defaults.seed is None)
     except BaseException as e:
         if target is not None:
             target.abandon()
@@ -144,7 +144,7 @@ def generate(
 
 
 def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gptq_backend: str,
-              allow_pickle: bool, trust_remote_code: bool, fast_path: bool, random_seed: bool) -> None:
+              allow_pickle: bool, trust_remote_code: bool, random_seed: bool) -> None:
     from ..engine import load_model
     from ..fastpath import usable
     from ..generation import CHUNK_ROWS, plan, run
@@ -164,7 +164,7 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
         kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
         feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
 
-        if loaded.device.type == "cuda" and fast_path and not usable(loaded.model, loaded.gptq_kernel):
+        if loaded.device.type == "cuda" and request.settings.fast_path and not usable(loaded.model, loaded.gptq_kernel):
             feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
                           "decoding without the fast path (--gptq-backend marlin enables it)")
         if request.settings.max_batch is None:
