@@ -377,7 +377,7 @@ def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[st
     """A converted copy of the embedded GGUF (safetensors + tokenizer.json) in the user's cache.
 
     Converting the GGUF (tokenizer conversion + dequantizing + writing) took ~45 s on two cores
-    here; loading the converted copy takes ~1 s. The copy is float32, exactly the dequantized GGUF, so results
+    here; reading the converted copy takes ~0.2 s. The copy is float32, exactly the dequantized GGUF, so results
     are the same before and after it exists. It is written to a temporary folder and renamed,
     so an interrupted conversion never leaves a half copy behind.
     """
