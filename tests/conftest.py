@@ -54,7 +54,8 @@ def make_tokenizer(chat_template: str | None = None):
     return tokenizer
 
 
-def make_tiny_llama(directory: Path, chat_template: str | None = None, seed: int = 0) -> Path:
+def make_tiny_llama(directory: Path, chat_template: str | None = None, seed: int = 0,
+                    context: int = 512) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,7 +63,7 @@ def make_tiny_llama(directory: Path, chat_template: str | None = None, seed: int
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)

@@ -91,7 +91,7 @@ def test_chat_template_model_uses_its_template(tiny_chatml_dir):
     assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.eos_ids
     records = []
     request = Request(personas=[PIRATE], temperatures=[0.0, 1.0], n=2, seed=1, settings=Settings(max_new_tokens=5))
-    run(request, model, plan(request, model), records.append)
+    run(request.settings, model, plan(request, model), records.append)
     assert len(records) == 4
 
 
@@ -109,7 +109,7 @@ def test_gptq_checkpoint_loads_through_personas_and_generates(tiny_gptq_dir):
     assert model.gptq_kernel is not None and "Linear" in model.gptq_kernel
     request = Request(personas=[PIRATE], temperatures=[0.0, 1.0], n=3, seed=2, settings=Settings(max_new_tokens=8))
     records = []
-    run(request, model, plan(request, model), records.append)
+    run(request.settings, model, plan(request, model), records.append)
     assert len(records) == 6
     assert sum(r.new_tokens for r in records) > 0
     greedy = {r.text for r in records if r.temperature == 0.0}
@@ -144,7 +144,7 @@ def test_pickle_weights_are_refused_unless_allowed(pickle_only_dir):
     model = load_model(resolve_model(str(pickle_only_dir)), device="cpu", allow_pickle=True)
     request = Request(personas=[PIRATE], temperatures=[0.0], n=1, seed=1, settings=Settings(max_new_tokens=3))
     records = []
-    run(request, model, plan(request, model), records.append)
+    run(request.settings, model, plan(request, model), records.append)
     assert len(records) == 1
 
 

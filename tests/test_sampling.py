@@ -40,7 +40,7 @@ def test_grid_has_a_row_per_persona_prompt_temperature_sample(tiny):
     rows = plan(request, tiny)
     assert len(rows) == 2 * 3 * 3 * 4
     records = []
-    run(request, tiny, rows, records.append)
+    run(request.settings, tiny, rows, records.append)
     assert len(records) == len(rows)
     assert {(r.persona, r.prompt, r.temperature, r.sample) for r in records} == {
         (r.persona, r.prompt, r.temperature, r.sample) for r in rows}

@@ -104,27 +104,37 @@ def plan(request: Request, model: LoadedModel) -> list[Row]:
 def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel) -> tuple[int, ...]:
     """The prompt's ids, checked against the model's context; with `truncate`, examples are
     dropped (oldest first) until it fits — and `on_truncate` says so. Never silently."""
-    limit = model.context_length
-    room = (limit - request.settings.max_new_tokens) if limit else None
-    dialog = Dialog.for_persona(persona, prompt)
-    ids = model.prompt_ids(dialog, request.template)
-    dropped = 0
-    while room is not None and len(ids) > room and request.truncate and dialog.examples:
-        dialog = Dialog(dialog.system, dialog.examples[1:], dialog.user)
-        ids = model.prompt_ids(dialog, request.template)
-        dropped += 1
-    if room is not None and len(ids) > room:
-        raise InputError(
-            f"persona '{persona.name}': the prompt is {len(ids)} tokens"
-            + (f" (after dropping all {dropped} examples)" if dropped else "")
-            + f" and {request.settings.max_new_tokens} new tokens are asked for, but the model's "
-            f"context is {limit} tokens",
-            "shorten the prompt" + ("" if dropped else ", pass --truncate to drop examples")
-            + " or lower --max-new-tokens",
-        )
+    ids, dropped = fit_dialog(Dialog.for_persona(persona, prompt), model, request.template,
+                              request.settings.max_new_tokens, request.truncate, who=f"persona '{persona.name}'")
     if dropped:
         request.on_truncate(persona.name, dropped, len(ids))
     return tuple(ids)
+
+
+def fit_dialog(dialog: Dialog, model: LoadedModel, template: str | None, max_new_tokens: int,
+               truncate: bool, who: str) -> tuple[list[int], int]:
+    """(the dialog's ids, how many exchanges were dropped to fit the model's context).
+
+    Exchanges go oldest first (a persona's examples, then a conversation's earliest lines), only
+    with `truncate`; a dialog that still does not fit is refused with the token counts.
+    """
+    limit = model.context_length
+    room = (limit - max_new_tokens) if limit else None
+    ids = model.prompt_ids(dialog, template)
+    dropped = 0
+    while room is not None and len(ids) > room and truncate and dialog.examples:
+        dialog = Dialog(dialog.system, dialog.examples[1:], dialog.user)
+        ids = model.prompt_ids(dialog, template)
+        dropped += 1
+    if room is not None and len(ids) > room:
+        raise InputError(
+            f"{who}: the prompt is {len(ids)} tokens"
+            + (f" (after dropping all {dropped} exchanges)" if dropped else "")
+            + f" and {max_new_tokens} new tokens are asked for, but the model's context is {limit} tokens",
+            "shorten the prompt" + ("" if dropped else ", pass --truncate to drop examples")
+            + " or lower --max-new-tokens",
+        )
+    return ids, dropped
 
 
 def to_record(sample: Sample, model: LoadedModel) -> Record:
@@ -135,12 +145,20 @@ def to_record(sample: Sample, model: LoadedModel) -> Record:
                   model=model.label, id=row.id)
 
 
-def run(request: Request, model: LoadedModel, rows: Sequence[Row],
+def run(settings: Settings, model: LoadedModel, rows: Sequence[Row],
         on_record: Callable[[Record], None],
         on_step: Callable[[int], None] = lambda _: None,
         on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
+    """Sample `rows` on the model (the CUDA fast path where it is safe); records as they finish."""
+    sample_rows(settings, model, rows, lambda s: on_record(to_record(s, model)), on_step, on_split)
+
+
+def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
+                on_sample: Callable[[Sample], None],
+                on_step: Callable[[int], None] = lambda _: None,
+                on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
     from .fastpath import usable
 
-    generate_grid(model.model, rows, request.settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
-                  on_sample=lambda s: on_record(to_record(s, model)), on_step=on_step, on_split=on_split,
+    generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                  on_sample=on_sample, on_step=on_step, on_split=on_split,
                   graph_safe=usable(model.model, model.gptq_kernel))

@@ -1,7 +1,7 @@
 """Personas in TOML: the model, the loader, and validation messages that point at file and line.
 
 tomllib parses; pydantic validates (unknown keys are errors). tomllib keeps no positions, so
-`_KeyLines` re-reads the text to find the line of each table and key; it only has to be good
+`KeyLines` re-reads the text to find the line of each table and key; it only has to be good
 enough to point a person at the right place, so it understands headers and `key =` lines and
 nothing more exotic (dotted keys fall back to the enclosing table's line).
 """
@@ -12,6 +12,8 @@ import difflib
 import os
 import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +36,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Example(_Strict):
     """One few-shot exchange: what the user said and how the persona answered."""
 
@@ -49,11 +54,9 @@ class Persona(_Strict):
     system: str | None = None
     prompt: str | None = None  # used when no --prompt is given
     examples: list[Example] = Field(default_factory=list)
+    temperature: Temperature | None = None  # this persona's voice in `chat` (not used by `generate`)
 
     _check = field_validator("system", "prompt", "description")(_not_blank)
-
-
-Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class Defaults(_Strict):
@@ -71,6 +74,7 @@ class Defaults(_Strict):
 class _File(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     personas: dict[str, Any] = Field(default_factory=dict)  # each checked on its own, below
+    games: dict[str, Any] = Field(default_factory=dict)  # checked by games.py, against the personas
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,16 @@ class Library:
     path: Path
     defaults: Defaults
     personas: dict[str, Persona] = field(default_factory=dict)
+    games: dict[str, Any] = field(default_factory=dict)  # name -> games.Game
+
+    def game(self, name: str) -> Any:
+        if name not in self.games:
+            close = difflib.get_close_matches(name, self.games, n=3, cutoff=0.5)
+            hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                    else f"known games: {', '.join(self.games)}" if self.games
+                    else "add a [games.NAME] table (README: Games)")
+            raise InputError(f"unknown game '{name}' in {self.path}", hint)
+        return self.games[name]
 
     def get(self, name: str) -> Persona:
         try:
@@ -147,52 +161,55 @@ def parse_library(text: str, path: Path) -> Library:
         raise PersonaFileError(str(path), line, f"invalid TOML: {_strip_position(str(e))}",
                                "fix the TOML syntax") from None
 
-    lines = _KeyLines(text)
+    lines = KeyLines(text)
     try:
         top = _File.model_validate(data)
     except ValidationError as e:
-        raise _file_error(path, lines, e, prefix=()) from None
+        raise file_error(path, lines, e) from None
     if not top.personas:
         raise PersonaFileError(str(path), None, "no personas defined",
                                "add a [personas.NAME] table")
 
-    personas = {}
-    for name, body in top.personas.items():
-        if not re.match(NAME_PATTERN, name):
-            raise PersonaFileError(
-                str(path), lines.find(("personas", name)),
-                f"persona name '{name}' is not allowed",
-                "use letters, digits, '_', '-' and '.', starting with a letter or digit",
-            )
-        if not isinstance(body, dict):
-            raise PersonaFileError(str(path), lines.find(("personas", name)),
-                                   f"persona '{name}' must be a table",
-                                   f"write it as [personas.{name}]")
-        try:
-            personas[name] = Persona.model_validate({**body, "name": name})
-        except ValidationError as e:
-            raise _file_error(path, lines, e, prefix=("personas", name)) from None
-    return Library(path=path, defaults=top.defaults, personas=personas)
+    personas = {name: validate_table(Persona, "persona", name, body, path, lines)
+                for name, body in top.personas.items()}
+    from .games import Game, check_game  # games are built on personas, so they come second
+
+    games = {}
+    for name, body in top.games.items():
+        games[name] = validate_table(Game, "game", name, body, path, lines)
+        check_game(games[name], personas, path, lines)
+    return Library(path=path, defaults=top.defaults, personas=personas, games=games)
 
 
-def _file_error(path: Path, lines: _KeyLines, error: ValidationError,
-                prefix: tuple[str, ...]) -> PersonaFileError:
+def validate_table(model: type[BaseModel], kind: str, name: str, body: Any, path: Path,
+                   lines: KeyLines) -> Any:
+    """One `[{kind}s.NAME]` table validated as `model`, with file:line errors."""
+    where = (f"{kind}s", name)
+    if not re.match(NAME_PATTERN, name):
+        raise PersonaFileError(str(path), lines.find(where), f"{kind} name '{name}' is not allowed",
+                               "use letters, digits, '_', '-' and '.', starting with a letter or digit")
+    if not isinstance(body, dict):
+        raise PersonaFileError(str(path), lines.find(where), f"{kind} '{name}' must be a table",
+                               f"write it as [{kind}s.{name}]")
+    try:
+        return model.model_validate({**body, "name": name})
+    except ValidationError as e:
+        raise file_error(path, lines, e, prefix=where, root=model) from None
+
+
+def file_error(path: Path, lines: KeyLines, error: ValidationError, prefix: tuple[str, ...] = (),
+               root: type[BaseModel] | None = None) -> PersonaFileError:
     # A misspelt key also shows up as a missing one; the misspelling is the one worth reporting.
     problems = sorted(error.errors(), key=lambda p: p["type"] != "extra_forbidden")
     first = problems[0]
     loc = tuple(str(p) for p in first["loc"])
     full = prefix + loc
-    where = f"persona '{prefix[1]}': " if prefix else ""
+    where = f"{prefix[0].removesuffix('s')} '{prefix[1]}': " if prefix else ""
     field_name = ".".join(loc) or "(file)"
     if first["type"] == "extra_forbidden":
         what = f"{where}{'.'.join(loc[:-1]) + ': ' if loc[:-1] else ''}unknown key '{loc[-1]}'"
-        if "examples" in loc:
-            model: type[BaseModel] = Example
-        elif prefix:
-            model = Persona
-        else:
-            model = Defaults if loc[:1] == ("defaults",) else _File
-        known = [k for k in model.model_fields if k != "name"]
+        model = model_at(root or _File, first["loc"][:-1])
+        known = [k for k in model.model_fields if k != "name"] if model else []
         todo = "known keys: " + ", ".join(known)
     elif first["type"] == "missing":
         what = f"{where}{field_name}: missing"
@@ -207,6 +224,39 @@ def _file_error(path: Path, lines: _KeyLines, error: ValidationError,
     return PersonaFileError(str(path), lines.find(full), what, todo)
 
 
+def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that validates the table at `loc` (for naming its known keys)."""
+    current: Any = root
+    for part in loc:
+        current = _element(current, part)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _element(annotation: Any, part: Any) -> Any:
+    """One step into a type: a model's field, a list's item, a dict's value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field_info = annotation.model_fields.get(str(part))
+        return _unwrap(field_info.annotation) if field_info else None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (list, tuple) and args:
+        return _unwrap(args[0])
+    if typing.get_origin(annotation) is dict and len(args) == 2:
+        return _unwrap(args[1])
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] / Annotated[X, ...] -> X (the first model or container among the options)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        options = [_unwrap(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return next((o for o in options if typing.get_origin(o) or (isinstance(o, type) and issubclass(o, BaseModel))),
+                    options[0] if options else None)
+    return annotation
+
+
 def _line_from_message(message: str) -> int | None:
     match = re.search(r"line (\d+)", message)
     return int(match.group(1)) if match else None
@@ -216,7 +266,7 @@ def _strip_position(message: str) -> str:
     return re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
 
 
-class _KeyLines:
+class KeyLines:
     """Line numbers (from 1) of TOML tables and keys, for error messages."""
 
     _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")

@@ -129,6 +129,5 @@ def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: in
                 except InputError as e:  # e.g. a prompt too long for the context
                     write({"error": str(e), "line": a.line})
             if rows:
-                run(Request(personas=[], specs=[accepted[0].spec], settings=grid), model, rows,
-                    lambda record: write(as_dict(record)))
+                run(grid, model, rows, lambda record: write(as_dict(record)))
     return count

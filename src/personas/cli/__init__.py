@@ -15,6 +15,7 @@ except ImportError:  # older Typer runs on click itself
 
 from .. import __version__
 from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
+from .chat import chat, play
 from .generate import generate
 from .library import list_personas, render
 from .serve import serve
@@ -31,6 +32,8 @@ app.command("generate")(generate)
 app.command("list")(list_personas)
 app.command("render")(render)
 app.command("serve")(serve)
+app.command("chat")(chat)
+app.command("play")(play)
 
 
 def _version(value: bool) -> None:

@@ -51,3 +51,23 @@ class Feedback:
             sample_task = progress.add_task("samples", total=rows)
             yield (lambda step: progress.update(step_task, completed=step)), (
                 lambda: progress.advance(sample_task))
+
+    @contextlib.contextmanager
+    def playing(self, turns: int, steps: int) -> Iterator[tuple[Callable[[int, int, int], None], Callable[[int], None]]]:
+        """Bars over a game's turns and the current turn's tokens; yields (on_turn, on_step)."""
+        if not self.live or self.quiet:
+            yield (lambda _t, _cap, _live: None), (lambda _: None)
+            return
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
+                            transient=True)
+        with progress:
+            turn_task = progress.add_task("turns  ", total=turns)
+            step_task = progress.add_task("tokens ", total=steps)
+
+            def on_turn(turn: int, cap: int, live: int) -> None:
+                progress.update(turn_task, completed=turn - 1, total=cap,
+                                description=f"turns ({live} episode{'s' if live != 1 else ''} running)")
+                progress.update(step_task, completed=0)
+
+            yield on_turn, (lambda step: progress.update(step_task, completed=step))

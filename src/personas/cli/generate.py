@@ -15,6 +15,7 @@ from ..errors import InputError, PipeClosed
 from ..output import FORMATS, make_writer
 from ..persona import find_library_file, load_library
 from .feedback import Feedback
+from .loading import load
 from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
 
 TEMPLATE_CHOICES = ("auto", "llama2", "model")
@@ -145,28 +146,17 @@ def generate(
 
 def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gptq_backend: str,
               allow_pickle: bool, trust_remote_code: bool, random_seed: bool) -> None:
-    from ..engine import load_model
-    from ..fastpath import usable
     from ..generation import CHUNK_ROWS, plan, run
     from ..outfile import finished_rows
 
     out = target.stream if target is not None else sys.stdout
     if random_seed:
         feedback.info(f"seed {request.seed} (pass --seed {request.seed} to repeat this run)")
-    if choice.reason:
-        feedback.info(f"model: {choice.label} ({choice.reason})")
 
     # Libraries (gptqmodel's banner, for one) print to stdout; only our records may go there.
     with contextlib.redirect_stdout(sys.stderr):
-        with feedback.loading(f"loading {choice.label}") as status:
-            loaded = load_model(choice, device=device, gptq_backend=gptq_backend, status=status,
-                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
-        feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
-
-        if loaded.device.type == "cuda" and request.settings.fast_path and not usable(loaded.model, loaded.gptq_kernel):
-            feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
-                          "decoding without the fast path (--gptq-backend marlin enables it)")
+        loaded = load(choice, feedback, device=device, gptq_backend=gptq_backend, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, fast_path=request.settings.fast_path)
         if request.settings.max_batch is None:
             # A big grid (a prompts file) runs in chunks, so memory stays bounded.
             chunk = CHUNK_ROWS.get(loaded.device.type, CHUNK_ROWS["cpu"])
@@ -190,7 +180,7 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
                 writer.add(record)
                 sample_done()
 
-            run(request, loaded, rows, on_record, on_step=on_step,
+            run(request.settings, loaded, rows, on_record, on_step=on_step,
                 on_split=lambda size, half: feedback.warn(
                     f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
         elapsed = time.perf_counter() - started

@@ -39,7 +39,18 @@ def list_personas(
     for p in library.personas.values():
         table.add_row(Text(p.name, style="bold cyan"), p.description or "", str(len(p.examples)),
                       p.prompt or Text("(none: pass --prompt)", style="dim"))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if library.games:
+        games = Table(box=box.SIMPLE_HEAD)
+        for column in ("game", "description", "players (team)", "turns", "wins counted for"):
+            games.add_column(column, overflow="fold")
+        for g in library.games.values():
+            players = ", ".join(name + (f" ({g.team_of(name)})" if g.team_of(name) != name else "")
+                                for name in g.players)
+            games.add_row(Text(g.name, style="bold cyan"), g.description or "", players, str(g.max_turns),
+                          g.scored_side)
+        console.print(games)
 
 
 def render(

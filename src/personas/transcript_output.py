@@ -1,0 +1,99 @@
+"""Rendering conversations and game results: rich for people, JSON lines for scripts. No model code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import IO
+
+from rich import box
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from .conversation import Line
+from .play import Summary, episode_dict, summary_dict
+
+CHAT_FORMATS = ("transcript", "jsonl")
+PLAY_FORMATS = ("table", "json")
+_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
+
+
+def console_for(stream: IO[str]) -> Console:
+    return Console(file=stream, highlight=False, soft_wrap=False)
+
+
+class TranscriptWriter:
+    """Lines as they are spoken: the speaker in its colour, then the text, indented."""
+
+    def __init__(self, stream: IO[str], speakers: Sequence[str]):
+        self.console = console_for(stream)
+        self.colours = {name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(speakers)}
+
+    def opener(self, text: str) -> None:
+        self.console.print(Text(text, style="italic dim"))
+        self.console.print()
+
+    def add(self, line: Line) -> None:
+        print_line(self.console, line, self.colours.get(line.speaker, "bold"))
+
+
+def print_line(console: Console, line: Line | dict, colour: str) -> None:
+    get = line.get if isinstance(line, dict) else lambda k: getattr(line, k)
+    head = Text.assemble((f"{get('turn'):>2}  ", "dim"), (get("speaker"), f"bold {colour}"))
+    if get("temperature") is not None:
+        head.append(f"  T={get('temperature'):g}", style="dim")
+    console.print(head)
+    console.print(Padding(Text(get("text") or "…"), (0, 0, 1, 4), expand=False))
+
+
+class LineJsonWriter:
+    """`chat --format jsonl`: one object per line spoken, flushed as it is spoken."""
+
+    FIELDS = ("turn", "speaker", "text", "temperature", "seed")
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def opener(self, _text: str) -> None:
+        pass  # not a line: scripts get only what personas said
+
+    def add(self, line: Line) -> None:
+        record = {k: v for k, v in asdict(line).items() if k in self.FIELDS}
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+
+def write_play_json(stream: IO[str], summaries: Sequence[Summary]) -> None:
+    stream.write(json.dumps([summary_dict(s) for s in summaries], ensure_ascii=False, indent=2) + "\n")
+
+
+def write_play_table(stream: IO[str], game_name: str, scored: str, summaries: Sequence[Summary]) -> None:
+    console = console_for(stream)
+    table = Table(title=f"{game_name}: wins for {scored}", box=box.ROUNDED, title_justify="left")
+    for column, justify in [("temperature", "right"), ("episodes", "right"), ("wins", "right"),
+                            ("win rate (95% CI)", "right"), ("mean turns to win", "right"), ("outcomes", "left")]:
+        table.add_column(column, justify=justify)
+    for s in summaries:
+        lo, hi = s.win_rate_ci95
+        table.add_row(f"{s.temperature:g}", str(s.episodes), str(s.wins),
+                      f"{s.win_rate:.0%} ({lo:.0%}–{hi:.0%})",
+                      "–" if s.mean_turns_to_win is None else f"{s.mean_turns_to_win:.1f}",
+                      ", ".join(f"{side} {count}" for side, count in s.outcomes.items()))
+    console.print(table)
+    for s in summaries:
+        example = episode_dict(s.example)
+        secrets = ", ".join(f"{k} = {v!r}" for k, v in example["secrets"].items()) or "none"
+        console.print()
+        console.print(Text.assemble((f"T={s.temperature:g}", "bold"),
+                                    f" · episode {example['episode']} (seed {example['seed']}) · secrets: {secrets}"
+                                    f" · winner: {example['winner'] or 'nobody'} after {example['turns']} turns",
+                                    style="dim"))
+        if s.example.game.opener:
+            console.print(Text(s.example.game.opener, style="italic dim"))
+        speakers = list(s.example.game.players)
+        for line in example["lines"]:
+            print_line(console, {**line, "temperature": None},
+                       _COLOURS[speakers.index(line["speaker"]) % len(_COLOURS)])
