@@ -153,7 +153,7 @@ def main() -> None:
         request = Request(personas=[persona], temperatures=temperatures, n=n, seed=1, settings=settings)
         planned = plan(request, model)
         records: list = []
-        return sync_time(lambda: run(request, model, planned, records.append)), records
+        return sync_time(lambda: run(request.settings, model, planned, records.append)), records
 
     for fast, key in ((True, "c"), (False, "c_plain")):
         grid(fast, (1.0,), 2, 8, 0)

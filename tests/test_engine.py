@@ -154,3 +154,18 @@ def test_pickle_refusal_from_the_cli(pickle_only_dir, capsys):
     assert main(["generate", "customer", "--model", str(pickle_only_dir), "-n", "1"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("Error: ") and "--allow-pickle" in err
+
+
+def test_personas_auto_kernel_is_marlin_on_cuda_only_where_marlin_fits():
+    import torch
+
+    from personas.engine import gptq_kernel_for
+
+    thebloke = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True}
+    assert gptq_kernel_for("auto", thebloke, torch.device("cpu")) == "auto"  # gptqmodel picks its CPU kernel
+    assert gptq_kernel_for("triton", thebloke, torch.device("cpu")) == "triton"  # an explicit choice stands
+    if torch.cuda.is_available():
+        capable = torch.cuda.get_device_capability() >= (7, 5)
+        assert gptq_kernel_for("auto", thebloke, torch.device("cuda")) == ("marlin" if capable else "auto")
+        assert gptq_kernel_for("auto", {**thebloke, "sym": False}, torch.device("cuda")) == "auto"
+        assert gptq_kernel_for("auto", {**thebloke, "bits": 3}, torch.device("cuda")) == "auto"

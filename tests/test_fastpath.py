@@ -86,3 +86,9 @@ def test_cuda_graph_gptq_greedy_equals_plain(tiny_gptq_dir):
     plain, fast = both_paths(model, Settings(max_new_tokens=24))
     greedy = [k for k in plain if k[1] == 0]
     assert [fast[k] for k in greedy] == [plain[k] for k in greedy]
+
+
+@cuda
+def test_the_default_kernel_on_cuda_is_graph_safe(tiny_gptq_dir):
+    model = load_model(resolve_model(str(tiny_gptq_dir)), device="cuda")  # --gptq-backend auto
+    assert model.gptq_kernel == "MarlinLinear" and usable(model.model, model.gptq_kernel)

@@ -265,7 +265,7 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
         kwargs["use_safetensors"] = safety["use_safetensors"]
     gptq = None if gguf_file else gptq_config_of(directory)
     if gptq is not None:
-        kwargs["quantization_config"] = _gptq_loading_config(gptq, gptq_backend)
+        kwargs["quantization_config"] = _gptq_loading_config(gptq, gptq_kernel_for(gptq_backend, gptq, device))
         kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
     elif gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -288,6 +288,29 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
     model.eval()
     kernel = _gptq_kernel_name(model) if gptq else None
     return model, kernel
+
+
+# Marlin's limits (gptqmodel's MarlinLinear): symmetric 4/8-bit, these group sizes, sm75 or newer.
+MARLIN_BITS, MARLIN_GROUP_SIZES, MARLIN_MIN_CAPABILITY = (4, 8), (-1, 32, 64, 128), (7, 5)
+
+
+def gptq_kernel_for(requested: str, stored: dict, device: Any) -> str:
+    """personas' `auto`: Marlin on a CUDA card it supports, else gptqmodel's own choice.
+
+    Why not gptqmodel's `auto` everywhere: on Hopper it ranks Machete first, and Machete builds
+    against CUTLASS downloaded from GitHub on first use. Measured on an H100 with no network
+    (2026-11-26): the load failed with a name-resolution error; with a network it means a
+    download and a long compile on a user's first run. Marlin is what the fast path was measured
+    and checked with (benchmarks/gpu_kernel_variants.py).
+    """
+    if requested != "auto" or getattr(device, "type", None) != "cuda":
+        return requested
+    import torch
+
+    fits = (int(stored.get("bits", 4)) in MARLIN_BITS and stored.get("sym", True) is not False
+            and int(stored.get("group_size", 128)) in MARLIN_GROUP_SIZES
+            and torch.cuda.get_device_capability(device) >= MARLIN_MIN_CAPABILITY)
+    return "marlin" if fits else "auto"
 
 
 def _gptq_loading_config(stored: dict, backend: str) -> Any:

@@ -18,11 +18,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from .diversity import TemperatureStats, by_temperature, cell_stats
 from .record import FIELDS, Record, as_dict
 
 FORMATS = ("table", "jsonl", "json", "csv")
-
-
 
 
 class Writer(Protocol):
@@ -89,12 +88,16 @@ class TableWriter(_Collecting):
 
 
 def build_table(records: list[Record], temperatures: list[float]) -> Table:
+    """The samples, and a footer row with each temperature's diversity (diversity.py)."""
     model = records[0].model if records else ""
-    table = Table(box=box.ROUNDED, show_lines=True, expand=True,
+    footer = {s.temperature: s for s in by_temperature(cell_stats([as_dict(r) for r in records]))}
+    table = Table(box=box.ROUNDED, show_lines=True, expand=True, show_footer=bool(records),
                   caption=f"model: {model}" if model else None, caption_justify="right")
-    table.add_column("persona / prompt", ratio=1, style="bold")
+    table.add_column("persona / prompt", ratio=1, style="bold",
+                     footer=Text("diversity\n(mean per cell)", style="bold"))
     for t in temperatures:
-        table.add_column(f"T = {t:g}" + (" (greedy)" if t == 0 else ""), ratio=2)
+        table.add_column(f"T = {t:g}" + (" (greedy)" if t == 0 else ""), ratio=2,
+                         footer=_footer(footer[t]) if t in footer else "")
 
     cells: dict[tuple[str, str], dict[float, list[Record]]] = {}
     for r in records:
@@ -103,6 +106,11 @@ def build_table(records: list[Record], temperatures: list[float]) -> Table:
         head = Text.assemble((persona, "bold cyan"), "\n", (prompt, "dim italic"))
         table.add_row(head, *(_cell(by_temp.get(t, [])) for t in temperatures))
     return table
+
+
+def _footer(stats: TemperatureStats) -> Text:
+    return Text(f"distinct-1 {stats.distinct_1:.2f} · distinct-2 {stats.distinct_2:.2f}\n"
+                f"unique {stats.unique_share:.0%} · {stats.mean_tokens:.1f} tokens", style="")
 
 
 def _cell(records: list[Record]) -> Group:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import IO
 
 from rich import box
 from rich.console import Console
-from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -46,7 +46,12 @@ def print_line(console: Console, line: Line | dict, colour: str) -> None:
     if get("temperature") is not None:
         head.append(f"  T={get('temperature'):g}", style="dim")
     console.print(head)
-    console.print(Padding(Text(get("text") or "…"), (0, 0, 1, 4), expand=False))
+    # Wrapped here rather than by a rich Padding, which pads every line with trailing spaces.
+    width = max(20, console.width - 4)
+    for paragraph in (get("text") or "…").splitlines() or [""]:
+        for line in textwrap.wrap(paragraph, width) or [""]:
+            console.print(Text("    " + line))
+    console.print()
 
 
 class LineJsonWriter:

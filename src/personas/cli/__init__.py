@@ -16,6 +16,7 @@ except ImportError:  # older Typer runs on click itself
 from .. import __version__
 from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
 from .chat import chat, play
+from .explain import explain
 from .generate import generate
 from .library import list_personas, render
 from .serve import serve
@@ -34,6 +35,7 @@ app.command("render")(render)
 app.command("serve")(serve)
 app.command("chat")(chat)
 app.command("play")(play)
+app.command("explain")(explain)
 
 
 def _version(value: bool) -> None:

@@ -15,6 +15,7 @@ from ..errors import InputError, PipeClosed
 from ..output import FORMATS, make_writer
 from ..persona import find_library_file, load_library
 from .feedback import Feedback
+from .insight import Insight
 from .loading import load
 from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
 
@@ -71,6 +72,16 @@ def generate(
     fast_path: Annotated[bool, typer.Option(
         "--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
         "CUDA graph (much faster; off: transformers' plain generate).")] = True,
+    stats_file: Annotated[Optional[Path], typer.Option(
+        "--stats-file", help="Write each persona × prompt × temperature's diversity (distinct-1/-2, "
+        "unique samples, mean tokens) to this file as a JSON array.", dir_okay=False,
+        show_default=False)] = None,
+    diverge: Annotated[bool, typer.Option(
+        "--diverge", help="Show where each cell's samples first branch, and the tokens drawn there "
+        "with their probabilities (after the table; with other formats, in --stats-file).")] = False,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Draw diversity against temperature into this PNG.", dir_okay=False,
+        show_default=False)] = None,
     file: FileOpt = None,
     model: ModelOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -130,11 +141,14 @@ def generate(
         raise InputError("--resume needs --output FILE and a fixed seed (--seed or [defaults].seed)",
                          "the samples already written are matched by their seeds")
     choice = resolve_model(default_model_spec(model, defaults.model))
+    insight = Insight(stats_file, diverge, plot, fmt)
+    insight.open(resume)
     target = OutputFile(output, fmt, resume) if output is not None else None
     try:
         _generate(request, choice, fmt, target, feedback, device, gptq_backend, allow_pickle,
-                  trust_remote_code, seed is None and defaults.seed is None)
+                  trust_remote_code, seed is None and defaults.seed is None, insight)
     except BaseException as e:
+        insight.abandon()
         if target is not None:
             target.abandon()
         if isinstance(e, BrokenPipeError):
@@ -145,8 +159,8 @@ def generate(
 
 
 def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gptq_backend: str,
-              allow_pickle: bool, trust_remote_code: bool, random_seed: bool) -> None:
-    from ..generation import CHUNK_ROWS, plan, run
+              allow_pickle: bool, trust_remote_code: bool, random_seed: bool, insight: Insight) -> None:
+    from ..generation import CHUNK_ROWS, plan, sample_rows, to_record
     from ..outfile import finished_rows
 
     out = target.stream if target is not None else sys.stdout
@@ -171,19 +185,23 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
             feedback.info(f"{len(rows)} samples in {chunks} batches of up to {request.settings.max_batch} rows")
         writer = make_writer(fmt, out, [(r.id, r.persona, r.prompt, r.temperature, r.sample) for r in rows],
                              list(request.temperatures))
+        insight.order = [(r.persona, r.prompt, r.temperature) for r in rows]
         tokens = 0
         started = time.perf_counter()
         with feedback.generating(len(rows), request.settings.max_new_tokens) as (on_step, sample_done):
-            def on_record(record) -> None:
+            def on_sample(sample) -> None:
                 nonlocal tokens
+                record = to_record(sample, loaded)
                 tokens += record.new_tokens
                 writer.add(record)
+                insight.add(record, sample)
                 sample_done()
 
-            run(request.settings, loaded, rows, on_record, on_step=on_step,
-                on_split=lambda size, half: feedback.warn(
-                    f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
+            sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
+                        on_split=lambda size, half: feedback.warn(
+                            f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
         elapsed = time.perf_counter() - started
-    writer.close()
+        writer.close()
+        insight.finish(loaded, out, feedback, target.path if target is not None and target.resumed else None)
     feedback.info(f"{len(rows)} samples, {tokens} new tokens in {elapsed:.1f} s "
                   f"({tokens / elapsed if elapsed else 0:.0f} tokens/s)")

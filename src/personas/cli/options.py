@@ -22,7 +22,8 @@ ModelOpt = Annotated[
 ]
 GptqBackendOpt = Annotated[
     str,
-    typer.Option("--gptq-backend", help="GPTQ kernel: " + ", ".join(GPTQ_BACKENDS) + ".",
+    typer.Option("--gptq-backend", help="GPTQ kernel: " + ", ".join(GPTQ_BACKENDS) + ". auto: Marlin on a "
+                 "CUDA card that supports it, else gptqmodel's choice.",
                  case_sensitive=False),
 ]
 DeviceOpt = Annotated[

@@ -1,0 +1,91 @@
+"""`personas explain`: the next-token distribution after a persona's prompt, per temperature."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError
+from ..persona import find_library_file, load_library
+from .feedback import Feedback
+from .loading import load
+from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, PromptOpt, TrustRemoteCodeOpt
+
+FORMATS = ("table", "json")
+
+
+def explain(
+    name: Annotated[str, typer.Argument(help="The persona whose prompt is explained.", show_default=False)],
+    prompt: PromptOpt = None,
+    temp: Annotated[Optional[list[float]], typer.Option(
+        "--temp", "-t", help="A temperature; repeat for several. 0 = greedy. Default: 0.2, 1.0, 1.5.",
+        show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="How many of the likeliest tokens to show.", min=1)] = 10,
+    steps: Annotated[int, typer.Option(
+        "--steps", help="Also show this many further steps of one greedy continuation.", min=0)] = 5,
+    fmt: Annotated[Optional[str], typer.Option(
+        "--format", "-f", help="table | json (default: table on a terminal, else json).", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Also draw the first token's probabilities per temperature into this PNG.",
+        dir_okay=False, show_default=False)] = None,
+    template: Annotated[str, typer.Option("--template", help="Prompt format: auto, llama2, model.")] = "auto",
+    file: FileOpt = None,
+    model: ModelOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    gptq_backend: GptqBackendOpt = "auto",
+    device: DeviceOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+) -> None:
+    """Show the model's next-token probabilities after a persona's prompt at each temperature."""
+    from ..engine import default_model_spec, resolve_model
+    from ..generation import fit_dialog
+    from ..prompt import Dialog
+
+    feedback = Feedback(quiet)
+    fmt = fmt or ("table" if sys.stdout.isatty() else "json")
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format '{fmt}'", "choose one of: " + ", ".join(FORMATS))
+    if template not in ("auto", "llama2", "model"):
+        raise InputError(f"unknown template '{template}'", "choose one of: auto, llama2, model")
+    temperatures = list(dict.fromkeys(temp or [0.2, 1.0, 1.5]))
+    for t in temperatures:
+        if not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature {t} is not allowed", "use a finite number >= 0 (0 = greedy)")
+    if plot is not None:
+        from ..plots import check_plot_path
+
+        check_plot_path(plot)
+    library = load_library(find_library_file(file))
+    persona = library.get(name)
+    text = prompt if prompt is not None else persona.prompt
+    if not text or not text.strip():
+        raise InputError(f"persona '{name}' has no default prompt" if text is None else "the prompt is empty",
+                         "pass --prompt TEXT")
+    choice = resolve_model(default_model_spec(model, library.defaults.model))
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load(choice, feedback, device=device, gptq_backend=gptq_backend, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, fast_path=False)
+        from ..distributions import explain as explain_prompt
+
+        ids, _ = fit_dialog(Dialog.for_persona(persona, text), loaded, None if template == "auto" else template,
+                            steps + 1, truncate=False, who=f"persona '{name}'")
+        report = explain_prompt(loaded, ids, temperatures, top_k, steps)
+        if plot is not None:
+            from ..plots import plot_next_token
+
+            plot_next_token(report, plot, f"{name}, \u201c{text}\u201d ({loaded.label})")
+            feedback.info(f"plot written to {plot}")
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    else:
+        from ..diagnostics_output import write_explain_table
+
+        write_explain_table(sys.stdout, report, f"{name} · {text} · model {loaded.label} · softmax(logits / T) "
+                            "of the model's logits; entropy over the whole vocabulary")
