@@ -57,7 +57,7 @@ def test_the_shipped_games_load_with_their_players_and_teams():
 
 @pytest.mark.parametrize("change,line,message", [
     (('persona = "spy"', 'persona = "spyy"'), 11, "player 'spy': unknown persona 'spyy'"),
-    (('brief = "Get the password."', 'brief = "Get {word}."'), 12, "brief names {word}, which belongs to 'guard'"),
+    (('brief = "Get the password."', 'brief = "Get {word}."'), 12, "the brief of player 'spy' names {word}, which belongs to 'guard'"),
     (('brief = "Get the password."', 'brief = "Try marmalade."'), 10, "secret 'word' ('marmalade') appears in what player 'spy' sees"),
     (('winner = "spy"', 'winner = "thief"'), 20, "'thief' is neither a player nor a team"),
     (('speaker = "guard"', 'speaker = "king"'), 18, "speaker 'king' is not a player"),

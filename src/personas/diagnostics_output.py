@@ -20,18 +20,25 @@ def shown(token: str) -> str:
     return repr(token.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥"))[1:-1] or "''"
 
 
-def bar(prob: float) -> str:
+def prob_text(prob: float) -> str:
+    """Three decimals, except that a small but real probability is not shown as 0.000."""
+    return f"{prob:.3f}" if prob >= 0.0005 or prob == 0 else f"{prob:.0e}"
+
+
+def bar(prob: float, width: int = BAR_WIDTH) -> str:
     """A horizontal bar in eighths of a character, so small probabilities still show."""
-    eighths = round(prob * BAR_WIDTH * 8)
+    eighths = round(prob * width * 8)
     return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
 
 
-def _probabilities(top: Sequence[dict]) -> Group:
+def _probabilities(top: Sequence[dict], room: int) -> Group:
+    """Token, bar, probability on one line each, the bar as long as the column allows."""
     lines = []
     width = max((len(shown(p["token"])) for p in top), default=0)
+    bar_width = max(4, min(BAR_WIDTH, room - width - 8))
     for p in top:
         lines.append(Text.assemble((shown(p["token"]).ljust(width), "bold"), " ",
-                                   (bar(p["prob"]).ljust(BAR_WIDTH + 1), "cyan"), f"{p['prob']:.3f}"))
+                                   (bar(p["prob"], bar_width).ljust(bar_width + 1), "cyan"), prob_text(p["prob"])))
     return Group(*lines)
 
 
@@ -47,7 +54,8 @@ def write_explain_table(stream: IO[str], report: Sequence[dict], title: str) -> 
         for entry in report:
             t = entry["temperature"]
             table.add_column(f"T = {t:g}" + (" (greedy)" if t == 0 else ""), footer="")
-        table.add_row(*(_probabilities(top) for _, top in cells))
+        room = console.width // len(report) - 3  # a column's inside, between its borders
+        table.add_row(*(_probabilities(top, room) for _, top in cells))
         for column, (h, _) in zip(table.columns, cells):
             column.footer = Text(f"entropy {h:.2f} nats", style="dim")
         console.print(table)
@@ -64,10 +72,10 @@ def write_divergences(stream: IO[str], found: Sequence[Divergence]) -> None:
         if d.position is None:
             console.print(Text("    all samples are identical", style="dim"))
             continue
-        console.print(Text.assemble("    shared for ", (f"{d.position} tokens", "bold"), ": ",
+        console.print(Text.assemble("    shared for ", (f"{d.position} token{'' if d.position == 1 else 's'}", "bold"), ": ",
                                     (repr(d.prefix) if d.prefix else "(nothing: they differ at once)", "italic")))
         for a in d.alternatives:
             count = f"×{a['count']}" if a["count"] else "  –"
             console.print(Text.assemble("    ", (count.rjust(4), "bold magenta" if a["count"] else "dim"), " ",
                                         (shown(a["token"]).ljust(16), "bold" if a["count"] else "dim"), " ",
-                                        (bar(a["prob"]).ljust(BAR_WIDTH + 1), "cyan"), f"{a['prob']:.3f}"))
+                                        (bar(a["prob"]).ljust(BAR_WIDTH + 1), "cyan"), prob_text(a["prob"])))

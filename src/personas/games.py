@@ -135,7 +135,7 @@ def check_game(game: Game, personas: dict[str, Persona], path: Path, lines: KeyL
     for name, player in game.players.items():
         for secret in PLACEHOLDER.findall(player.brief or ""):
             if owner.get(secret) != name:
-                raise fail(("players", name, "brief"), f"player '{name}''s brief names {{{secret}}}, "
+                raise fail(("players", name, "brief"), f"the brief of player '{name}' names {{{secret}}}, "
                            + (f"which belongs to '{owner[secret]}'" if secret in owner else "which no player holds"),
                            "a brief may name only its own player's secrets")
     for secret, holder in owner.items():

@@ -50,7 +50,7 @@ def print_line(console: Console, line: Line | dict, colour: str) -> None:
     width = max(20, console.width - 4)
     for paragraph in (get("text") or "…").splitlines() or [""]:
         for line in textwrap.wrap(paragraph, width) or [""]:
-            console.print(Text("    " + line))
+            console.print(Text("    " + line) if line else "")
     console.print()
 
 
