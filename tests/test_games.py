@@ -223,3 +223,16 @@ def test_play_end_to_end_on_the_embedded_model(embedded_ready):
                      "--max-new-tokens", "12", "--format", "table"], embedded_ready)
     assert table.returncode == 0, table.stderr
     assert "treasure: wins for inspector" in table.stdout and "episode" in table.stdout
+
+
+def test_decided_episodes_stop_and_are_handed_over_as_they_end(tiny):
+    # The guard "says" anything: every episode is decided by its second line, well before the cap.
+    library = parse(GAME.replace('says = "{word}"', "pattern = '.'").replace("max_turns = 4", "max_turns = 6"))
+    game = library.games["g"]
+    turns, ended = [], []
+    episodes = play_episodes(tiny, game, library.personas, [0.5, 1.0], episode_seeds(5, "g", 2), SETTINGS,
+                             on_turn=lambda turn, _cap, live: turns.append((turn, live)),
+                             on_end=lambda e: ended.append((e.number, e.temperature, len(e.lines))))
+    assert turns == [(1, 4), (2, 4)]
+    assert sorted(ended) == [(1, 0.5, 2), (1, 1.0, 2), (2, 0.5, 2), (2, 1.0, 2)]
+    assert all(e.winner == "spy" and e.ended_at == 2 for e in episodes)

@@ -32,10 +32,13 @@ def play_episodes(model: LoadedModel, game: Game, personas: dict[str, Persona], 
                   template: str | None = None,
                   on_turn: Callable[[int, int, int], None] = lambda _t, _cap, _live: None,
                   on_truncate: Callable[[str, int], None] = lambda _w, _n: None,
-                  on_step: Callable[[int], None] = lambda _: None) -> list[Episode]:
+                  on_step: Callable[[int], None] = lambda _: None,
+                  on_end: Callable[[Episode], None] = lambda _: None) -> list[Episode]:
     """Play one episode per (temperature, seed); returns them, finished, temperature-major.
 
-    `on_turn(turn, cap, live)` is called before each turn's batch with the episodes still running.
+    `on_turn(turn, cap, live)` is called before each turn's batch with the episodes still running;
+    `on_end(episode)` as soon as an episode is decided, so a caller can keep it even if a later
+    turn fails or is interrupted.
     """
     if not seeds:
         raise InputError("no episodes asked for", "pass -n 1 or more")
@@ -51,6 +54,8 @@ def play_episodes(model: LoadedModel, game: Game, personas: dict[str, Persona], 
         turns = [turn_for(e, turn, personas) for e in live]
         for episode, line in zip(live, speak(model, settings, turns, template, on_truncate, on_step)):
             judge(episode, line, cap)
+            if episode.ended_at is not None:
+                on_end(episode)
     return episodes
 
 

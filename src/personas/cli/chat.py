@@ -104,7 +104,8 @@ def play(
         "--format", "-f", help="table | json (default: table on a terminal, else json).",
         show_default=False)] = None,
     transcripts: Annotated[Optional[Path], typer.Option(
-        "--transcripts", help="Also write every episode to this file, one JSON object per line.",
+        "--transcripts", help="Also write every episode to this file, one JSON object per line, "
+        "each as soon as it ends (an interrupted run keeps the finished ones).",
         dir_okay=False, show_default=False)] = None,
     template: TemplateOpt = "auto",
     fast_path: FastPathOpt = True,
@@ -133,7 +134,13 @@ def play(
         seeds = [episode_seed]
     else:
         seeds = episode_seeds(_seed(seed, library, feedback), chosen.name, n)
-    target = OutputFile(transcripts, "json", False) if transcripts is not None else None
+    target = OutputFile(transcripts, "jsonl") if transcripts is not None else None
+
+    def keep(episode) -> None:
+        if target is not None:
+            target.stream.write(json.dumps(episode_dict(episode), ensure_ascii=False) + "\n")
+            target.stream.flush()
+
     cap = max_turns or chosen.max_turns
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -147,9 +154,9 @@ def play(
             with feedback.playing(cap, settings.max_new_tokens) as (on_turn, on_step):
                 episodes = play_episodes(loaded, chosen, library.personas, temperatures, seeds, settings,
                                          max_turns=max_turns, template=_template(template), on_turn=on_turn,
-                                         on_truncate=_truncation_warning(feedback), on_step=on_step)
+                                         on_truncate=_truncation_warning(feedback), on_step=on_step,
+                                         on_end=keep)
         if target is not None:
-            target.stream.write("".join(json.dumps(episode_dict(e), ensure_ascii=False) + "\n" for e in episodes))
             target.commit()
         summaries = summarize(chosen, episodes)
         if fmt == "json":
