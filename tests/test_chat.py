@@ -133,6 +133,7 @@ def test_chat_cli_jsonl_on_a_tiny_model(tiny_llama_dir, cache_dir, tmp_path):
     (["chat", "pirate", "critic", "--opener", " "], "the opener is empty"),
     (["chat", "pirate", "critic", "-t", "noir=1"], "'noir' is not in this chat"),
     (["chat", "pirate", "critic", "--order", "loud"], "unknown order 'loud'"),
+    (["chat", "pirate", "critic", "--template", "fancy"], "unknown template 'fancy'"),
     (["chat", "pirate", "critc"], "did you mean 'critic'?"),
 ])
 def test_chat_bad_input_is_refused_before_loading_a_model(args, message, capsys):

@@ -205,6 +205,7 @@ def test_play_cli_json_on_a_tiny_model_with_transcripts(tiny, cache_dir, tmp_pat
     (["play", "password", "-n", "0"], "Invalid value for '-n'"),
     (["play", "password", "-t", "-2"], "temperature -2.0 is not allowed"),
     (["play", "password", "--format", "csv"], "unknown format 'csv'"),
+    (["play", "password", "--template", "fancy"], "unknown template 'fancy'"),
 ])
 def test_play_bad_input_is_refused_before_loading_a_model(args, message, capsys):
     assert main(args) == 2

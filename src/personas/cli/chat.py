@@ -15,9 +15,8 @@ from ..errors import InputError, PipeClosed
 from ..persona import Library, find_library_file, load_library
 from .feedback import Feedback
 from .loading import load
-from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
-
-TEMPLATE_CHOICES = ("auto", "llama2", "model")
+from .options import (AllowPickleOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackendOpt, ModelOpt, QuietOpt,
+                      TemplateOpt, TrustRemoteCodeOpt, template_choice)
 
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", "-s", help="Base seed; the same seed repeats the same run (default: [defaults].seed, else "
@@ -25,11 +24,6 @@ SeedOpt = Annotated[Optional[int], typer.Option(
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", help="Most tokens per line (default: the game's, [defaults].max_new_tokens, else 128).",
     min=1, show_default=False)]
-TemplateOpt = Annotated[str, typer.Option(
-    "--template", help="Prompt format: auto, llama2, model (as for generate).")]
-FastPathOpt = Annotated[bool, typer.Option(
-    "--fast-path/--no-fast-path", help="On CUDA: static KV cache + CUDA graph decoding.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 
 
 def chat(
@@ -64,6 +58,7 @@ def chat(
     feedback = Feedback(quiet)
     fmt = _choose(fmt or ("transcript" if sys.stdout.isatty() else "jsonl"), CHAT_FORMATS, "format")
     _choose(order, ORDERS, "order")
+    template_value = template_choice(template)
     library = load_library(find_library_file(file))
     personas = [library.get(name) for name in names]
     check_chat(personas, turns, opener)
@@ -78,7 +73,7 @@ def chat(
             if opener:
                 writer.opener(opener)
             lines = chat_lines(loaded, personas, temperatures, turns, seed, settings, opener=opener, order=order,
-                               template=_template(template), on_truncate=_truncation_warning(feedback))
+                               template=template_value, on_truncate=_truncation_warning(feedback))
             for number in range(1, turns + 1):
                 with feedback.loading(f"line {number} of {turns}"):
                     line = next(lines)
@@ -125,6 +120,7 @@ def play(
 
     feedback = Feedback(quiet)
     fmt = _choose(fmt or ("table" if sys.stdout.isatty() else "json"), PLAY_FORMATS, "format")
+    template_value = template_choice(template)
     library = load_library(find_library_file(file))
     chosen = library.game(game)
     temperatures = list(dict.fromkeys(temp or library.defaults.temperatures or [0.7]))
@@ -153,7 +149,7 @@ def play(
                           "one batched generate per turn")
             with feedback.playing(cap, settings.max_new_tokens) as (on_turn, on_step):
                 episodes = play_episodes(loaded, chosen, library.personas, temperatures, seeds, settings,
-                                         max_turns=max_turns, template=_template(template), on_turn=on_turn,
+                                         max_turns=max_turns, template=template_value, on_turn=on_turn,
                                          on_truncate=_truncation_warning(feedback), on_step=on_step,
                                          on_end=keep)
         if target is not None:
@@ -178,10 +174,6 @@ def _choose(value: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise InputError(f"unknown {what} '{value}'", "choose one of: " + ", ".join(choices))
     return value
-
-
-def _template(value: str) -> str | None:
-    return None if _choose(value, TEMPLATE_CHOICES, "template") == "auto" else value
 
 
 def _seed(seed: int | None, library: Library, feedback: Feedback) -> int:

@@ -15,7 +15,8 @@ from ..errors import InputError
 from ..persona import find_library_file, load_library
 from .feedback import Feedback
 from .loading import load
-from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, PromptOpt, TrustRemoteCodeOpt
+from .options import (AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, PromptOpt, QuietOpt,
+                      TemplateOpt, TrustRemoteCodeOpt, template_choice)
 
 FORMATS = ("table", "json")
 
@@ -34,14 +35,14 @@ def explain(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Also draw the first token's probabilities per temperature into this PNG.",
         dir_okay=False, show_default=False)] = None,
-    template: Annotated[str, typer.Option("--template", help="Prompt format: auto, llama2, model.")] = "auto",
+    template: TemplateOpt = "auto",
     file: FileOpt = None,
     model: ModelOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = "auto",
     device: DeviceOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Show the model's next-token probabilities after a persona's prompt at each temperature."""
     from ..engine import default_model_spec, resolve_model
@@ -52,8 +53,7 @@ def explain(
     fmt = fmt or ("table" if sys.stdout.isatty() else "json")
     if fmt not in FORMATS:
         raise InputError(f"unknown format '{fmt}'", "choose one of: " + ", ".join(FORMATS))
-    if template not in ("auto", "llama2", "model"):
-        raise InputError(f"unknown template '{template}'", "choose one of: auto, llama2, model")
+    template_value = template_choice(template)
     temperatures = list(dict.fromkeys(temp or [0.2, 1.0, 1.5]))
     for t in temperatures:
         if not math.isfinite(t) or t < 0:
@@ -74,7 +74,7 @@ def explain(
                       trust_remote_code=trust_remote_code, fast_path=False)
         from ..distributions import explain as explain_prompt
 
-        ids, _ = fit_dialog(Dialog.for_persona(persona, text), loaded, None if template == "auto" else template,
+        ids, _ = fit_dialog(Dialog.for_persona(persona, text), loaded, template_value,
                             steps + 1, truncate=False, who=f"persona '{name}'")
         report = explain_prompt(loaded, ids, temperatures, top_k, steps)
         if plot is not None:

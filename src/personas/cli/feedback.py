@@ -43,9 +43,7 @@ class Feedback:
         if not self.live or self.quiet:
             yield (lambda _: None), (lambda: None)
             return
-        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
-                            transient=True)
+        progress = self._progress()
         with progress:
             step_task = progress.add_task("tokens ", total=steps)
             sample_task = progress.add_task("samples", total=rows)
@@ -58,9 +56,7 @@ class Feedback:
         if not self.live or self.quiet:
             yield (lambda _t, _cap, _live: None), (lambda _: None)
             return
-        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=self.console,
-                            transient=True)
+        progress = self._progress()
         with progress:
             turn_task = progress.add_task("turns  ", total=turns)
             step_task = progress.add_task("tokens ", total=steps)
@@ -71,3 +67,7 @@ class Feedback:
                 progress.update(step_task, completed=0)
 
             yield on_turn, (lambda step: progress.update(step_task, completed=step))
+
+    def _progress(self) -> Progress:
+        return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=self.console, transient=True)

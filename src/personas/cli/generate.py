@@ -17,10 +17,8 @@ from ..persona import find_library_file, load_library
 from .feedback import Feedback
 from .insight import Insight
 from .loading import load
-from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
-
-TEMPLATE_CHOICES = ("auto", "llama2", "model")
-
+from .options import (AllowPickleOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackendOpt, ModelOpt, QuietOpt,
+                      TemplateOpt, TrustRemoteCodeOpt, template_choice)
 
 def generate(
     names: Annotated[Optional[list[str]], typer.Argument(
@@ -53,9 +51,7 @@ def generate(
     fmt: Annotated[Optional[str], typer.Option(
         "--format", "-f", help="table | jsonl | json | csv (default: table on a terminal, else jsonl).",
         show_default=False)] = None,
-    template: Annotated[str, typer.Option(
-        "--template", help="Prompt format: auto (Llama-2 for Llama-2-chat models, else the model's "
-        "chat template), llama2, model.")] = "auto",
+    template: TemplateOpt = "auto",
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Most rows per generate call (default: 64 on the CPU, 256 on a GPU).",
         min=1, show_default=False)] = None,
@@ -69,9 +65,7 @@ def generate(
     truncate: Annotated[bool, typer.Option(
         "--truncate", help="Drop examples (oldest first) from a prompt too long for the model's "
         "context, and say so, instead of refusing it.")] = False,
-    fast_path: Annotated[bool, typer.Option(
-        "--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
-        "CUDA graph (much faster; off: transformers' plain generate).")] = True,
+    fast_path: FastPathOpt = True,
     stats_file: Annotated[Optional[Path], typer.Option(
         "--stats-file", help="Write each persona × prompt × temperature's diversity (distinct-1/-2, "
         "unique samples, mean tokens) to this file as a JSON array.", dir_okay=False,
@@ -88,7 +82,7 @@ def generate(
     trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = "auto",
     device: DeviceOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Sample each persona's answer N times at each temperature, in one batched call."""
     from ..engine import default_model_spec, resolve_model
@@ -101,8 +95,7 @@ def generate(
     fmt = fmt or ("table" if output is None and sys.stdout.isatty() else "jsonl")
     if fmt not in FORMATS:
         raise InputError(f"unknown format '{fmt}'", "choose one of: " + ", ".join(FORMATS))
-    if template not in TEMPLATE_CHOICES:
-        raise InputError(f"unknown template '{template}'", "choose one of: " + ", ".join(TEMPLATE_CHOICES))
+    template_value = template_choice(template)
 
     library = load_library(find_library_file(file))
     defaults = library.defaults
@@ -129,7 +122,7 @@ def generate(
             max_batch=batch_size,
             fast_path=fast_path,
         ),
-        template=None if template == "auto" else template,
+        template=template_value,
         specs=specs,
         truncate=truncate,
         on_truncate=lambda name, dropped, length: feedback.warn(

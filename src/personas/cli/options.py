@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..engine import GPTQ_BACKENDS
+from ..errors import InputError
+
+TEMPLATE_CHOICES = ("auto", "llama2", "model")
 
 FileOpt = Annotated[
     Optional[Path],
@@ -45,3 +48,21 @@ TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Run Python code shipped with the model (never by default)."),
 ]
+TemplateOpt = Annotated[
+    str,
+    typer.Option("--template", help="Prompt format: auto (Llama-2 for Llama-2-chat models, else the model's "
+                 "chat template), llama2, model."),
+]
+FastPathOpt = Annotated[
+    bool,
+    typer.Option("--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
+                 "CUDA graph (much faster; off: transformers' plain generate)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+
+
+def template_choice(value: str) -> str | None:
+    """--template's value for the core: None lets the model decide."""
+    if value not in TEMPLATE_CHOICES:
+        raise InputError(f"unknown template '{value}'", "choose one of: " + ", ".join(TEMPLATE_CHOICES))
+    return None if value == "auto" else value
