@@ -12,7 +12,7 @@ import torch
 from personas.engine import load_model, resolve_model
 from personas.generation import Request, plan, run
 from personas.persona import Example, Persona
-from personas.sampling import (Job, RowSampler, Settings, _mul32, build_grid, counter_uniform, derive_seed,
+from personas.sampling import (Job, Row, RowSampler, Settings, _mul32, build_grid, counter_uniform, derive_seed,
                                generate_grid)
 
 PERSONAS = [
@@ -155,3 +155,36 @@ def test_counter_uniform_is_uniform_and_a_pure_function():
     assert not torch.equal(counter_uniform(seeds, 4), u), "the step changes the number"
     nearby = counter_uniform(torch.tensor([5, 6], dtype=torch.long), 0)
     assert abs(nearby[0] - nearby[1]) > 1e-3, "adjacent seeds are not correlated"
+
+
+def test_sharing_plan_picks_the_strategy_that_encodes_fewer_tokens():
+    from personas.prefill import Sharing, common_prefix, padded, plan_sharing
+
+    def rows_of(*prompts):
+        return [Row("p", "x", 1.0, k, k, tuple(p)) for k, p in enumerate(prompts)]
+
+    same = rows_of([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4])
+    assert plan_sharing(same, [0, 1, 2]) == Sharing("distinct")
+    alike = rows_of([1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 7, 8])
+    assert common_prefix([r.prompt_ids for r in alike]) == 3
+    assert plan_sharing(alike, [0, 1, 2]) == Sharing("prefix", 3)
+    assert plan_sharing(rows_of([1, 2], [3, 4]), [0, 1]) == Sharing("none")
+    assert common_prefix([(5, 6), (5, 6)]) == 1  # each row keeps its last token to feed generate
+    ids, mask = padded(alike, [0, 1, 2], pad_id=0, prefix=3)
+    assert ids.tolist() == [[1, 2, 3, 0, 4, 5], [1, 2, 3, 0, 0, 9], [1, 2, 3, 4, 7, 8]]
+    assert mask.tolist() == [[1, 1, 1, 0, 1, 1], [1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def test_rows_sharing_a_persona_prefix_give_the_same_text_as_alone(tiny):
+    # One persona, many different prompts, one sample each: only the system context and the
+    # examples are shared, so the chunk takes the common-prefix strategy.
+    from personas.prefill import plan_sharing
+
+    settings = Settings(max_new_tokens=10)
+    request = Request(personas=PERSONAS[:1], prompts=["one", "two fox", "three lazy dogs", "Hello there"],
+                      temperatures=[1.0], n=1, seed=8, settings=settings)
+    rows = plan(request, tiny)
+    assert plan_sharing(rows, list(range(len(rows)))).kind == "prefix"
+    together = collect(tiny, rows, settings)
+    alone = collect(tiny, rows, Settings(max_new_tokens=10, max_batch=1))
+    assert {k: s.token_ids for k, s in together.items()} == {k: s.token_ids for k, s in alone.items()}

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .sampling import Row, Sample, Settings, TokenChooser, distinct_prompts, left_padded
+from .prefill import distinct_prompts, left_padded
+from .sampling import Row, Sample, Settings, TokenChooser
 
 CHECK_EVERY = 16
 GRAPH_SAFE_KERNELS = {None, "MarlinLinear", "TritonV2Linear", "TorchLinear", "MacheteLinear"}

@@ -27,6 +27,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from .prefill import padded, plan_sharing, shared_cache
+
 
 @dataclass(frozen=True)
 class Row:
@@ -238,31 +240,12 @@ def generate_grid(
             pending[:0] = [chunk[:half], chunk[half:]]
 
 
-def left_padded(rows: Sequence[Row], chunk: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's prompts as (input_ids, attention_mask), padded on the left, so every row's
-    last prompt token sits in the same column, where generation starts."""
-    width = max(len(rows[i].prompt_ids) for i in chunk)
-    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(chunk), width), dtype=torch.long)
-    for r, i in enumerate(chunk):
-        ids = rows[i].prompt_ids
-        input_ids[r, width - len(ids):] = torch.tensor(ids)
-        attention[r, width - len(ids):] = 1
-    return input_ids, attention
-
-
-def distinct_prompts(rows: Sequence[Row], chunk: list[int]) -> tuple[list[int], list[int]]:
-    """(the first chunk position of each distinct prompt, each row's index among them)."""
-    distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
-    firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
-    return firsts, [distinct.index(rows[i].prompt_ids) for i in chunk]
-
-
 def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings: Settings,
                     eos_ids: Sequence[int], pad_id: int,
                     deliver: Callable[[int, Sample], None], on_step: Callable[[int], None]) -> None:
     device = model.device
-    input_ids, attention = left_padded(rows, chunk, pad_id)
+    sharing = plan_sharing(rows, chunk)
+    input_ids, attention = padded(rows, chunk, pad_id, sharing.prefix)
     width = input_ids.shape[1]
 
     def finished(r: int, tokens: list[int]) -> None:
@@ -273,7 +256,7 @@ def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings:
         seeds=torch.tensor([rows[i].seed for i in chunk], dtype=torch.long, device=device),
         prompt_length=width, settings=settings, eos_ids=eos_ids, on_finish=finished, on_step=on_step,
     )
-    past = _prefill_shared_prompts(model, rows, chunk, input_ids, attention)
+    past = shared_cache(model, rows, chunk, sharing, input_ids, attention)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
         do_sample=False, num_beams=1, repetition_penalty=1.0,
@@ -286,28 +269,3 @@ def _generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings:
     # Rows that sampled an end-of-turn were delivered as they finished; the rest ran out of room.
     for r, i in enumerate(chunk):
         deliver(i, Sample(rows[i], tuple(output[r, width:].tolist()), "length"))
-
-
-def _prefill_shared_prompts(model: Any, rows: Sequence[Row], chunk: list[int], input_ids: torch.Tensor,
-                            attention: torch.Tensor) -> Any | None:
-    """The KV cache of every prompt but its last token, computed once per distinct prompt.
-
-    A grid repeats each prompt temperatures × n times; encoding it once and copying its cache
-    to every row that shares it removes most of the prompt work (the bulk of a CPU run).
-    `generate` then continues from this cache and only feeds the last prompt token.
-    Returns None when no prompt is shared.
-    """
-    firsts, which = distinct_prompts(rows, chunk)
-    if len(firsts) == len(chunk) or input_ids.shape[1] < 2:
-        return None
-    ids, mask = input_ids[firsts, :-1].to(model.device), attention[firsts, :-1].to(model.device)
-    # The same positions generate derives from the attention mask (pads get a dummy 1).
-    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    cache.reorder_cache(torch.tensor(which, device=model.device))
-    return cache
-

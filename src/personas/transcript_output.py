@@ -93,7 +93,7 @@ def write_play_table(stream: IO[str], game_name: str, scored: str, summaries: Se
         secrets = ", ".join(f"{k} = {v!r}" for k, v in example["secrets"].items()) or "none"
         console.print()
         console.print(Text.assemble((f"T={s.temperature:g}", "bold"),
-                                    f" · episode {example['episode']} (seed {example['seed']}) · secrets: {secrets}"
+                                    f" · episode {example['episode']} (--episode-seed {example['seed']}) · secrets: {secrets}"
                                     f" · winner: {example['winner'] or 'nobody'} after {example['turns']} turns",
                                     style="dim"))
         if s.example.game.opener:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import secrets
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -142,8 +143,6 @@ def play(
         with contextlib.redirect_stdout(sys.stderr):
             loaded = _load(library, model, feedback, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
             if settings.max_batch is None:
-                from dataclasses import replace
-
                 settings = replace(settings, max_batch=CHUNK_ROWS.get(loaded.device.type, CHUNK_ROWS["cpu"]))
             feedback.info(f"{len(seeds) * len(temperatures)} episodes of {chosen.name}, up to {cap} turns, "
                           "one batched generate per turn")
