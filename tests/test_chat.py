@@ -134,6 +134,7 @@ def test_chat_cli_jsonl_on_a_tiny_model(tiny_llama_dir, cache_dir, tmp_path):
     (["chat", "pirate", "critic", "-t", "noir=1"], "'noir' is not in this chat"),
     (["chat", "pirate", "critic", "--order", "loud"], "unknown order 'loud'"),
     (["chat", "pirate", "critic", "--template", "fancy"], "unknown template 'fancy'"),
+    (["chat", "pirate", "critic", "--top-p", "1.5"], "--top-p 1.5 is not allowed"),
     (["chat", "pirate", "critc"], "did you mean 'critic'?"),
 ])
 def test_chat_bad_input_is_refused_before_loading_a_model(args, message, capsys):

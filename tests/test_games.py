@@ -206,6 +206,7 @@ def test_play_cli_json_on_a_tiny_model_with_transcripts(tiny, cache_dir, tmp_pat
     (["play", "password", "-t", "-2"], "temperature -2.0 is not allowed"),
     (["play", "password", "--format", "csv"], "unknown format 'csv'"),
     (["play", "password", "--template", "fancy"], "unknown template 'fancy'"),
+    (["play", "password", "--top-k", "-1"], "--top-k -1 is not allowed"),
 ])
 def test_play_bad_input_is_refused_before_loading_a_model(args, message, capsys):
     assert main(args) == 2
@@ -219,6 +220,9 @@ def test_play_end_to_end_on_the_embedded_model(embedded_ready):
     assert result.returncode == 0, result.stderr
     [report] = json.loads(result.stdout)
     assert report["episodes"] == 2 and report["example"]["secrets"]["place"]
+    again = run_cli(["play", "treasure", "-t", "0.7", "-n", "2", "--max-turns", "2", "--seed", "9",
+                     "--max-new-tokens", "12"], embedded_ready)
+    assert again.stdout == result.stdout  # every episode reproduced from the seed
     assert [line["speaker"] for line in report["example"]["lines"]] == ["inspector", "captain"][:report["example"]["turns"]]
     table = run_cli(["play", "treasure", "-t", "0.7", "-n", "2", "--max-turns", "2", "--seed", "9",
                      "--max-new-tokens", "12", "--format", "table"], embedded_ready)

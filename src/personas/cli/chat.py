@@ -22,6 +22,12 @@ from .options import (AllowPickleOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBacke
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", "-s", help="Base seed; the same seed repeats the same run (default: [defaults].seed, else "
     "random, printed).", min=0, show_default=False)]
+TopPOpt = Annotated[Optional[float], typer.Option(
+    "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability "
+    "(default: [defaults].top_p, else off).", show_default=False)]
+TopKOpt = Annotated[Optional[int], typer.Option(
+    "--top-k", help="Keep only the k most likely tokens (default: [defaults].top_k, else off).",
+    show_default=False)]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-new-tokens", help="Most tokens per line (default: the game's, [defaults].max_new_tokens, else 128).",
     min=1, show_default=False)]
@@ -39,6 +45,8 @@ def chat(
     order: Annotated[str, typer.Option("--order", help="round-robin (in the order named) or random.")] = "round-robin",
     seed: SeedOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
     fmt: Annotated[Optional[str], typer.Option(
         "--format", "-f", help="transcript | jsonl (default: transcript on a terminal, else jsonl).",
         show_default=False)] = None,
@@ -54,6 +62,7 @@ def chat(
 ) -> None:
     """Let personas talk to each other, each from its own seat, one line at a time."""
     from ..chat import ORDERS, chat_lines, chat_temperatures, check_chat
+    from ..generation import validate_values
     from ..transcript_output import CHAT_FORMATS, LineJsonWriter, TranscriptWriter
 
     feedback = Feedback(quiet)
@@ -64,8 +73,9 @@ def chat(
     personas = [library.get(name) for name in names]
     check_chat(personas, turns, opener)
     temperatures = chat_temperatures(personas, temp or [])
+    settings = _settings(library, max_new_tokens, None, top_p, top_k, fast_path)
+    validate_values(list(temperatures.values()), 1, settings)  # top-p/top-k are checked here
     seed = _seed(seed, library, feedback)
-    settings = _settings(library, max_new_tokens, None, fast_path)
     out = sys.stdout
     writer = TranscriptWriter(out, names) if fmt == "transcript" else LineJsonWriter(out)
     try:
@@ -96,6 +106,8 @@ def play(
         min=0, show_default=False)] = None,
     seed: SeedOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
     fmt: Annotated[Optional[str], typer.Option(
         "--format", "-f", help="table | json (default: table on a terminal, else json).",
         show_default=False)] = None,
@@ -125,7 +137,7 @@ def play(
     library = load_library(find_library_file(file))
     chosen = library.game(game)
     temperatures = list(dict.fromkeys(temp or library.defaults.temperatures or [0.7]))
-    settings = _settings(library, max_new_tokens, chosen.max_new_tokens, fast_path)
+    settings = _settings(library, max_new_tokens, chosen.max_new_tokens, top_p, top_k, fast_path)
     validate_values(temperatures, n, settings)
     if episode_seed is not None:
         seeds = [episode_seed]
@@ -185,13 +197,15 @@ def _seed(seed: int | None, library: Library, feedback: Feedback) -> int:
     return seed
 
 
-def _settings(library: Library, max_new_tokens: int | None, game_default: int | None, fast_path: bool):
+def _settings(library: Library, max_new_tokens: int | None, game_default: int | None, top_p: float | None,
+              top_k: int | None, fast_path: bool):
     from ..generation import DEFAULT_MAX_NEW_TOKENS
     from ..sampling import Settings
 
     d = library.defaults
     return Settings(max_new_tokens=max_new_tokens or game_default or d.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                    top_p=d.top_p, top_k=d.top_k, fast_path=fast_path)
+                    top_p=top_p if top_p is not None else d.top_p, top_k=top_k if top_k is not None else d.top_k,
+                    fast_path=fast_path)
 
 
 def _load(library: Library, model: str | None, feedback: Feedback, device, gptq_backend: str, allow_pickle: bool,
