@@ -143,6 +143,7 @@ def test_chat_bad_input_is_refused_before_loading_a_model(args, message, capsys)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_chat_end_to_end_on_the_embedded_model(embedded_ready):
     result = run_cli(["chat", "pirate", "critic", "--turns", "3", "--seed", "5", "--max-new-tokens", "16",
                       "--opener", "The tea shop has just opened."], embedded_ready)

@@ -189,6 +189,7 @@ def test_diagnostics_bad_input(args, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_explain_end_to_end_on_the_embedded_model(embedded_ready):
     result = run_cli(["explain", "customer", "-t", "0.2", "-t", "1.0", "-t", "1.5", "--steps", "1"], embedded_ready)
     assert result.returncode == 0, result.stderr

@@ -214,6 +214,7 @@ def test_play_bad_input_is_refused_before_loading_a_model(args, message, capsys)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_play_end_to_end_on_the_embedded_model(embedded_ready):
     result = run_cli(["play", "treasure", "-t", "0.7", "-n", "2", "--max-turns", "2", "--seed", "9",
                       "--max-new-tokens", "12"], embedded_ready)

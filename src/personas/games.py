@@ -107,7 +107,7 @@ def check_game(game: Game, personas: dict[str, Persona], path: Path, lines: KeyL
                 raise fail(("players", name, "secrets"), f"secret '{secret}' is held by '{owner[secret]}' and '{name}'",
                            "give each secret its own name")
             owner[secret] = name
-    for i, name in enumerate(game.turn_order):
+    for name in game.turn_order:
         if name not in game.players:
             raise fail(("order",), f"order names '{name}', who is not a player", "players: " + ", ".join(game.players))
     silent = [p for p in game.players if p not in game.turn_order]
