@@ -196,3 +196,10 @@ def test_ctrl_c_exits_130_and_keeps_finished_rows_valid(embedded_ready):
     assert process.returncode == 130
     assert err.splitlines()[-1] == "Error: interrupted" and "Traceback" not in err
     assert all(json.loads(line)["persona"] for line in out.splitlines())
+
+
+def test_help_shows_toml_table_names_literally():
+    # Rich reads "[defaults]" as markup and drops it unless escaped.
+    for command, expected in [("generate", "[defaults].temperatures"), ("play", "[games]"), ("chat", "[defaults].seed")]:
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and expected in result.stdout, (command, result.stdout)

@@ -20,16 +20,16 @@ from .options import (AllowPickleOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBacke
                       TemplateOpt, TrustRemoteCodeOpt, template_choice)
 
 SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", "-s", help="Base seed; the same seed repeats the same run (default: [defaults].seed, else "
+    "--seed", "-s", help="Base seed; the same seed repeats the same run (default: \\[defaults].seed, else "
     "random, printed).", min=0, show_default=False)]
 TopPOpt = Annotated[Optional[float], typer.Option(
     "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability "
-    "(default: [defaults].top_p, else off).", show_default=False)]
+    "(default: \\[defaults].top_p, else off).", show_default=False)]
 TopKOpt = Annotated[Optional[int], typer.Option(
-    "--top-k", help="Keep only the k most likely tokens (default: [defaults].top_k, else off).",
+    "--top-k", help="Keep only the k most likely tokens (default: \\[defaults].top_k, else off).",
     show_default=False)]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", help="Most tokens per line (default: the game's, [defaults].max_new_tokens, else 128).",
+    "--max-new-tokens", help="Most tokens per line (default: the game's, \\[defaults].max_new_tokens, else 128).",
     min=1, show_default=False)]
 
 
@@ -94,10 +94,10 @@ def chat(
 
 
 def play(
-    game: Annotated[str, typer.Argument(help="A game from the persona file's [games].", show_default=False)],
+    game: Annotated[str, typer.Argument(help="A game from the persona file's \\[games].", show_default=False)],
     temp: Annotated[Optional[list[float]], typer.Option(
         "--temp", "-t", help="A temperature for every player; repeat for several. Default: "
-        "[defaults].temperatures, else 0.7.", show_default=False)] = None,
+        "\\[defaults].temperatures, else 0.7.", show_default=False)] = None,
     n: Annotated[int, typer.Option("-n", help="Episodes per temperature.", min=1)] = 10,
     max_turns: Annotated[Optional[int], typer.Option(
         "--max-turns", help="Turn cap (default: the game's max_turns).", min=1, show_default=False)] = None,

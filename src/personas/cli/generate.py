@@ -31,15 +31,15 @@ def generate(
         "prompt and optional persona, temperatures, n, seed, id.", show_default=False)] = None,
     temp: Annotated[Optional[list[float]], typer.Option(
         "--temp", "-t", help="A sampling temperature; repeat for several. 0 = greedy. "
-        "Default: [defaults].temperatures, else 0.7.", show_default=False)] = None,
+        "Default: \\[defaults].temperatures, else 0.7.", show_default=False)] = None,
     n: Annotated[Optional[int], typer.Option(
-        "-n", help="Samples per persona, prompt and temperature (default: [defaults].n, else 1).",
+        "-n", help="Samples per persona, prompt and temperature (default: \\[defaults].n, else 1).",
         show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(
         "--seed", "-s", help="Base seed; the same seed repeats the same texts (default: random, printed).",
         min=0, show_default=False)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", help="Most tokens per sample (default: [defaults].max_new_tokens, else 128).",
+        "--max-new-tokens", help="Most tokens per sample (default: \\[defaults].max_new_tokens, else 128).",
         show_default=False)] = None,
     min_new_tokens: Annotated[int, typer.Option(
         "--min-new-tokens", help="Forbid ending the turn before this many tokens.", min=0)] = 0,

@@ -20,7 +20,7 @@ FileOpt = Annotated[
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="embedded | llama2-13b-gptq | llama2-7b-gptq | auto | a local "
-                 "directory | a .gguf file | a hub id. Default: [defaults].model, $PERSONAS_MODEL, auto.",
+                 "directory | a .gguf file | a hub id. Default: \\[defaults].model, $PERSONAS_MODEL, auto.",
                  show_default=False),
 ]
 GptqBackendOpt = Annotated[
