@@ -6,13 +6,13 @@ personas, temperatures and opener give the same conversation again.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 
 from .conversation import Line, Seat, Turn, speak
 from .engine import LoadedModel
 from .errors import InputError
+from .generation import check_temperature
 from .persona import Persona
 from .sampling import Settings, derive_seed
 
@@ -50,8 +50,7 @@ def chat_temperatures(personas: Sequence[Persona], values: Sequence[str]) -> dic
             t = float(number)
         except ValueError:
             raise InputError(f"--temp '{value}' is not a temperature", "write T or NAME=T, e.g. --temp pirate=1.2") from None
-        if not math.isfinite(t) or t < 0:
-            raise InputError(f"temperature {number} is not allowed", "use a finite number >= 0 (0 = greedy)")
+        check_temperature(t)
         if not name:
             everyone = t
         elif name not in names:

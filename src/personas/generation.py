@@ -62,8 +62,7 @@ def validate_values(temperatures: Sequence[float], n: int, settings: Settings) -
     if not temperatures:
         raise InputError("no temperature given", "pass --temp T (e.g. --temp 0.7)")
     for t in temperatures:
-        if not math.isfinite(t) or t < 0:
-            raise InputError(f"temperature {t} is not allowed", "use a finite number >= 0 (0 = greedy)")
+        check_temperature(t)
     if n < 1:
         raise InputError(f"-n {n} is not allowed", "ask for at least 1 sample")
     if settings.max_new_tokens < 1:
@@ -74,6 +73,11 @@ def validate_values(temperatures: Sequence[float], n: int, settings: Settings) -
         raise InputError(f"--top-p {settings.top_p} is not allowed", "use a value in (0, 1]")
     if settings.top_k is not None and settings.top_k < 0:
         raise InputError(f"--top-k {settings.top_k} is not allowed", "use 0 (off) or more")
+
+
+def check_temperature(t: float) -> None:
+    if not math.isfinite(t) or t < 0:
+        raise InputError(f"temperature {t} is not allowed", "use a finite number >= 0 (0 = greedy)")
 
 
 def cells(request: Request) -> list[Spec]:

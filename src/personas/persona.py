@@ -86,24 +86,21 @@ class Library:
 
     def game(self, name: str) -> Any:
         if name not in self.games:
-            close = difflib.get_close_matches(name, self.games, n=3, cutoff=0.5)
-            hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
-                    else f"known games: {', '.join(self.games)}" if self.games
-                    else "add a [games.NAME] table (README: Games)")
-            raise InputError(f"unknown game '{name}' in {self.path}", hint)
+            raise self._unknown("game", name, self.games,
+                                None if self.games else "add a [games.NAME] table (README: Games)")
         return self.games[name]
 
     def get(self, name: str) -> Persona:
-        try:
-            return self.personas[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, self.personas, n=3, cutoff=0.5)
-            hint = (
-                f"did you mean {', '.join(repr(c) for c in close)}?"
-                if close
-                else f"known personas: {', '.join(self.personas)}"
-            )
-            raise InputError(f"unknown persona '{name}' in {self.path}", hint) from None
+        if name not in self.personas:
+            raise self._unknown("persona", name, self.personas)
+        return self.personas[name]
+
+    def _unknown(self, kind: str, name: str, known: dict, empty_hint: str | None = None) -> InputError:
+        """An unknown name, with the closest known ones (or all of them) as the hint."""
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                else empty_hint or f"known {kind}s: {', '.join(known)}")
+        return InputError(f"unknown {kind} '{name}' in {self.path}", hint)
 
 
 # --- finding the file --------------------------------------------------------------------------

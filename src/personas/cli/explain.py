@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,7 +45,7 @@ def explain(
 ) -> None:
     """Show the model's next-token probabilities after a persona's prompt at each temperature."""
     from ..engine import default_model_spec, resolve_model
-    from ..generation import fit_dialog
+    from ..generation import check_temperature, fit_dialog
     from ..prompt import Dialog
 
     feedback = Feedback(quiet)
@@ -56,8 +55,7 @@ def explain(
     template_value = template_choice(template)
     temperatures = list(dict.fromkeys(temp or [0.2, 1.0, 1.5]))
     for t in temperatures:
-        if not math.isfinite(t) or t < 0:
-            raise InputError(f"temperature {t} is not allowed", "use a finite number >= 0 (0 = greedy)")
+        check_temperature(t)
     if plot is not None:
         from ..plots import check_plot_path
 
