@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import InputError
+from .record import resume_key
 
 
 class OutputFile:
@@ -88,7 +89,7 @@ def finished_rows(path: Path) -> set[tuple]:
         for line in f:
             try:
                 r = json.loads(line)
-                done.add((r["persona"], r["prompt"], float(r["temperature"]), int(r["sample"]), int(r["seed"])))
+                done.add(resume_key(r["persona"], r["prompt"], r["temperature"], r["sample"], r["seed"]))
             except (ValueError, KeyError, TypeError):
                 continue  # not one of ours, or torn: generated again
     return done

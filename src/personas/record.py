@@ -34,3 +34,8 @@ def as_dict(record: Record) -> dict:
     if d["id"] is None:
         del d["id"]
     return d
+
+
+def resume_key(persona: str, prompt: str, temperature: float, sample: int, seed: int) -> tuple:
+    """What identifies a finished sample for --resume: a grid row and a written record agree on it."""
+    return (persona, prompt, float(temperature), int(sample), int(seed))

@@ -155,6 +155,7 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
               allow_pickle: bool, trust_remote_code: bool, random_seed: bool, insight: Insight) -> None:
     from ..generation import CHUNK_ROWS, plan, sample_rows, to_record
     from ..outfile import finished_rows
+    from ..record import resume_key
 
     out = target.stream if target is not None else sys.stdout
     if random_seed:
@@ -171,7 +172,7 @@ def _generate(request, choice, fmt: str, target, feedback: Feedback, device, gpt
         rows = plan(request, loaded)
         if target is not None and target.resumed:
             done = finished_rows(target.path)
-            rows = [r for r in rows if (r.persona, r.prompt, r.temperature, r.sample, r.seed) not in done]
+            rows = [r for r in rows if resume_key(r.persona, r.prompt, r.temperature, r.sample, r.seed) not in done]
             feedback.info(f"resuming: {len(done)} samples already in {target.path}, {len(rows)} to go")
         chunks = -(-len(rows) // request.settings.max_batch) if rows else 0
         if chunks > 1:

@@ -13,7 +13,8 @@ import typer
 from ..errors import InputError, PipeClosed
 from ..persona import find_library_file, load_library
 from .feedback import Feedback
-from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, TrustRemoteCodeOpt
+from .loading import load
+from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt
 
 
 def serve(
@@ -28,12 +29,12 @@ def serve(
     device: DeviceOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Keep a model loaded and answer JSONL requests: one result line per sample."""
     if not stdio:
         raise InputError("serve needs a transport", "pass --stdio")
-    from ..engine import default_model_spec, load_model, resolve_model
+    from ..engine import default_model_spec, resolve_model
     from ..generation import CHUNK_ROWS
     from ..sampling import Settings
     from ..serve import serve as serve_lines
@@ -49,9 +50,8 @@ def serve(
         out.flush()
 
     with contextlib.redirect_stdout(sys.stderr):
-        with feedback.loading(f"loading {choice.label}") as status:
-            loaded = load_model(choice, device=device, gptq_backend=gptq_backend, status=status,
-                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        loaded = load(choice, feedback, device=device, gptq_backend=gptq_backend, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, fast_path=True)
         feedback.info(f"serving {loaded.label} on {loaded.device.type}; seed {base_seed} for requests "
                       "without one; one JSON request per line on stdin")
         try:
