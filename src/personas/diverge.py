@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .distributions import logits_after, probabilities, token_text
 from .engine import LoadedModel
@@ -50,7 +50,7 @@ def divergence(model: LoadedModel, samples: Sequence[Sample]) -> Divergence:
     position = first_branch(tokens)
     base = Divergence(row.persona, row.prompt, row.temperature, len(samples), position, "", [])
     if position is None:
-        return Divergence(**{**vars(base), "prefix": model.decode(tokens[0])})
+        return replace(base, prefix=model.decode(tokens[0]))
     prefix = tokens[0][:position]
     eos = model.eos_ids[0]
     drawn = Counter(t[position] if position < len(t) else eos for t in tokens)
@@ -62,7 +62,7 @@ def divergence(model: LoadedModel, samples: Sequence[Sample]) -> Divergence:
         for i in [*drawn, *runners_up]
     ]
     alternatives.sort(key=lambda a: (a["count"] == 0, -a["prob"]))
-    return Divergence(**{**vars(base), "prefix": model.decode(prefix), "alternatives": alternatives})
+    return replace(base, prefix=model.decode(prefix), alternatives=alternatives)
 
 
 def divergences(model: LoadedModel, samples: Sequence[Sample]) -> list[Divergence]:

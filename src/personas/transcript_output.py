@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .conversation import Line
-from .play import Summary, episode_dict, summary_dict
+from .play import Summary, summary_dict
 
 CHAT_FORMATS = ("transcript", "jsonl")
 PLAY_FORMATS = ("table", "json")
@@ -30,7 +30,7 @@ class TranscriptWriter:
 
     def __init__(self, stream: IO[str], speakers: Sequence[str]):
         self.console = console_for(stream)
-        self.colours = {name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(speakers)}
+        self.colours = speaker_colours(speakers)
 
     def opener(self, text: str) -> None:
         self.console.print(Text(text, style="italic dim"))
@@ -40,17 +40,20 @@ class TranscriptWriter:
         print_line(self.console, line, self.colours.get(line.speaker, "bold"))
 
 
-def print_line(console: Console, line: Line | dict, colour: str) -> None:
-    get = line.get if isinstance(line, dict) else lambda k: getattr(line, k)
-    head = Text.assemble((f"{get('turn'):>2}  ", "dim"), (get("speaker"), f"bold {colour}"))
-    if get("temperature") is not None:
-        head.append(f"  T={get('temperature'):g}", style="dim")
+def speaker_colours(speakers: Sequence[str]) -> dict[str, str]:
+    return {name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(speakers)}
+
+
+def print_line(console: Console, line: Line, colour: str, show_temperature: bool = True) -> None:
+    head = Text.assemble((f"{line.turn:>2}  ", "dim"), (line.speaker, f"bold {colour}"))
+    if show_temperature:
+        head.append(f"  T={line.temperature:g}", style="dim")
     console.print(head)
     # Wrapped here rather than by a rich Padding, which pads every line with trailing spaces.
     width = max(20, console.width - 4)
-    for paragraph in (get("text") or "…").splitlines() or [""]:
-        for line in textwrap.wrap(paragraph, width) or [""]:
-            console.print(Text("    " + line) if line else "")
+    for paragraph in (line.text or "…").splitlines() or [""]:
+        for wrapped in textwrap.wrap(paragraph, width) or [""]:
+            console.print(Text("    " + wrapped) if wrapped else "")
     console.print()
 
 
@@ -89,16 +92,15 @@ def write_play_table(stream: IO[str], game_name: str, scored: str, summaries: Se
                       ", ".join(f"{side} {count}" for side, count in s.outcomes.items()))
     console.print(table)
     for s in summaries:
-        example = episode_dict(s.example)
-        secrets = ", ".join(f"{k} = {v!r}" for k, v in example["secrets"].items()) or "none"
+        e = s.example
+        secrets = ", ".join(f"{k} = {v!r}" for k, v in e.secrets.items()) or "none"
         console.print()
         console.print(Text.assemble((f"T={s.temperature:g}", "bold"),
-                                    f" · episode {example['episode']} (--episode-seed {example['seed']}) · secrets: {secrets}"
-                                    f" · winner: {example['winner'] or 'nobody'} after {example['turns']} turns",
+                                    f" · episode {e.number} (--episode-seed {e.seed}) · secrets: {secrets}"
+                                    f" · winner: {e.winner or 'nobody'} after {len(e.lines)} turns",
                                     style="dim"))
-        if s.example.game.opener:
-            console.print(Text(s.example.game.opener, style="italic dim"))
-        speakers = list(s.example.game.players)
-        for line in example["lines"]:
-            print_line(console, {**line, "temperature": None},
-                       _COLOURS[speakers.index(line["speaker"]) % len(_COLOURS)])
+        if e.game.opener:
+            console.print(Text(e.game.opener, style="italic dim"))
+        colours = speaker_colours(list(e.game.players))
+        for line in e.lines:
+            print_line(console, line, colours[line.speaker], show_temperature=False)
