@@ -139,11 +139,11 @@ def play(
     temperatures = list(dict.fromkeys(temp or library.defaults.temperatures or [0.7]))
     settings = _settings(library, max_new_tokens, chosen.max_new_tokens, top_p, top_k, fast_path)
     validate_values(temperatures, n, settings)
+    target = OutputFile(transcripts, "jsonl") if transcripts is not None else None
     if episode_seed is not None:
         seeds = [episode_seed]
     else:
         seeds = episode_seeds(_seed(seed, library, feedback), chosen.name, n)
-    target = OutputFile(transcripts, "jsonl") if transcripts is not None else None
 
     def keep(episode) -> None:
         if target is not None:
