@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with only Python 3.11+:
 #   make demo   create .venv, install personas and the embedded model, run the main job on it
-#   make test   the same install plus the GPTQ stack and test tools, then the whole test suite
+#   make test   the same install plus the GPTQ stack and test tools, then the import contracts
+#               (pyproject.toml: layers, no circles, no torch where it does not belong) and the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,6 +13,7 @@ demo: install
 	$(BIN)/personas generate --temp 1.0 -n 3
 
 test: install-test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed

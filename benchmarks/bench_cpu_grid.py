@@ -51,9 +51,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from personas.engine import EMBEDDED, embedded_checkpoint, load_model, resolve_model
-    from personas.persona import find_library_file, load_library
-    from personas.prompt import Dialog
+    from personas.model.choice import EMBEDDED, resolve_model
+    from personas.model.embedded import embedded_checkpoint
+    from personas.model.load import load_model
+    from personas.library.load import find_library_file, load_library
+    from personas.model.prompt import Dialog
 
     # Convert once, outside the timings: both sides load the same converted copy.
     model_dir, _ = embedded_checkpoint(Path(resolve_model(EMBEDDED).location))

@@ -97,11 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     new = args.new_tokens
 
-    from personas.engine import load_model, resolve_model
-    from personas.generation import Request, plan, run
-    from personas.persona import find_library_file, load_library
-    from personas.prompt import Dialog
-    from personas.sampling import Settings
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.generate.request import Request, plan, sample_records
+    from personas.library.load import find_library_file, load_library
+    from personas.model.prompt import Dialog
+    from personas.sampling.grid import Settings
 
     results: dict = {"card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)", "torch": torch.__version__,
                      "shape": args.shape, "backend": args.backend}
@@ -153,7 +154,7 @@ def main() -> None:
         request = Request(personas=[persona], temperatures=temperatures, n=n, seed=1, settings=settings)
         planned = plan(request, model)
         records: list = []
-        return sync_time(lambda: run(request.settings, model, planned, records.append)), records
+        return sync_time(lambda: sample_records(request.settings, model, planned, records.append)), records
 
     for fast, key in ((True, "c"), (False, "c_plain")):
         grid(fast, (1.0,), 2, 8, 0)

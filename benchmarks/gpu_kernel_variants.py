@@ -42,11 +42,12 @@ def main() -> None:
     import torch
     from bench_gpu_grid import N, TEMPERATURES, copy_bandwidth, quantized_bytes, sync_time
 
-    from personas.engine import load_model, resolve_model
-    from personas.fastpath import usable
-    from personas.generation import Request, plan, run
-    from personas.persona import find_library_file, load_library
-    from personas.sampling import Settings
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.graphed import graph_safe
+    from personas.generate.request import Request, plan, sample_records
+    from personas.library.load import find_library_file, load_library
+    from personas.sampling.grid import Settings
 
     result: dict = {"variant": args.variant, "card": torch.cuda.get_device_name(), "backend": backend,
                     "marlin_fp32": fp32}
@@ -54,7 +55,7 @@ def main() -> None:
     model = load_model(resolve_model(str(args.checkpoint)), device="cuda", gptq_backend=backend)
     result["load_s"] = time.perf_counter() - started
     result["kernel"] = model.gptq_kernel
-    result["graph_safe"] = usable(model.model, model.gptq_kernel)
+    result["graph_safe"] = graph_safe(model.model, model.gptq_kernel)
     print(f"{args.variant}: loaded in {result['load_s']:.1f} s, kernel {model.gptq_kernel}", flush=True)
 
     persona = load_library(find_library_file(None)).get("customer")
@@ -66,7 +67,7 @@ def main() -> None:
                           template="llama2")
         rows = plan(request, model)
         records: list = []
-        return sync_time(lambda: run(request.settings, model, rows, records.append)), records
+        return sync_time(lambda: sample_records(request.settings, model, rows, records.append)), records
 
     grid((1.0,), 2, 8, 0)  # warm-up: kernels, allocator, graph capture
     seconds, records = grid(TEMPERATURES, N, new, new)

@@ -37,9 +37,10 @@ def main() -> None:
 
     from transformers import StaticCache
 
-    from personas.engine import load_model, resolve_model
-    from personas.persona import find_library_file, load_library
-    from personas.prompt import Dialog
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.library.load import find_library_file, load_library
+    from personas.model.prompt import Dialog
 
     model = load_model(resolve_model(str(args.checkpoint)), device="cuda", gptq_backend=args.backend)
     net = model.model

@@ -142,7 +142,7 @@ def run_cli(args: list[str], cache: Path, cwd: Path = REPO, timeout: float = 600
 @pytest.fixture(scope="session")
 def embedded_ready(cache_dir) -> Path:
     """The embedded model converted into the session cache (the first start's one-time work)."""
-    from personas.engine import embedded_gguf_path
+    from personas.model.choice import embedded_gguf_path
 
     embedded_gguf_path()
     result = run_cli(["render", "customer", "--template", "model", "--ids"], cache_dir)

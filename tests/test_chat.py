@@ -8,13 +8,14 @@ import pytest
 from conftest import REPO, run_cli
 
 from personas.cli import main
-from personas.chat import chat_lines, chat_temperatures, speaking_order
-from personas.conversation import Line, Seat, Turn, clean_line, seat_dialog
-from personas.engine import load_model, resolve_model
+from personas.dialogue.chat import chat_lines, chat_temperatures, speaking_order
+from personas.dialogue.conversation import Line, Seat, Turn, clean_line, seat_dialog
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
 from personas.errors import InputError
-from personas.persona import Example, Persona
-from personas.prompt import llama2_text
-from personas.sampling import Settings
+from personas.library.schema import Example, Persona
+from personas.model.prompt import llama2_text
+from personas.sampling.grid import Settings
 
 
 def line(turn: int, speaker: str, text: str) -> Line:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, cli_env, run_cli
 from typer.testing import CliRunner
 
 from personas.cli import app, main
@@ -60,7 +62,8 @@ BAD = [
     (["generate", "-t", "inf"], "temperature inf is not allowed"),
     (["generate", "-n", "0"], "-n 0 is not allowed"),
     (["generate", "--top-p", "1.5"], "--top-p 1.5 is not allowed"),
-    (["generate", "--format", "yaml"], "unknown format 'yaml'"),
+    (["generate", "--format", "yaml"], "unknown format 'yaml' — choose one of: table, jsonl, json, csv"),
+    (["generate", "--gptq-backend", "warp"], "unknown gptq backend 'warp'"),
     (["generate", "-t", "warm"], "Invalid value for '--temp' / '-t'"),
     (["generate", "--file", "missing.toml"], "persona file not found: missing.toml"),
     (["generate", "--prompt", "  "], "the prompt is empty"),
@@ -198,8 +201,30 @@ def test_ctrl_c_exits_130_and_keeps_finished_rows_valid(embedded_ready):
     assert all(json.loads(line)["persona"] for line in out.splitlines())
 
 
+def test_bare_command_shows_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "generate" in capsys.readouterr().out
+
+
 def test_help_shows_toml_table_names_literally():
     # Rich reads "[defaults]" as markup and drops it unless escaped.
     for command, expected in [("generate", "[defaults].temperatures"), ("play", "[games]"), ("chat", "[defaults].seed")]:
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0 and expected in result.stdout, (command, result.stdout)
+
+
+# --- commands that only read TOML or format text pay for no torch ------------------------------
+
+LIGHT = [["--help"], ["list"], ["render", "customer", "--template", "llama2", "--raw"]]
+WHICH_HEAVY = ("import sys\nfrom personas.cli import main\nstatus = main(sys.argv[1:])\n"
+               "sys.stderr.write('heavy: ' + ','.join(m for m in ('torch', 'transformers') if m in sys.modules) + '\\n')\n"
+               "raise SystemExit(status)\n")
+
+
+@pytest.mark.parametrize("args", LIGHT, ids=[" ".join(a) for a in LIGHT])
+def test_light_commands_import_neither_torch_nor_transformers(args, cache_dir):
+    result = subprocess.run([sys.executable, "-c", WHICH_HEAVY, *args], cwd=REPO, env=cli_env(cache_dir),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == "heavy: ", result.stderr
+    assert result.stdout.strip()

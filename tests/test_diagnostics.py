@@ -10,13 +10,14 @@ import torch
 from conftest import REPO, run_cli
 
 from personas.cli import main
-from personas.distributions import explain, greedy_logits, logits_after, probabilities, token_text
-from personas.diverge import END_OF_TURN, divergence, first_branch
-from personas.diversity import by_temperature, cell_stats, distinct_n
-from personas.engine import load_model, resolve_model
-from personas.persona import Persona
-from personas.prompt import Dialog
-from personas.sampling import Row, Sample
+from personas.diagnostics.distributions import explain, greedy_logits, logits_after, probabilities, token_text
+from personas.diagnostics.diverge import END_OF_TURN, divergence, first_branch
+from personas.diagnostics.diversity import by_temperature, cell_stats, distinct_n
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
+from personas.library.schema import Persona
+from personas.model.prompt import Dialog
+from personas.sampling.grid import Row, Sample
 
 # --- diversity on hand-made samples ---------------------------------------------------------------
 

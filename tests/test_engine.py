@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from personas.engine import EMBEDDED, ModelChoice, default_model_spec, gptq_config_of, load_model, resolve_model
+from personas.model.choice import EMBEDDED, ModelChoice, default_model_spec, resolve_model
+from personas.model.gptq import gptq_config_of
+from personas.model.load import load_model
 from personas.errors import ExitStatus, InputError, ModelError
-from personas.generation import Request, plan, run
-from personas.persona import Example, Persona
-from personas.prompt import Dialog
-from personas.sampling import Settings
+from personas.generate.request import Request, plan, sample_records
+from personas.library.schema import Example, Persona
+from personas.model.prompt import Dialog
+from personas.sampling.grid import Settings
 
 PIRATE = Persona(name="pirate", system="You are a pirate.", prompt="Hello there",
                  examples=[Example(user="How are you?", assistant="I am fine.")])
@@ -91,7 +93,7 @@ def test_chat_template_model_uses_its_template(tiny_chatml_dir):
     assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.eos_ids
     records = []
     request = Request(personas=[PIRATE], temperatures=[0.0, 1.0], n=2, seed=1, settings=Settings(max_new_tokens=5))
-    run(request.settings, model, plan(request, model), records.append)
+    sample_records(request.settings, model, plan(request, model), records.append)
     assert len(records) == 4
 
 
@@ -109,7 +111,7 @@ def test_gptq_checkpoint_loads_through_personas_and_generates(tiny_gptq_dir):
     assert model.gptq_kernel is not None and "Linear" in model.gptq_kernel
     request = Request(personas=[PIRATE], temperatures=[0.0, 1.0], n=3, seed=2, settings=Settings(max_new_tokens=8))
     records = []
-    run(request.settings, model, plan(request, model), records.append)
+    sample_records(request.settings, model, plan(request, model), records.append)
     assert len(records) == 6
     assert sum(r.new_tokens for r in records) > 0
     greedy = {r.text for r in records if r.temperature == 0.0}
@@ -144,7 +146,7 @@ def test_pickle_weights_are_refused_unless_allowed(pickle_only_dir):
     model = load_model(resolve_model(str(pickle_only_dir)), device="cpu", allow_pickle=True)
     request = Request(personas=[PIRATE], temperatures=[0.0], n=1, seed=1, settings=Settings(max_new_tokens=3))
     records = []
-    run(request.settings, model, plan(request, model), records.append)
+    sample_records(request.settings, model, plan(request, model), records.append)
     assert len(records) == 1
 
 
@@ -159,7 +161,7 @@ def test_pickle_refusal_from_the_cli(pickle_only_dir, capsys):
 def test_personas_auto_kernel_is_marlin_on_cuda_only_where_marlin_fits():
     import torch
 
-    from personas.engine import gptq_kernel_for
+    from personas.model.gptq import gptq_kernel_for
 
     thebloke = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True}
     assert gptq_kernel_for("auto", thebloke, torch.device("cpu")) == "auto"  # gptqmodel picks its CPU kernel

@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personas.engine import load_model, resolve_model
-from personas.fastpath import usable
-from personas.generation import Request, plan
-from personas.persona import Example, Persona
-from personas.sampling import Settings, generate_grid
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
+from personas.sampling.graphed import graph_safe
+from personas.generate.request import Request, plan
+from personas.library.schema import Example, Persona
+from personas.sampling.grid import Settings
+from personas.sampling.scheduler import generate_grid
 
 PERSONAS = [
     Persona(name="a", system="You are a pirate.", prompt="Hello there",
@@ -60,14 +62,14 @@ def test_static_loop_equals_plain_generate_on_cpu(tiny_cpu, settings):
 
 
 def test_fast_path_is_only_chosen_where_it_is_safe(tiny_cpu):
-    assert not usable(tiny_cpu.model, None), "CPU keeps transformers' generate"
+    assert not graph_safe(tiny_cpu.model, None), "CPU keeps transformers' generate"
 
     class OnCuda:
         device = torch.device("cuda")
 
-    assert usable(OnCuda(), "MarlinLinear") and usable(OnCuda(), None)
-    assert not usable(OnCuda(), "ExllamaV2Linear"), "wrong tokens under graph capture (measured)"
-    assert not usable(OnCuda(), "SomeNewKernel"), "unknown kernels take the plain path"
+    assert graph_safe(OnCuda(), "MarlinLinear") and graph_safe(OnCuda(), None)
+    assert not graph_safe(OnCuda(), "ExllamaV2Linear"), "wrong tokens under graph capture (measured)"
+    assert not graph_safe(OnCuda(), "SomeNewKernel"), "unknown kernels take the plain path"
 
 
 @cuda
@@ -91,4 +93,4 @@ def test_cuda_graph_gptq_greedy_equals_plain(tiny_gptq_dir):
 @cuda
 def test_the_default_kernel_on_cuda_is_graph_safe(tiny_gptq_dir):
     model = load_model(resolve_model(str(tiny_gptq_dir)), device="cuda")  # --gptq-backend auto
-    assert model.gptq_kernel == "MarlinLinear" and usable(model.model, model.gptq_kernel)
+    assert model.gptq_kernel == "MarlinLinear" and graph_safe(model.model, model.gptq_kernel)

@@ -9,13 +9,13 @@ import pytest
 from conftest import REPO, make_tiny_llama, run_cli
 
 from personas.cli import main
-from personas.conversation import Line, seat_dialog
-from personas.engine import load_model, resolve_model
+from personas.dialogue.conversation import Line, seat_dialog
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
 from personas.errors import PersonaFileError
-from personas.games import judge, start_episode, turn_for
-from personas.persona import load_library, parse_library
-from personas.play import episode_seeds, play_episodes, summarize, wilson_interval
-from personas.sampling import Settings
+from personas.library.load import load_library, parse_library
+from personas.dialogue.play import episode_seeds, judge, play_episodes, start_episode, summarize, turn_for, wilson_interval
+from personas.sampling.grid import Settings
 
 SHIPPED = load_library(REPO / "personas.toml")
 

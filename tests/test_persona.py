@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from personas.errors import ExitStatus, InputError, PersonaFileError
-from personas.persona import find_library_file, load_library, parse_library
+from personas.library.load import find_library_file, load_library, parse_library
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from personas.prompt import Dialog, llama2_ids, llama2_text, template_ids, template_pieces, template_text
+from personas.model.prompt import Dialog, llama2_ids, llama2_text, template_ids, template_pieces, template_text
 
 SYSTEM = "You are a satisfied customer."
 EXAMPLES = (("How was the ride?", "Great, thanks!"), ("Would you buy it again?", "In a heartbeat."))

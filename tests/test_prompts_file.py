@@ -9,12 +9,15 @@ import torch
 from conftest import REPO, run_cli
 
 from personas.cli import main
-from personas.engine import load_model, resolve_model
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
 from personas.errors import InputError, PersonaFileError
-from personas.generation import Request, plan
-from personas.persona import Example, Persona, load_library
-from personas.prompts_file import parse_prompts
-from personas.sampling import Settings, generate_grid
+from personas.generate.request import Request, plan
+from personas.library.load import load_library
+from personas.library.schema import Example, Persona
+from personas.generate.prompts_file import parse_prompts
+from personas.sampling.grid import Settings
+from personas.sampling.scheduler import generate_grid
 
 TWO = REPO / "tests" / "data" / "two.toml"
 

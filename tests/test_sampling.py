@@ -9,11 +9,14 @@ from collections import Counter
 import pytest
 import torch
 
-from personas.engine import load_model, resolve_model
-from personas.generation import Request, plan, run
-from personas.persona import Example, Persona
-from personas.sampling import (Job, Row, RowSampler, Settings, _mul32, build_grid, counter_uniform, derive_seed,
-                               generate_grid)
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
+from personas.generate.request import Request, plan, sample_records
+from personas.library.schema import Example, Persona
+from personas.sampling.chooser import _mul32, counter_uniform
+from personas.sampling.eager import RowSampler
+from personas.sampling.grid import Row, Settings, TokenizedCell, build_grid, derive_seed
+from personas.sampling.scheduler import generate_grid
 
 PERSONAS = [
     Persona(name="a", system="You are a pirate.", prompt="Hello there",
@@ -40,7 +43,7 @@ def test_grid_has_a_row_per_persona_prompt_temperature_sample(tiny):
     rows = plan(request, tiny)
     assert len(rows) == 2 * 3 * 3 * 4
     records = []
-    run(request.settings, tiny, rows, records.append)
+    sample_records(request.settings, tiny, rows, records.append)
     assert len(records) == len(rows)
     assert {(r.persona, r.prompt, r.temperature, r.sample) for r in records} == {
         (r.persona, r.prompt, r.temperature, r.sample) for r in rows}
@@ -78,7 +81,7 @@ def test_greedy_rows_are_identical_and_match_plain_greedy_generate(tiny):
 
 
 def test_seed_is_shared_across_temperatures_and_distinct_across_samples():
-    rows = build_grid([Job("a", "p", (1, 2))], [0.2, 1.0], 3, seed=9)
+    rows = build_grid([TokenizedCell("a", "p", (1, 2))], [0.2, 1.0], 3, seed=9)
     seeds = {(r.temperature, r.sample): r.seed for r in rows}
     assert seeds[(0.2, 1)] == seeds[(1.0, 1)]
     assert len({seeds[(0.2, k)] for k in (1, 2, 3)}) == 3
@@ -158,7 +161,7 @@ def test_counter_uniform_is_uniform_and_a_pure_function():
 
 
 def test_sharing_plan_picks_the_strategy_that_encodes_fewer_tokens():
-    from personas.prefill import Sharing, common_prefix, padded, plan_sharing
+    from personas.sampling.prefill import Sharing, common_prefix, padded, plan_sharing
 
     def rows_of(*prompts):
         return [Row("p", "x", 1.0, k, k, tuple(p)) for k, p in enumerate(prompts)]
@@ -178,7 +181,7 @@ def test_sharing_plan_picks_the_strategy_that_encodes_fewer_tokens():
 def test_rows_sharing_a_persona_prefix_give_the_same_text_as_alone(tiny):
     # One persona, many different prompts, one sample each: only the system context and the
     # examples are shared, so the chunk takes the common-prefix strategy.
-    from personas.prefill import plan_sharing
+    from personas.sampling.prefill import plan_sharing
 
     settings = Settings(max_new_tokens=10)
     request = Request(personas=PERSONAS[:1], prompts=["one", "two fox", "three lazy dogs", "Hello there"],

@@ -9,7 +9,7 @@ import time
 
 from conftest import REPO, cli_env
 
-from personas.serve import batches
+from personas.generate.serve import batches
 
 TWO = REPO / "tests" / "data" / "two.toml"
 

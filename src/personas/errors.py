@@ -11,6 +11,8 @@ import enum
 
 
 class ExitStatus(enum.IntEnum):
+    """What the process exits with (README: Errors and exit statuses)."""
+
     SUCCESS = 0
     ERROR = 1  # runtime failure: the model cannot load, out of memory after retries, ...
     BAD_INPUT = 2  # usage, TOML, unknown persona, bad values

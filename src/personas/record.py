@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Record:
-    """Field order is the column order of JSON and CSV output."""
+    """One generated sample as users see it, in every output format; field order is the column
+    order of JSON and CSV output."""
 
     persona: str
     prompt: str

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
 import typer
 
-try:  # Typer 0.29 carries its own copy of click; its exceptions are the ones raised then.
-    from typer._click import exceptions as click_errors
-except ImportError:  # older Typer runs on click itself
-    from click import exceptions as click_errors
-
 from .. import __version__
 from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
-from .chat import chat, play
+from .chat import chat
 from .explain import explain
 from .generate import generate
 from .library import list_personas, render
+from .play import play
 from .serve import serve
 
 app = typer.Typer(
     name="personas",
     help="Many voices from one local model: sample personas at several temperatures.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -59,12 +55,33 @@ def _terminate(_signum: int, _frame: object) -> None:
     raise Terminated()
 
 
+# How Typer words a value outside an Enum option's choices ("'yaml' is not one of 'table', 'json'.").
+_NOT_A_CHOICE = re.compile(r"(?:Value error, )?'(?P<value>.*)' is not one of (?P<choices>.*?)\.?$")
+
+
+def _usage_message(error: typer.TyperException) -> str:
+    """A usage error in our words: a bad choice says which values there are; others point at --help."""
+    param = getattr(error, "param", None)
+    if isinstance(error, typer.BadParameter) and param is not None and param.opts:
+        if match := _NOT_A_CHOICE.match(error.message):
+            what = param.opts[0].lstrip("-").replace("-", " ")
+            choices = ", ".join(c.strip("'") for c in match["choices"].split(", "))
+            return f"unknown {what} '{match['value']}' — choose one of: {choices}"
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command_path if ctx else "personas"
+    return f"{error.format_message()} — see '{command} --help'"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure ends here as one line on stderr and an exit status."""
     debug = os.environ.get("PERSONAS_DEBUG") == "1"
+    args = sys.argv[1:] if argv is None else argv
+    if not args:  # a bare `personas` shows the help, and is not a successful run
+        app(args=["--help"], prog_name="personas", standalone_mode=False)
+        return ExitStatus.BAD_INPUT
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = app(args=argv, prog_name="personas", standalone_mode=False)
+        result = app(args=args, prog_name="personas", standalone_mode=False)
         if result == ExitStatus.INTERRUPTED:  # Typer turns Ctrl-C into this exit code
             _error("interrupted")
         return int(result) if isinstance(result, int) else ExitStatus.SUCCESS
@@ -73,14 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(str(e))
         return e.exit_status
-    except click_errors.NoArgsIsHelpError:
-        return ExitStatus.BAD_INPUT  # the help was printed already
-    except click_errors.UsageError as e:
-        command = e.ctx.command_path if e.ctx else "personas"
-        _error(f"{e.format_message()} — see '{command} --help'")
-        return ExitStatus.BAD_INPUT
-    except click_errors.ClickException as e:
-        _error(e.format_message())
+    except typer.TyperException as e:  # Typer's own errors: usage (exit 2) and the rest
+        if e.exit_code == ExitStatus.BAD_INPUT:
+            _error(_usage_message(e))
+        else:
+            _error(e.format_message())
         return e.exit_code
     except (KeyboardInterrupt, typer.Abort):
         _error("interrupted")

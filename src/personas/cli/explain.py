@@ -11,13 +11,12 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError
-from ..persona import find_library_file, load_library
+from ..library.load import find_library_file, load_library
+from ..output.records import ReportFormat
 from .feedback import Feedback
-from .loading import load
-from .options import (AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, PromptOpt, QuietOpt,
-                      TemplateOpt, TrustRemoteCodeOpt, template_choice)
-
-FORMATS = ("table", "json")
+from .loading import load_model_for, model_options
+from .options import (AllowPickleOpt, DeviceOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, PromptOpt, QuietOpt,
+                      Template, TemplateOpt, TrustRemoteCodeOpt)
 
 
 def explain(
@@ -29,35 +28,32 @@ def explain(
     top_k: Annotated[int, typer.Option("--top-k", help="How many of the likeliest tokens to show.", min=1)] = 10,
     steps: Annotated[int, typer.Option(
         "--steps", help="Also show this many further steps of one greedy continuation.", min=0)] = 5,
-    fmt: Annotated[Optional[str], typer.Option(
-        "--format", "-f", help="table | json (default: table on a terminal, else json).", show_default=False)] = None,
+    fmt: Annotated[Optional[ReportFormat], typer.Option(
+        "--format", "-f", help="Default: table on a terminal, else json.", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Also draw the first token's probabilities per temperature into this PNG.",
         dir_okay=False, show_default=False)] = None,
-    template: TemplateOpt = "auto",
+    template: TemplateOpt = Template.AUTO,
     file: FileOpt = None,
     model: ModelOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    gptq_backend: GptqBackendOpt = "auto",
+    gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Show the model's next-token probabilities after a persona's prompt at each temperature."""
-    from ..engine import default_model_spec, resolve_model
-    from ..generation import check_temperature, fit_dialog
-    from ..prompt import Dialog
+    from ..model.load import fit_dialog
+    from ..model.prompt import Dialog
+    from ..sampling.grid import check_temperature
 
     feedback = Feedback(quiet)
-    fmt = fmt or ("table" if sys.stdout.isatty() else "json")
-    if fmt not in FORMATS:
-        raise InputError(f"unknown format '{fmt}'", "choose one of: " + ", ".join(FORMATS))
-    template_value = template_choice(template)
+    fmt = fmt or (ReportFormat.TABLE if sys.stdout.isatty() else ReportFormat.JSON)
     temperatures = list(dict.fromkeys(temp or [0.2, 1.0, 1.5]))
     for t in temperatures:
         check_temperature(t)
     if plot is not None:
-        from ..plots import check_plot_path
+        from ..output.plots import check_plot_path
 
         check_plot_path(plot)
     library = load_library(find_library_file(file))
@@ -66,24 +62,23 @@ def explain(
     if not text or not text.strip():
         raise InputError(f"persona '{name}' has no default prompt" if text is None else "the prompt is empty",
                          "pass --prompt TEXT")
-    choice = resolve_model(default_model_spec(model, library.defaults.model))
-    with contextlib.redirect_stdout(sys.stderr):
-        loaded = load(choice, feedback, device=device, gptq_backend=gptq_backend, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, fast_path=False)
-        from ..distributions import explain as explain_prompt
+    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path=False)
+    loaded = load_model_for(options, feedback)
+    with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the report
+        from ..diagnostics.distributions import explain as explain_prompt
 
-        ids, _ = fit_dialog(Dialog.for_persona(persona, text), loaded, template_value,
+        ids, _ = fit_dialog(Dialog.for_persona(persona, text), loaded, template.for_model(),
                             steps + 1, truncate=False, who=f"persona '{name}'")
         report = explain_prompt(loaded, ids, temperatures, top_k, steps)
         if plot is not None:
-            from ..plots import plot_next_token
+            from ..output.plots import plot_next_token
 
             plot_next_token(report, plot, f"{name}, \u201c{text}\u201d ({loaded.label})")
             feedback.info(f"plot written to {plot}")
-    if fmt == "json":
+    if fmt == ReportFormat.JSON:
         sys.stdout.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     else:
-        from ..diagnostics_output import write_explain_table
+        from ..output.diagnostics import write_explain_table
 
         write_explain_table(sys.stdout, report, f"{name} · {text} · model {loaded.label} · softmax(logits / T) "
                             "of the model's logits; entropy over the whole vocabulary")

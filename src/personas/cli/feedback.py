@@ -71,3 +71,16 @@ class Feedback:
     def _progress(self) -> Progress:
         return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=self.console, transient=True)
+
+
+def truncation_warning(feedback: Feedback) -> Callable[[str, int], None]:
+    """A warning for a speaker whose transcript no longer fits the context: once per speaker,
+    since a long chat would otherwise warn every turn."""
+    warned: set[str] = set()
+
+    def warn(who: str, dropped: int) -> None:
+        if who not in warned:
+            warned.add(who)
+            feedback.warn(f"{who}'s prompt no longer fits the model's context: the oldest exchanges "
+                          f"are dropped from it ({dropped} so far)")
+    return warn

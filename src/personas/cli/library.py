@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import json
 import sys
 from typing import Annotated
@@ -15,24 +15,31 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import InputError
-from ..persona import find_library_file, load_library
-from ..prompt import Dialog, llama2_text
+from ..library.load import find_library_file, load_library
+from ..model.prompt import Dialog, llama2_text
+from ..output.records import ReportFormat
 from .feedback import Feedback
+from .loading import load_model_for, model_options
 from .options import FileOpt, ModelOpt, PromptOpt
+
+
+class RenderTemplate(enum.StrEnum):
+    """render --template: a format named outright (no `auto`: there may be no model to ask)."""
+
+    LLAMA2 = "llama2"
+    MODEL = "model"
 
 
 def list_personas(
     file: FileOpt = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json")] = "table",
+    fmt: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.TABLE,
 ) -> None:
     """Show the personas in the persona file."""
     library = load_library(find_library_file(file))
-    if fmt == "json":
+    if fmt == ReportFormat.JSON:
         rows = [p.model_dump(exclude_none=True) for p in library.personas.values()]
         sys.stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
         return
-    if fmt != "table":
-        raise InputError(f"unknown format '{fmt}'", "choose table or json")
     table = Table(box=box.SIMPLE_HEAD, caption=str(library.path), caption_justify="left")
     for column in ("persona", "description", "examples", "default prompt"):
         table.add_column(column, overflow="fold")
@@ -57,9 +64,9 @@ def render(
     name: Annotated[str, typer.Argument(help="The persona to render.", show_default=False)],
     prompt: PromptOpt = None,
     file: FileOpt = None,
-    template: Annotated[str, typer.Option(
+    template: Annotated[RenderTemplate, typer.Option(
         "--template", help="llama2 (Meta's Llama-2-chat format; no model needed) or model "
-        "(the model's own chat template).")] = "llama2",
+        "(the model's own chat template).")] = RenderTemplate.LLAMA2,
     model: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Print exactly the text that is tokenized, "
                                       "special tokens written as text, and nothing else.")] = False,
@@ -67,8 +74,6 @@ def render(
                                       "space-separated on one line, and nothing else.")] = False,
 ) -> None:
     """Print a persona's exact prompt and its token count."""
-    if template not in ("llama2", "model"):
-        raise InputError(f"unknown template '{template}'", "choose llama2 or model")
     if raw and ids:
         raise InputError("--raw and --ids cannot be combined", "choose one")
     library = load_library(find_library_file(file))
@@ -80,16 +85,11 @@ def render(
         raise InputError("the prompt is empty", "pass a non-empty --prompt")
     dialog = Dialog.for_persona(persona, text)
 
-    if raw and template == "llama2":  # pure text: no tokenizer needed at all
+    if raw and template == RenderTemplate.LLAMA2:  # pure text: no tokenizer needed at all
         sys.stdout.write(llama2_text(dialog))
         return
 
-    from ..engine import default_model_spec, load_model, resolve_model
-
-    choice = resolve_model(default_model_spec(model, library.defaults.model))
-    feedback = Feedback(quiet=raw or ids)
-    with contextlib.redirect_stdout(sys.stderr), feedback.loading(f"loading tokenizer of {choice.label}") as status:
-        loaded = load_model(choice, status=status, tokenizer_only=True)
+    loaded = load_model_for(model_options(library.defaults, model), Feedback(quiet=raw or ids), tokenizer_only=True)
     prompt_text = loaded.prompt_text(dialog, template)
     if raw:
         sys.stdout.write(prompt_text)
@@ -99,6 +99,6 @@ def render(
         sys.stdout.write(" ".join(map(str, token_ids)) + "\n")
         return
     title = f"{name} · template {template}"
-    subtitle = f"{len(token_ids)} tokens (tokenizer of {choice.label})"
+    subtitle = f"{len(token_ids)} tokens (tokenizer of {loaded.label})"
     Console().print(Panel(Text(prompt_text), title=title, subtitle=subtitle, title_align="left",
                           subtitle_align="right"))

@@ -1,29 +1,62 @@
-"""Loading the model for a command: the spinner, the status lines, and the fast-path notice."""
+"""Resolving and loading the model for any command: one options object, one helper."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from dataclasses import dataclass
 from typing import Any
 
+from ..library.schema import Defaults
+from ..model.choice import ModelChoice, default_model_spec, resolve_model
 from .feedback import Feedback
 
 
-def load(choice: Any, feedback: Feedback, *, device: str | None, gptq_backend: str, allow_pickle: bool,
-         trust_remote_code: bool, fast_path: bool) -> Any:
-    """The loaded model (engine.LoadedModel), telling the user what was chosen and how long it took.
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the model flags say: which model (resolved), on which device, with which GPTQ kernel,
+    and the user's consent to pickle weights and to a model's own code."""
 
-    Call it with stdout redirected to stderr: libraries (gptqmodel's banner, for one) print there.
-    """
-    from ..engine import load_model
-    from ..fastpath import usable
+    choice: ModelChoice
+    device: str | None = None
+    gptq_backend: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    fast_path: bool = True  # only to tell the user when the GPU cannot take the fast path
 
-    if choice.reason:
+
+def model_options(defaults: Defaults, model: str | None, device: str | None = None, gptq_backend: str = "auto",
+                  allow_pickle: bool = False, trust_remote_code: bool = False, fast_path: bool = True) -> ModelOptions:
+    """The model flags, with --model (else [defaults].model, $PERSONAS_MODEL, auto) resolved now,
+    so that a model that does not exist is refused before anything slow."""
+    def has_cuda() -> bool:
+        from ..model.load import cuda_available
+
+        return cuda_available()
+
+    choice = resolve_model(default_model_spec(model, defaults.model), has_cuda=has_cuda)
+    return ModelOptions(choice, device, str(gptq_backend), allow_pickle, trust_remote_code, fast_path)
+
+
+def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only: bool = False) -> Any:
+    """The loaded model (model.load.LoadedModel), telling the user what was chosen and how long
+    it took. Library output (gptqmodel's banner, for one) goes to stderr: stdout is for data."""
+    from ..model.load import load_model
+    from ..sampling.graphed import graph_safe
+
+    choice = options.choice
+    if choice.reason and not tokenizer_only:
         feedback.info(f"model: {choice.label} ({choice.reason})")
-    with feedback.loading(f"loading {choice.label}") as status:
-        loaded = load_model(choice, device=device, gptq_backend=gptq_backend, status=status,
-                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    what = f"loading {'tokenizer of ' if tokenizer_only else ''}{choice.label}"
+    with contextlib.redirect_stdout(sys.stderr), feedback.loading(what) as status:
+        loaded = load_model(choice, device=options.device, gptq_backend=options.gptq_backend, status=status,
+                            tokenizer_only=tokenizer_only, allow_pickle=options.allow_pickle,
+                            trust_remote_code=options.trust_remote_code)
+    if tokenizer_only:
+        return loaded
     kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
     feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
-    if loaded.device.type == "cuda" and fast_path and not usable(loaded.model, loaded.gptq_kernel):
+    if loaded.device.type == "cuda" and options.fast_path and not graph_safe(loaded.model, loaded.gptq_kernel):
         feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
                       "decoding without the fast path (--gptq-backend marlin enables it)")
     return loaded

@@ -1,16 +1,39 @@
-"""Option aliases shared by the commands, so a flag reads the same everywhere."""
+"""What the commands share: option aliases (a flag reads the same everywhere), the enums behind
+the choice options, and the one place where a flag falls back to `[defaults]`.
+
+Every import here is free of torch: Typer builds every command's options for `--help`.
+"""
 
 from __future__ import annotations
 
+import enum
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..engine import GPTQ_BACKENDS
-from ..errors import InputError
+from ..library.schema import Defaults
+from ..model.gptq import GPTQ_BACKENDS
+from ..sampling.grid import Settings
+from .feedback import Feedback
 
-TEMPLATE_CHOICES = ("auto", "llama2", "model")
+
+class Template(enum.StrEnum):
+    """--template: the prompt format."""
+
+    AUTO = "auto"  # Llama-2 for Llama-2-chat models, else the model's chat template
+    LLAMA2 = "llama2"
+    MODEL = "model"
+
+    def for_model(self) -> str | None:
+        """The core's value: None lets the loaded model decide."""
+        return None if self is Template.AUTO else self.value
+
+
+GptqBackend = enum.StrEnum("GptqBackend", [(name.upper(), name) for name in GPTQ_BACKENDS])
+GptqBackend.__doc__ = "--gptq-backend: the GPTQ kernel (model.gptq.GPTQ_BACKENDS)."
 
 FileOpt = Annotated[
     Optional[Path],
@@ -24,10 +47,9 @@ ModelOpt = Annotated[
                  show_default=False),
 ]
 GptqBackendOpt = Annotated[
-    str,
-    typer.Option("--gptq-backend", help="GPTQ kernel: " + ", ".join(GPTQ_BACKENDS) + ". auto: Marlin on a "
-                 "CUDA card that supports it, else gptqmodel's choice.",
-                 case_sensitive=False),
+    GptqBackend,
+    typer.Option("--gptq-backend", help="GPTQ kernel. auto: Marlin on a CUDA card that supports it, else "
+                 "gptqmodel's choice.", case_sensitive=False),
 ]
 DeviceOpt = Annotated[
     Optional[str],
@@ -49,7 +71,7 @@ TrustRemoteCodeOpt = Annotated[
     typer.Option("--trust-remote-code", help="Run Python code shipped with the model (never by default)."),
 ]
 TemplateOpt = Annotated[
-    str,
+    Template,
     typer.Option("--template", help="Prompt format: auto (Llama-2 for Llama-2-chat models, else the model's "
                  "chat template), llama2, model."),
 ]
@@ -59,10 +81,46 @@ FastPathOpt = Annotated[
                  "CUDA graph (much faster; off: transformers' plain generate)."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", "-s", help="Base seed; the same seed repeats the same run (default: \\[defaults].seed, else "
+    "random, printed).", min=0, show_default=False)]
+TopPOpt = Annotated[Optional[float], typer.Option(
+    "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability "
+    "(default: \\[defaults].top_p, else off).", show_default=False)]
+LineTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", help="Most tokens per line (default: the game's, \\[defaults].max_new_tokens, else 128).",
+    min=1, show_default=False)]
+TopKOpt = Annotated[Optional[int], typer.Option(
+    "--top-k", help="Keep only the k most likely tokens, 0 = off (default: \\[defaults].top_k, else off).",
+    show_default=False)]
 
 
-def template_choice(value: str) -> str | None:
-    """--template's value for the core: None lets the model decide."""
-    if value not in TEMPLATE_CHOICES:
-        raise InputError(f"unknown template '{value}'", "choose one of: " + ", ".join(TEMPLATE_CHOICES))
-    return None if value == "auto" else value
+# --- flag, else [defaults], else built in -----------------------------------------------------------
+
+
+def sampling_settings(defaults: Defaults, *, max_new_tokens: int | None, top_p: float | None,
+                      top_k: int | None, min_new_tokens: int = 0, batch_size: int | None = None,
+                      fast_path: bool = True) -> Settings:
+    """The sampling settings in force: each flag, else `[defaults]`, else personas' built-in value."""
+    return Settings(max_new_tokens=defaults.pick("max_new_tokens", max_new_tokens), min_new_tokens=min_new_tokens,
+                    top_p=defaults.pick("top_p", top_p), top_k=defaults.pick("top_k", top_k),
+                    max_batch=batch_size, fast_path=fast_path)
+
+
+@dataclass(frozen=True)
+class Seed:
+    """The base seed of a run, and whether it was drawn at random (then the user is told it)."""
+
+    value: int
+    random: bool
+
+    def announce(self, feedback: Feedback) -> None:
+        """Print a random seed, so the run can be repeated; call it once the input is checked."""
+        if self.random:
+            feedback.info(f"seed {self.value} (pass --seed {self.value} to repeat this run)")
+
+
+def seed_in_force(seed: int | None, defaults: Defaults) -> Seed:
+    """--seed, else `[defaults].seed`, else a random seed."""
+    chosen = defaults.pick("seed", seed)
+    return Seed(secrets.randbelow(2**31), True) if chosen is None else Seed(chosen, False)

@@ -11,10 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError, PipeClosed
-from ..persona import find_library_file, load_library
+from ..library.load import find_library_file, load_library
 from .feedback import Feedback
-from .loading import load
-from .options import AllowPickleOpt, DeviceOpt, FileOpt, GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt
+from .loading import load_model_for, model_options
+from .options import (AllowPickleOpt, DeviceOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
+                      TrustRemoteCodeOpt)
 
 
 def serve(
@@ -25,7 +26,7 @@ def serve(
         show_default=False)] = None,
     file: FileOpt = None,
     model: ModelOpt = None,
-    gptq_backend: GptqBackendOpt = "auto",
+    gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
     device: DeviceOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -34,29 +35,24 @@ def serve(
     """Keep a model loaded and answer JSONL requests: one result line per sample."""
     if not stdio:
         raise InputError("serve needs a transport", "pass --stdio")
-    from ..engine import default_model_spec, resolve_model
-    from ..generation import CHUNK_ROWS
-    from ..sampling import Settings
-    from ..serve import serve as serve_lines
+    from ..generate.serve import serve as serve_lines
 
     feedback = Feedback(quiet)
     library = load_library(find_library_file(file))
     base_seed = seed if seed is not None else secrets.randbelow(2**31)
-    choice = resolve_model(default_model_spec(model, library.defaults.model))
     out = sys.stdout
 
     def write(obj: dict) -> None:
         out.write(json.dumps(obj, ensure_ascii=False) + "\n")
         out.flush()
 
-    with contextlib.redirect_stdout(sys.stderr):
-        loaded = load(choice, feedback, device=device, gptq_backend=gptq_backend, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, fast_path=True)
+    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code)
+    loaded = load_model_for(options, feedback)
+    with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the answers
         feedback.info(f"serving {loaded.label} on {loaded.device.type}; seed {base_seed} for requests "
                       "without one; one JSON request per line on stdin")
         try:
-            chunk = CHUNK_ROWS.get(loaded.device.type, CHUNK_ROWS["cpu"])
-            count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write, Settings(max_batch=chunk))
+            count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write)
         except BrokenPipeError:
             raise PipeClosed() from None
     feedback.info(f"end of input after {count} lines")

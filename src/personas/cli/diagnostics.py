@@ -13,19 +13,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import InputError
-from ..outfile import OutputFile
+from ..output.files import OutputFile
 from ..record import Record, as_dict
 from .feedback import Feedback
 
 
 @dataclass
-class Insight:
+class Diagnostics:
+    """What `generate`'s diagnostic flags asked for, and what they need of the samples as they come."""
+
     stats_file: Path | None
     diverge: bool
     plot: Path | None
     fmt: str
     records: list[dict] = field(default_factory=list)
-    samples: list[Any] = field(default_factory=list)  # sampling.Sample, when --diverge
+    samples: list[Any] = field(default_factory=list)  # sampling.grid.Sample, when --diverge
     target: OutputFile | None = None
     order: list[tuple] = field(default_factory=list)  # the grid's (persona, prompt, temperature) cells
 
@@ -38,7 +40,7 @@ class Insight:
             raise InputError("--diverge cannot be combined with --resume",
                              "the samples already written have no token ids to compare")
         if self.plot is not None:
-            from ..plots import check_plot_path
+            from ..output.plots import check_plot_path
 
             check_plot_path(self.plot)
         if self.stats_file is not None:
@@ -55,7 +57,7 @@ class Insight:
             self.samples.append(sample)
 
     def finish(self, model: Any, out: IO[str], feedback: Feedback, resumed_from: Path | None) -> None:
-        from ..diversity import cell_stats
+        from ..diagnostics.diversity import cell_stats
 
         if not self.wanted:
             return
@@ -67,12 +69,12 @@ class Insight:
                        key=lambda s: rank.get((s["persona"], s["prompt"], s["temperature"]), len(rank)))
         divergences = []
         if self.diverge:
-            from ..diverge import divergences as find
+            from ..diagnostics.diverge import divergences as find
 
             divergences = sorted(find(model, self.samples),
                                  key=lambda d: rank.get((d.persona, d.prompt, d.temperature), len(rank)))
             if self.fmt == "table":
-                from ..diagnostics_output import write_divergences
+                from ..output.diagnostics import write_divergences
 
                 write_divergences(out, divergences)
             by_cell = {(d.persona, d.prompt, d.temperature): d for d in divergences}
@@ -86,8 +88,8 @@ class Insight:
             self.target = None
             feedback.info(f"diversity of {len(stats)} cells written to {self.stats_file}")
         if self.plot is not None:
-            from ..diversity import CellStats
-            from ..plots import plot_diversity
+            from ..diagnostics.diversity import CellStats
+            from ..output.plots import plot_diversity
 
             plot_diversity([CellStats(**{k: v for k, v in s.items() if k != "diverge"}) for s in stats],
                            self.plot, model.label)

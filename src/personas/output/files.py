@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from .errors import InputError
-from .record import resume_key
+from ..errors import InputError
+from ..record import resume_key
 
 
 class OutputFile:
+    """A file the user asked for, written so that a failed run never leaves it half-written."""
+
     def __init__(self, path: Path, fmt: str, resume: bool = False):
         self.path = path
         if not path.parent.is_dir():

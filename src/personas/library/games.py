@@ -1,5 +1,6 @@
 """Games in TOML (`[games.NAME]`): players with teams and private facts, a turn order, a turn
-cap, and win rules checked after every line.
+cap, and win rules checked after every line. The schema and its checks; the episodes that
+play a game are `dialogue.play`'s.
 
 Private facts (`secrets`) belong to one player. They reach only that player's prompt, through
 `{name}` placeholders in its `brief`; the loader refuses a file where a secret's value could
@@ -9,22 +10,21 @@ opener). A secret given as a list is drawn per episode, from the episode's seed.
 
 from __future__ import annotations
 
-import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from .conversation import Line, Seat, Turn
-from .errors import PersonaFileError
-from .persona import Example, KeyLines, Persona, _not_blank, _Strict
-from .sampling import derive_seed
+from ..errors import PersonaFileError
+from .schema import Example, Persona, Strict, not_blank
+from .toml_lines import KeyLines
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class Player(_Strict):
+class Player(Strict):
+    """One seat of a game: a persona (or an inline one), a team, a private brief and secrets."""
+
     persona: str | None = None  # a persona of the library ...
     system: str | None = None  # ... or one written here
     examples: list[Example] = Field(default_factory=list)
@@ -32,7 +32,7 @@ class Player(_Strict):
     brief: str | None = None  # private instructions; may name this player's secrets as {name}
     secrets: dict[str, str | list[str]] = Field(default_factory=dict)
 
-    _check = field_validator("persona", "system", "brief", "team")(_not_blank)
+    _check = field_validator("persona", "system", "brief", "team")(not_blank)
 
     @model_validator(mode="after")
     def _one_persona(self) -> Player:
@@ -47,7 +47,9 @@ class Player(_Strict):
         return self
 
 
-class WinRule(_Strict):
+class WinRule(Strict):
+    """`[[games.NAME.win]]`: whose line, containing what, wins the game for which side."""
+
     winner: str  # a team or a player
     speaker: str | None = None  # whose line is checked; default: anyone's
     says: str | None = None  # words that must appear (whole words, any case); {secret} allowed
@@ -60,7 +62,9 @@ class WinRule(_Strict):
         return self
 
 
-class Game(_Strict):
+class Game(Strict):
+    """`[games.NAME]`: the players, the public setting and opener, the turn order and cap, the win rules."""
+
     name: str
     description: str | None = None
     setting: str | None = None  # public: every player's prompt has it
@@ -73,7 +77,7 @@ class Game(_Strict):
     otherwise: str | None = None  # who wins when the turn cap is reached; default: nobody
     scored: str | None = None  # whose wins `play` counts; default: the first rule's winner
 
-    _check = field_validator("description", "setting", "opener")(_not_blank)
+    _check = field_validator("description", "setting", "opener")(not_blank)
 
     def team_of(self, player: str) -> str:
         return self.players[player].team or player
@@ -141,7 +145,7 @@ def check_game(game: Game, personas: dict[str, Persona], path: Path, lines: KeyL
     for secret, holder in owner.items():
         for value in secret_values(game.players[holder].secrets[secret]):
             for name in game.players:
-                if name != holder and _mentions(public_text(game, name, personas), value):
+                if name != holder and mentions(public_text(game, name, personas), value):
                     raise fail(("players", name), f"secret '{secret}' ({value!r}) appears in what "
                                f"player '{name}' sees", "keep secret values out of others' text")
 
@@ -150,7 +154,8 @@ def secret_values(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _mentions(text: str, value: str) -> bool:
+def mentions(text: str, value: str) -> bool:
+    """True when `value` stands in `text` as a whole word (or words), in any case."""
     return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
 
 
@@ -168,76 +173,3 @@ def fill(text: str, secrets: dict[str, str], escape: bool = False) -> str:
     """`{name}` placeholders replaced by their secrets; other braces (regex counts) left alone."""
     return PLACEHOLDER.sub(lambda m: (re.escape if escape else str)(secrets[m.group(1)])
                            if m.group(1) in secrets else m.group(0), text)
-
-
-# --- an episode ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Episode:
-    game: Game
-    number: int  # from 1, within its temperature
-    seed: int
-    temperature: float
-    secrets: dict[str, str]  # each secret's value in this episode
-    lines: list[Line]
-    winner: str | None = None  # a side; None: nobody won
-    ended_at: int | None = None  # the turn whose line ended it (a win rule or the turn cap)
-
-
-def start_episode(game: Game, number: int, seed: int, temperature: float) -> Episode:
-    """Draw the episode's secrets from its seed (sorted names, so the draw is stable)."""
-    rng = random.Random(derive_seed(seed, "secrets"))
-    secrets = {}
-    for name in sorted(s for p in game.players.values() for s in p.secrets):
-        holder = next(p for p in game.players.values() if name in p.secrets)
-        secrets[name] = rng.choice(secret_values(holder.secrets[name]))
-    return Episode(game, number, seed, temperature, secrets, [])
-
-
-def seat_for(game: Game, name: str, episode: Episode, personas: dict[str, Persona]) -> Seat:
-    """A player's seat: its persona, the public setting, its team, and its private brief."""
-    player = game.players[name]
-    persona = personas.get(player.persona or "")
-    mates = [p for p in game.players if p != name and game.team_of(p) == game.team_of(name)]
-    own = {s: episode.secrets[s] for s in player.secrets}
-    parts = [
-        persona.system if persona else player.system,
-        f"You are playing a game: {game.setting}" if game.setting else None,
-        f"You are on team {game.team_of(name)} with {', '.join(mates)}." if mates else None,
-        fill(player.brief, own) if player.brief else None,
-    ]
-    examples = persona.examples if persona else player.examples
-    return Seat(name, "\n\n".join(p for p in parts if p), tuple((e.user, e.assistant) for e in examples))
-
-
-def speaker_at(game: Game, turn: int) -> str:
-    order = game.turn_order
-    return order[(turn - 1) % len(order)]
-
-
-def turn_for(episode: Episode, number: int, personas: dict[str, Persona]) -> Turn:
-    """What the speaker of turn `number` is asked, given the episode's lines before it. `play`
-    builds every prompt through here, so rendering an episode's turns shows exactly what each
-    player saw."""
-    game = episode.game
-    speaker = speaker_at(game, number)
-    return Turn(seat_for(game, speaker, episode, personas), tuple(game.players), tuple(episode.lines[:number - 1]),
-                game.opener, episode.temperature, derive_seed(episode.seed, "turn", number))
-
-
-def judge(episode: Episode, line: Line, max_turns: int) -> None:
-    """Record the line; the first win rule it meets ends the episode, as does the turn cap."""
-    episode.lines.append(line)
-    for rule in episode.game.win:
-        if rule.speaker not in (None, line.speaker):
-            continue
-        if rule.says is not None:
-            hit = _mentions(line.text, fill(rule.says, episode.secrets))
-        else:
-            hit = re.search(fill(rule.pattern or "", episode.secrets, escape=True), line.text, re.IGNORECASE) is not None
-        if hit:
-            episode.winner, episode.ended_at = rule.winner, line.turn
-            return
-    if line.turn >= max_turns:
-        episode.winner, episode.ended_at = episode.game.otherwise, line.turn

@@ -10,7 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .diverge import Divergence
+from ..diagnostics.diverge import Divergence
 
 BAR_WIDTH = 20
 

@@ -9,6 +9,7 @@ in grid order at the end.
 from __future__ import annotations
 
 import csv
+import enum
 import json
 from collections import Counter
 from typing import IO, Protocol
@@ -18,10 +19,24 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .diversity import TemperatureStats, by_temperature, cell_stats
-from .record import FIELDS, Record, as_dict
+from ..diagnostics.diversity import TemperatureStats, by_temperature, cell_stats
+from ..record import FIELDS, Record, as_dict
 
-FORMATS = ("table", "jsonl", "json", "csv")
+
+class SampleFormat(enum.StrEnum):
+    """How `generate` writes its samples."""
+
+    TABLE = "table"
+    JSONL = "jsonl"
+    JSON = "json"
+    CSV = "csv"
+
+
+class ReportFormat(enum.StrEnum):
+    """How `list`, `play` and `explain` write their report: for people, or for scripts."""
+
+    TABLE = "table"
+    JSON = "json"
 
 
 class Writer(Protocol):

@@ -1,18 +1,18 @@
 """The CUDA fast path: a static KV cache and one decode step captured as a CUDA graph.
 
 On a GPU, HF's eager `generate` is bound by per-step CPU work (Python, thousands of kernel
-launches per step for a 40-layer model): ~80 ms a step for the 13B GPTQ grid on an H200,
-where reading the weights takes ~2 ms. Capturing the whole decode step — forward pass,
-per-row sampling, bookkeeping — once and replaying it removes that overhead.
+launches per step for a 40-layer model), many times what reading the weights takes
+(docs/performance.md). Capturing the whole decode step — forward pass, per-row sampling,
+bookkeeping — once and replaying it removes that overhead.
 
-The rows, seeds and sampling rule are the plain path's (`sampling.TokenChooser`), so a row's
+The rows, seeds and sampling rule are the eager path's (`chooser.TokenChooser`), so a row's
 text is the same function of its seed; only the kernels' arithmetic may differ in the last
 bits. Finished rows are read back every `CHECK_EVERY` steps (a host sync), which is also how
 often `on_sample` hears of them.
 
 Not every GPTQ kernel survives capture: gptqmodel's ExllamaV2 kernel produced wrong tokens
-under a CUDA graph (benchmarks/probe_cuda_graph.py, 2026-11-26, H200), while Marlin, Triton
-and Torch matched eager decoding token for token. Unknown kernels take the plain path.
+under a CUDA graph (benchmarks/probe_cuda_graph.py), while Marlin, Triton and Torch matched
+eager decoding token for token. Unknown kernels take the eager path.
 """
 
 from __future__ import annotations
@@ -22,18 +22,20 @@ from typing import Any
 
 import torch
 
+from .chooser import TokenChooser
+from .grid import Row, Sample, Settings
 from .prefill import distinct_prompts, left_padded
-from .sampling import Row, Sample, Settings, TokenChooser
 
 CHECK_EVERY = 16
 GRAPH_SAFE_KERNELS = {None, "MarlinLinear", "TritonV2Linear", "TorchLinear", "MacheteLinear"}
 
 
-def usable(model: Any, kernel: str | None) -> bool:
+def graph_safe(model: Any, kernel: str | None) -> bool:
+    """True when the model is on CUDA with a GPTQ kernel (or none) known to survive capture."""
     return model.device.type == "cuda" and kernel in GRAPH_SAFE_KERNELS
 
 
-def generate_chunk_graphed(model: Any, rows: Sequence[Row], chunk: list[int], settings: Settings,
+def generate_chunk(model: Any, rows: Sequence[Row], chunk: list[int], settings: Settings,
                            eos_ids: Sequence[int], pad_id: int,
                            deliver: Callable[[int, Sample], None], on_step: Callable[[int], None]) -> None:
     from transformers import StaticCache

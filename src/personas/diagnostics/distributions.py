@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import LoadedModel
+from ..model.load import LoadedModel
 
 
 @dataclass(frozen=True)
 class TokenProb:
+    """One token of a next-token distribution, with its probability at one temperature."""
+
     token: str  # the token's text, leading space included
     id: int
     prob: float
@@ -25,6 +27,8 @@ class TokenProb:
 
 @dataclass(frozen=True)
 class Distribution:
+    """softmax(logits / T) at one position: its entropy and its likeliest tokens."""
+
     entropy: float  # nats, over the whole vocabulary
     top: list[TokenProb]  # by falling probability (for T = 0: by falling logit)
 

@@ -1,4 +1,5 @@
-"""`personas play`: many episodes of a game, advanced together, and what they add up to.
+"""`personas play`: episodes of a game (secrets drawn, seats briefed, lines judged), many of them
+advanced together, and what they add up to.
 
 All episodes (every temperature's) take their turn in ONE batched generate: turn t samples
 the line of every episode still running. Episode k's seed comes from `--seed`, the game and k,
@@ -9,18 +10,98 @@ temperature: what differs between temperatures is the temperature alone.
 from __future__ import annotations
 
 import math
+import random
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .conversation import speak
-from .engine import LoadedModel
-from .errors import InputError
-from .games import Episode, Game, judge, start_episode, turn_for
-from .persona import Persona
-from .sampling import Settings, derive_seed
+from ..errors import InputError
+from ..library.games import Game, fill, mentions, secret_values
+from ..library.schema import Persona
+from ..model.load import LoadedModel
+from ..sampling.grid import Settings, derive_seed
+from .conversation import Line, Seat, Turn, speak
 
 NOBODY = "nobody"  # the outcome of an episode that reached its turn cap with no winner
+
+
+# --- an episode ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """One game played: its seed, temperature and secrets, the lines so far, and how it ended."""
+
+    game: Game
+    number: int  # from 1, within its temperature
+    seed: int
+    temperature: float
+    secrets: dict[str, str]  # each secret's value in this episode
+    lines: list[Line]
+    winner: str | None = None  # a side; None: nobody won
+    ended_at: int | None = None  # the turn whose line ended it (a win rule or the turn cap)
+
+
+def start_episode(game: Game, number: int, seed: int, temperature: float) -> Episode:
+    """Draw the episode's secrets from its seed (sorted names, so the draw is stable)."""
+    rng = random.Random(derive_seed(seed, "secrets"))
+    secrets = {}
+    for name in sorted(s for p in game.players.values() for s in p.secrets):
+        holder = next(p for p in game.players.values() if name in p.secrets)
+        secrets[name] = rng.choice(secret_values(holder.secrets[name]))
+    return Episode(game, number, seed, temperature, secrets, [])
+
+
+def seat_for(game: Game, name: str, episode: Episode, personas: dict[str, Persona]) -> Seat:
+    """A player's seat: its persona, the public setting, its team, and its private brief."""
+    player = game.players[name]
+    persona = personas.get(player.persona or "")
+    mates = [p for p in game.players if p != name and game.team_of(p) == game.team_of(name)]
+    own = {s: episode.secrets[s] for s in player.secrets}
+    parts = [
+        persona.system if persona else player.system,
+        f"You are playing a game: {game.setting}" if game.setting else None,
+        f"You are on team {game.team_of(name)} with {', '.join(mates)}." if mates else None,
+        fill(player.brief, own) if player.brief else None,
+    ]
+    examples = persona.examples if persona else player.examples
+    return Seat(name, "\n\n".join(p for p in parts if p), tuple((e.user, e.assistant) for e in examples))
+
+
+def speaker_at(game: Game, turn: int) -> str:
+    order = game.turn_order
+    return order[(turn - 1) % len(order)]
+
+
+def turn_for(episode: Episode, number: int, personas: dict[str, Persona]) -> Turn:
+    """What the speaker of turn `number` is asked, given the episode's lines before it. `play`
+    builds every prompt through here, so rendering an episode's turns shows exactly what each
+    player saw."""
+    game = episode.game
+    speaker = speaker_at(game, number)
+    return Turn(seat_for(game, speaker, episode, personas), tuple(game.players), tuple(episode.lines[:number - 1]),
+                game.opener, episode.temperature, derive_seed(episode.seed, "turn", number))
+
+
+def judge(episode: Episode, line: Line, max_turns: int) -> None:
+    """Record the line; the first win rule it meets ends the episode, as does the turn cap."""
+    episode.lines.append(line)
+    for rule in episode.game.win:
+        if rule.speaker not in (None, line.speaker):
+            continue
+        if rule.says is not None:
+            hit = mentions(line.text, fill(rule.says, episode.secrets))
+        else:
+            hit = re.search(fill(rule.pattern or "", episode.secrets, escape=True), line.text, re.IGNORECASE) is not None
+        if hit:
+            episode.winner, episode.ended_at = rule.winner, line.turn
+            return
+    if line.turn >= max_turns:
+        episode.winner, episode.ended_at = episode.game.otherwise, line.turn
+
+
+# --- many episodes -------------------------------------------------------------------------------
 
 
 def episode_seeds(seed: int, game: str, n: int) -> list[int]:
@@ -99,24 +180,3 @@ def summarize(game: Game, episodes: Sequence[Episode]) -> list[Summary]:
             example=won[0] if won else group[0],
         ))
     return out
-
-
-def episode_dict(episode: Episode) -> dict:
-    """An episode as JSON: its seed (`--episode-seed` replays it), secrets, outcome and lines."""
-    return {
-        "game": episode.game.name, "episode": episode.number, "seed": episode.seed,
-        "temperature": episode.temperature, "secrets": episode.secrets,
-        "winner": episode.winner, "turns": len(episode.lines),
-        "lines": [{"turn": line.turn, "speaker": line.speaker, "text": line.text, "seed": line.seed}
-                  for line in episode.lines],
-    }
-
-
-def summary_dict(summary: Summary) -> dict:
-    lo, hi = summary.win_rate_ci95
-    return {
-        "temperature": summary.temperature, "episodes": summary.episodes, "wins": summary.wins,
-        "win_rate": summary.win_rate, "win_rate_ci95": [round(lo, 4), round(hi, 4)],
-        "mean_turns_to_win": summary.mean_turns_to_win, "outcomes": summary.outcomes,
-        "example": episode_dict(summary.example),
-    }

@@ -16,10 +16,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .engine import LoadedModel
-from .generation import fit_dialog, sample_rows
-from .prompt import Dialog
-from .sampling import Row, Sample, Settings
+from ..model.load import LoadedModel, fit_dialog
+from ..model.prompt import Dialog
+from ..sampling.grid import Row, Sample, Settings
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,10 @@ def speak(model: LoadedModel, settings: Settings, turns: Sequence[Turn], templat
     and `on_truncate` hears of it; the reproducibility of a line is unaffected (same seed, same
     prompt, same text).
     """
+    # Imported here, not above: the CLI reads this module (and its enums) for `--help`, which
+    # must not pay for importing torch; the decode loops need it.
+    from ..sampling.scheduler import sample_rows
+
     rows = []
     for i, turn in enumerate(turns):
         ids, dropped = fit_dialog(seat_dialog(turn), model, template, settings.max_new_tokens,

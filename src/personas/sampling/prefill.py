@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .sampling import Row
+from .grid import Row
 
 
 def padded(rows: Sequence[Row], chunk: list[int], pad_id: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +64,8 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
 
 @dataclass(frozen=True)
 class Sharing:
+    """How a chunk's prompt work is shared: not at all, per distinct prompt, or a common prefix."""
+
     kind: str  # "none" | "distinct" | "prefix"
     prefix: int = 0  # for "prefix": the shared tokens
 

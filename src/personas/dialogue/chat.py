@@ -6,18 +6,26 @@ personas, temperatures and opener give the same conversation again.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Callable, Iterator, Sequence
 
+from ..errors import InputError
+from ..library.schema import BUILT_IN, Persona
+from ..model.load import LoadedModel
+from ..sampling.grid import Settings, check_temperature, derive_seed
 from .conversation import Line, Seat, Turn, speak
-from .engine import LoadedModel
-from .errors import InputError
-from .generation import check_temperature
-from .persona import Persona
-from .sampling import Settings, derive_seed
 
-ORDERS = ("round-robin", "random")
-DEFAULT_CHAT_TEMPERATURE = 0.7
+
+class Order(enum.StrEnum):
+    """Who speaks next: in the order named, or drawn (seeded) each turn."""
+
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+
+
+ORDERS = tuple(o.value for o in Order)
+DEFAULT_CHAT_TEMPERATURE = BUILT_IN.temperatures[0]
 
 
 def seat_of(persona: Persona) -> Seat:

@@ -19,12 +19,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InputError, PersonaFileError
-from .generation import Spec
-from .persona import Library, Persona, Temperature
+from ..errors import InputError, PersonaFileError
+from ..library.load import Library
+from ..library.schema import Persona, Temperature
+from .request import Cell
 
 
 class PromptLine(BaseModel):
+    """One JSONL line of a prompts file."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str
@@ -56,16 +59,17 @@ def read_source(source: str) -> tuple[str, str]:
         raise PersonaFileError(name, line, f"not UTF-8 text ({e.reason})", "save the file as UTF-8") from None
 
 
-def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Persona]) -> list[Spec]:
+def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Persona]) -> list[Cell]:
+    """The file's cells: one per line and persona (the line's own persona, else `personas`)."""
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = first.lstrip().startswith("{")
-    specs: list[Spec] = []
+    cells: list[Cell] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if not jsonl:
-            specs += [Spec(p, line, id=number) for p in personas]
+            cells += [Cell(p, line, id=number) for p in personas]
             continue
         try:
             item = PromptLine.model_validate(json.loads(line))
@@ -84,8 +88,8 @@ def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Per
         except InputError as e:
             raise PersonaFileError(name, number, e.what, e.todo) from None
         temperatures = tuple(item.temperatures) if item.temperatures else None
-        specs += [Spec(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number)
+        cells += [Cell(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number)
                   for p in targets]
-    if not specs:
+    if not cells:
         raise InputError(f"no prompts in {name}", "write one prompt per line, or JSONL objects with a prompt")
-    return specs
+    return cells

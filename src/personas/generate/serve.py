@@ -17,18 +17,21 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engine import LoadedModel
-from .errors import InputError
-from .generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TEMPERATURES, Request, Spec, plan, run
-from .persona import Library, Temperature
-from .record import as_dict
-from .sampling import Settings
+from ..errors import InputError
+from ..library.load import Library
+from ..library.schema import Temperature
+from ..model.load import LoadedModel
+from ..record import as_dict
+from ..sampling.grid import Settings
+from .request import Cell, Request, plan, sample_records
 
 GATHER_SECONDS = 0.05  # after a first line, how long to wait for the lines sent with it
 MAX_GATHER = 256  # requests answered by one grid at most
 
 
 class ServeRequest(BaseModel):
+    """One request line of `serve --stdio`."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     persona: str
@@ -42,8 +45,10 @@ class ServeRequest(BaseModel):
 
 @dataclass(frozen=True)
 class Accepted:
+    """A request line that passed its checks: its cell, and how long its samples may be."""
+
     line: int
-    spec: Spec
+    cell: Cell
     max_new_tokens: int
 
 
@@ -97,12 +102,9 @@ def accept(number: int, raw: bytes, library: Library, seed: int) -> Accepted:
     if prompt is None or not prompt.strip():
         raise InputError("the prompt is empty, and the persona has no default prompt")
     defaults = library.defaults
-    spec = Spec(persona, prompt,
-                tuple(req.temperatures or defaults.temperatures or DEFAULT_TEMPERATURES),
-                req.n or defaults.n or DEFAULT_N,
-                req.seed if req.seed is not None else seed,
-                req.id if req.id is not None else number)
-    return Accepted(number, spec, req.max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    cell = Cell(persona, prompt, tuple(defaults.pick("temperatures", req.temperatures)), defaults.pick("n", req.n),
+                req.seed if req.seed is not None else seed, req.id if req.id is not None else number)
+    return Accepted(number, cell, defaults.pick("max_new_tokens", req.max_new_tokens))
 
 
 def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: int,
@@ -125,9 +127,9 @@ def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: in
             rows = []
             for a in (a for a in accepted if a.max_new_tokens == max_new):
                 try:
-                    rows += plan(Request(personas=[], specs=[a.spec], settings=grid), model)
+                    rows += plan(Request(personas=[], cells=[a.cell], settings=grid), model)
                 except InputError as e:  # e.g. a prompt too long for the context
                     write({"error": str(e), "line": a.line})
             if rows:
-                run(grid, model, rows, lambda record: write(as_dict(record)))
+                sample_records(grid, model, rows, lambda record: write(as_dict(record)))
     return count

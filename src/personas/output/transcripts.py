@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import textwrap
 from collections.abc import Sequence
@@ -13,11 +14,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .conversation import Line
-from .play import Summary, summary_dict
+from ..dialogue.conversation import Line
+from ..dialogue.play import Episode, Summary
 
-CHAT_FORMATS = ("transcript", "jsonl")
-PLAY_FORMATS = ("table", "json")
+
+class ChatFormat(enum.StrEnum):
+    """How `chat` writes its lines."""
+
+    TRANSCRIPT = "transcript"
+    JSONL = "jsonl"
+
 _COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
 
 
@@ -72,6 +78,27 @@ class LineJsonWriter:
         record = {k: v for k, v in asdict(line).items() if k in self.FIELDS}
         self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.stream.flush()
+
+
+def episode_dict(episode: Episode) -> dict:
+    """An episode as JSON: its seed (`--episode-seed` replays it), secrets, outcome and lines."""
+    return {
+        "game": episode.game.name, "episode": episode.number, "seed": episode.seed,
+        "temperature": episode.temperature, "secrets": episode.secrets,
+        "winner": episode.winner, "turns": len(episode.lines),
+        "lines": [{"turn": line.turn, "speaker": line.speaker, "text": line.text, "seed": line.seed}
+                  for line in episode.lines],
+    }
+
+
+def summary_dict(summary: Summary) -> dict:
+    lo, hi = summary.win_rate_ci95
+    return {
+        "temperature": summary.temperature, "episodes": summary.episodes, "wins": summary.wins,
+        "win_rate": summary.win_rate, "win_rate_ci95": [round(lo, 4), round(hi, 4)],
+        "mean_turns_to_win": summary.mean_turns_to_win, "outcomes": summary.outcomes,
+        "example": episode_dict(summary.example),
+    }
 
 
 def write_play_json(stream: IO[str], summaries: Sequence[Summary]) -> None:

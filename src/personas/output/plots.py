@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .diversity import CellStats, by_temperature
-from .errors import InputError
+from ..diagnostics.diversity import CellStats, by_temperature
+from ..errors import InputError
 
 
 def _pyplot():

@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from ..model.load import LoadedModel
+from ..sampling.grid import Sample
 from .distributions import logits_after, probabilities, token_text
-from .engine import LoadedModel
-from .sampling import Sample
 
 END_OF_TURN = "(end of turn)"
 RUNNERS_UP = 3  # tokens no sample drew, shown for scale
@@ -23,6 +23,8 @@ RUNNERS_UP = 3  # tokens no sample drew, shown for scale
 
 @dataclass(frozen=True)
 class Divergence:
+    """Where the samples of one persona × prompt × temperature cell first part, and what they drew there."""
+
     persona: str
     prompt: str
     temperature: float

@@ -1,0 +1,2 @@
+"""The diagnostics feature: what temperature does — next-token distributions, where samples
+branch, and how varied they are."""

@@ -1,0 +1,1 @@
+"""The dialogue feature: personas talking from their own seats (`chat`) and playing games (`play`)."""

@@ -1,0 +1,107 @@
+"""From a request (personas, prompts, temperatures, n, seed) to records, on a loaded model.
+
+This is the core behind `personas generate`: it validates the request's values, builds the
+grid, checks every prompt fits the model's context, and turns samples into records.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from ..library.schema import BUILT_IN, Persona
+from ..model.load import LoadedModel, fit_dialog
+from ..model.prompt import Dialog
+from ..record import Record
+from ..sampling.grid import Row, Sample, Settings, TokenizedCell, build_grid, validate_values
+from ..sampling.scheduler import sample_rows
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One persona × prompt cell; a prompts-file line may set its own temperatures, n, seed, id."""
+
+    persona: Persona
+    prompt: str
+    temperatures: tuple[float, ...] | None = None
+    n: int | None = None
+    seed: int | None = None
+    id: str | int | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `generate` is asked for: the cells (personas × prompts, or a prompts file's lines),
+    the temperatures and samples per cell, the base seed, and how to sample."""
+
+    personas: Sequence[Persona]
+    prompts: Sequence[str] = ()  # empty: each persona's own prompt
+    cells: Sequence[Cell] = ()  # when given (a prompts file), these replace personas × prompts
+    temperatures: Sequence[float] = tuple(BUILT_IN.temperatures)
+    n: int = BUILT_IN.n
+    seed: int = field(default_factory=lambda: secrets.randbelow(2**31))
+    settings: Settings = Settings()
+    template: str | None = None  # "llama2" | "model"; None: the model's own choice
+    truncate: bool = False  # drop examples (oldest first) from prompts too long for the context
+    on_truncate: Callable[[str, int, int], None] = field(default=lambda _p, _d, _n: None, compare=False)
+
+    def __post_init__(self) -> None:
+        # Everything that can be checked without a model is checked here, before a slow load.
+        validate_values(self.temperatures, self.n, self.settings)
+        for cell in self.cells:
+            validate_values(cell.temperatures or self.temperatures, cell.n or self.n, self.settings)
+        all_cells(self)  # personas without a prompt, empty prompts
+
+
+def all_cells(request: Request) -> list[Cell]:
+    """Each persona × prompt cell of the request, in order."""
+    if request.cells:
+        return list(request.cells)
+    out = []
+    for persona in request.personas:
+        prompts = list(request.prompts) or ([persona.prompt] if persona.prompt else [])
+        if not prompts:
+            raise InputError(f"persona '{persona.name}' has no default prompt",
+                             "pass --prompt TEXT or add prompt = \"...\" to the persona")
+        for prompt in prompts:
+            if not prompt.strip():
+                raise InputError("the prompt is empty", "pass a non-empty --prompt")
+            out.append(Cell(persona, prompt))
+    return out
+
+
+def plan(request: Request, model: LoadedModel) -> list[Row]:
+    """The request's rows, each prompt tokenized and fitted to the model's context."""
+    cells = []
+    for cell in all_cells(request):
+        ids = fitted_prompt_ids(cell.persona, cell.prompt, request, model)
+        cells.append(TokenizedCell(cell.persona.name, cell.prompt, ids, cell.temperatures, cell.n, cell.seed, cell.id))
+    return build_grid(cells, request.temperatures, request.n, request.seed)
+
+
+def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel) -> tuple[int, ...]:
+    """The prompt's ids, checked against the model's context; with `truncate`, examples are
+    dropped (oldest first) until it fits — and `on_truncate` says so. Never silently."""
+    ids, dropped = fit_dialog(Dialog.for_persona(persona, prompt), model, request.template,
+                              request.settings.max_new_tokens, request.truncate, who=f"persona '{persona.name}'")
+    if dropped:
+        request.on_truncate(persona.name, dropped, len(ids))
+    return tuple(ids)
+
+
+def to_record(sample: Sample, model: LoadedModel) -> Record:
+    row = sample.row
+    return Record(persona=row.persona, prompt=row.prompt, temperature=row.temperature,
+                  sample=row.sample, seed=row.seed, text=model.decode(list(sample.token_ids)),
+                  new_tokens=len(sample.token_ids), finish_reason=sample.finish_reason,
+                  model=model.label, id=row.id)
+
+
+def sample_records(settings: Settings, model: LoadedModel, rows: Sequence[Row],
+                   on_record: Callable[[Record], None],
+                   on_step: Callable[[int], None] = lambda _: None,
+                   on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
+    """Sample `rows` on the model; each record as its row finishes."""
+    sample_rows(settings, model, rows, lambda s: on_record(to_record(s, model)), on_step, on_split)

@@ -1,0 +1,74 @@
+"""What a persona file holds: personas, their few-shot examples, and the `[defaults]` table."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class Strict(BaseModel):
+    """A TOML table: unknown keys are errors, and the values never change once read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Example(Strict):
+    """One few-shot exchange: what the user said and how the persona answered."""
+
+    user: str
+    assistant: str
+
+    _check = field_validator("user", "assistant")(not_blank)
+
+
+class Persona(Strict):
+    """`[personas.NAME]`: a system context, few-shot examples, and a default prompt."""
+
+    name: str
+    description: str | None = None  # one line for `personas list`
+    system: str | None = None
+    prompt: str | None = None  # used when no --prompt is given
+    examples: list[Example] = Field(default_factory=list)
+    temperature: Temperature | None = None  # this persona's voice in `chat` (not used by `generate`)
+
+    _check = field_validator("system", "prompt", "description")(not_blank)
+
+
+class Defaults(Strict):
+    """`[defaults]`: what commands use when a flag is not given.
+
+    `pick` is the one place where a value falls back: the flag (or a request's own field), else
+    this table's value, else the built-in one (`BUILT_IN`).
+    """
+
+    model: str | None = None
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperatures: list[Temperature] | None = Field(default=None, min_length=1)
+    n: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+
+    def pick(self, key: str, given: Any = None) -> Any:
+        """`given` if it is set, else this table's `key`, else the built-in value (may be None)."""
+        for value in (given, getattr(self, key), getattr(BUILT_IN, key)):
+            if value is not None:
+                return value
+        return None
+
+
+# personas' own fallbacks, where neither a flag nor [defaults] says anything (model: `auto`,
+# resolved by model.choice; seed: a random one, printed).
+BUILT_IN = Defaults(max_new_tokens=128, temperatures=[0.7], n=1)

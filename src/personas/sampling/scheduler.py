@@ -1,0 +1,77 @@
+"""Feeding rows to a decode loop: chunks of similar prompts, and halving on out-of-memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..model.load import LoadedModel
+from . import eager, graphed
+from .grid import Row, Sample, Settings, batch_rows
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def generate_grid(
+    model: Any,
+    rows: Sequence[Row],
+    settings: Settings,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    on_sample: Callable[[Sample], None],
+    on_step: Callable[[int], None] = lambda _: None,
+    on_split: Callable[[int, int], None] = lambda _a, _b: None,
+    graph_safe: bool = False,
+) -> None:
+    """Sample every row; `on_sample` gets each one as soon as it is finished.
+
+    The grid runs in chunks of `batch_rows` rows (--batch-size, else the device's default). On
+    out-of-memory the failing chunk is halved and retried, down to one row; rows already
+    delivered are not generated again, so nothing is lost and nothing is written twice.
+    `graph_safe` (the model is on CUDA with a kernel that survives graph capture) enables the
+    CUDA-graph decode loop.
+    """
+    fast = settings.fast_path and graph_safe
+    generate_chunk = graphed.generate_chunk if fast else eager.generate_chunk
+    delivered: set[int] = set()
+
+    def deliver(index: int, sample: Sample) -> None:
+        if index not in delivered:
+            delivered.add(index)
+            on_sample(sample)
+
+    if not rows:
+        return
+    size = batch_rows(settings, model.device.type)
+    # Chunks of similar prompts: little padding, and identical prompts share one prefill.
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids))
+    pending = [order[i:i + size] for i in range(0, len(rows), size)]
+    while pending:
+        chunk = [i for i in pending.pop(0) if i not in delivered]
+        if not chunk:
+            continue
+        try:
+            generate_chunk(model, rows, chunk, settings, eos_ids, pad_id, deliver, on_step)
+        except Exception as e:
+            if not is_out_of_memory(e) or len(chunk) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            on_split(len(chunk), half)
+            pending[:0] = [chunk[:half], chunk[half:]]
+
+
+def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
+                on_sample: Callable[[Sample], None],
+                on_step: Callable[[int], None] = lambda _: None,
+                on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
+    """Sample `rows` on a loaded model, the CUDA-graph loop where it is safe."""
+    generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                  on_sample=on_sample, on_step=on_step, on_split=on_split,
+                  graph_safe=graphed.graph_safe(model.model, model.gptq_kernel))
