@@ -5,6 +5,10 @@ converted SmolLM2-135M-Instruct weights, the same prompt, temperature 1.0, n sam
 MAX_NEW_TOKENS tokens (min_new_tokens = max_new_tokens, so both do the same work).
 
     .venv/bin/python benchmarks/bench_cpu_grid.py [--n 16] [--max-new-tokens 64] [--persona customer]
+                                                  [--baseline-tree DIR] [--skip-notebook]
+
+With `--baseline-tree DIR` (a checkout of an earlier commit, e.g. from `git worktree add`), the
+same personas command also runs on that tree's code, in the same run, for a before/after.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--persona", default="customer")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--baseline-tree", type=Path, help="an earlier checkout whose personas to time as well")
+    parser.add_argument("--skip-notebook", action="store_true", help="time only personas (the notebook takes minutes)")
     args = parser.parse_args()
 
     import torch
@@ -65,31 +71,36 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONAS_MODEL": EMBEDDED}
     tokens = args.n * args.max_new_tokens
 
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(prompt_text)
-    notebook_s, notebook = timed([sys.executable, str(REPO / "benchmarks" / "notebook_way.py"), model_dir, f.name,
-                                  str(args.n), str(args.max_new_tokens), str(args.temperature)], env)
-    os.unlink(f.name)
-    notebook_inner = json.loads(notebook.stdout.strip().splitlines()[-1])
+    rows = []  # (label, whole process s, generation s)
+    if not args.skip_notebook:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(prompt_text)
+        notebook_s, notebook = timed([sys.executable, str(REPO / "benchmarks" / "notebook_way.py"), model_dir, f.name,
+                                      str(args.n), str(args.max_new_tokens), str(args.temperature)], env)
+        os.unlink(f.name)
+        notebook_gen = json.loads(notebook.stdout.strip().splitlines()[-1])["generate_s"]
+        rows.append((f"notebook: {args.n} pipeline calls, one per sample (baseline)", notebook_s, notebook_gen))
 
-    grid_s, grid = timed([sys.executable, "-m", "personas", "generate", args.persona, "-t", str(args.temperature),
-                          "-n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
-                          "--min-new-tokens", str(args.max_new_tokens), "--seed", "1", "--format", "jsonl"], env)
-    grid_rows = [json.loads(line) for line in grid.stdout.splitlines()]
-    assert len(grid_rows) == args.n and all(r["new_tokens"] == args.max_new_tokens for r in grid_rows)
-    grid_gen = float(re.search(r"new tokens in ([\d.]+) s", grid.stderr).group(1))
+    grid_cmd = [sys.executable, "-m", "personas", "generate", args.persona, "-t", str(args.temperature),
+                "-n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
+                "--min-new-tokens", str(args.max_new_tokens), "--seed", "1", "--format", "jsonl"]
+    trees = [("personas generate: one batched grid", REPO)]
+    if args.baseline_tree:
+        trees.append((f"the same, code of {args.baseline_tree}", args.baseline_tree))
+    for label, tree in trees:
+        grid_s, grid = timed(grid_cmd, {**env, "PYTHONPATH": str(tree / "src")})
+        grid_rows = [json.loads(line) for line in grid.stdout.splitlines()]
+        assert len(grid_rows) == args.n and all(r["new_tokens"] == args.max_new_tokens for r in grid_rows)
+        rows.append((label, grid_s, float(re.search(r"new tokens in ([\d.]+) s", grid.stderr).group(1))))
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
     print(f"job: persona '{args.persona}', T={args.temperature}, n={args.n}, "
           f"{args.max_new_tokens} new tokens each ({tokens} tokens), embedded SmolLM2-135M-Instruct, CPU\n")
-    print("| method | whole process (s) | generation only (s) | tokens/s (whole process) | speed-up |")
+    print("| method | whole process (s) | generation only (s) | tokens/s (whole process) | vs first row |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| notebook: {args.n} pipeline calls, one per sample (baseline) | {notebook_s:.1f} | "
-          f"{notebook_inner['generate_s']:.1f} | {tokens / notebook_s:.1f} | 1.0× |")
-    print(f"| personas generate: one batched grid | {grid_s:.1f} | {grid_gen:.1f} | {tokens / grid_s:.1f} | "
-          f"{notebook_s / grid_s:.1f}× |")
-
+    for label, whole, generation in rows:
+        print(f"| {label} | {whole:.1f} | {generation:.1f} | {tokens / whole:.1f} | {rows[0][1] / whole:.2f}× |")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ from personas.model.choice import resolve_model
 from personas.model.load import load_model
 from personas.generate.request import Request, plan, sample_records
 from personas.library.schema import Example, Persona
-from personas.sampling.chooser import _mul32, counter_uniform
+from personas.sampling.chooser import TokenChooser, counter_uniform, gumbel_noise, mix32, token_salts
 from personas.sampling.eager import RowSampler
 from personas.sampling.grid import Row, Settings, TokenizedCell, build_grid, derive_seed
 from personas.sampling.scheduler import generate_grid
@@ -134,30 +134,121 @@ def test_top_k_and_top_p_restrict_the_choices():
     assert set(draw(logits, 1.0, 2000, Settings(top_p=0.8))) == {0, 1, 2}
 
 
-# --- the counter-based uniforms -------------------------------------------------------------------
+# --- the counter-based noise ------------------------------------------------------------------------
 
 
-def test_mul32_matches_python_integers():
+def lowbias32(x: int) -> int:
+    """The reference mixer in Python integers."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) % 2**32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) % 2**32
+    return x ^ (x >> 15)
+
+
+def test_mix32_matches_python_integers():
     rng = random.Random(0)
-    xs = [rng.randrange(2**32) for _ in range(2000)] + [0, 1, 2**32 - 1]
-    for m in (0x21F0AAAD, 0x735A2D97, 2**32 - 1, 1):
-        got = _mul32(torch.tensor(xs, dtype=torch.long), m).tolist()
-        assert got == [(x * m) % 2**32 for x in xs]
+    xs = [rng.randrange(2**32) for _ in range(5000)] + [0, 1, 2**31, 2**32 - 1]
+    assert mix32(torch.tensor(xs, dtype=torch.long)).tolist() == [lowbias32(x) for x in xs]
 
 
-def test_counter_uniform_is_uniform_and_a_pure_function():
-    seeds = torch.arange(50000, dtype=torch.long) * 104729 + 2**40
-    u = counter_uniform(seeds, step=3)
-    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
-    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+def test_counter_uniform_is_uniform_and_a_pure_function_of_seed_step_and_token():
+    salts = token_salts(1000, torch.device("cpu"))
+    seeds = torch.arange(200, dtype=torch.long) * 104729 + 2**40
+    u = counter_uniform(seeds, 3, salts)
+    assert u.shape == (200, 1000) and u.dtype == torch.float64 and (u > 0).all() and (u < 1).all()
+    assert abs(u.mean().item() - 0.5) < 0.003 and abs(u.var().item() - 1 / 12) < 0.001
     histogram = torch.histc(u.float(), bins=20, min=0, max=1)
-    assert (histogram - 2500).abs().max() < 250
+    assert (histogram - 10000).abs().max() < 500
     perm = torch.randperm(len(seeds), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(counter_uniform(seeds[perm], 3), u[perm]), "same (seed, step), same number"
-    assert torch.equal(counter_uniform(seeds[17:18], 3), u[17:18]), "independent of the batch"
-    assert not torch.equal(counter_uniform(seeds, 4), u), "the step changes the number"
-    nearby = counter_uniform(torch.tensor([5, 6], dtype=torch.long), 0)
-    assert abs(nearby[0] - nearby[1]) > 1e-3, "adjacent seeds are not correlated"
+    assert torch.equal(counter_uniform(seeds[perm], 3, salts), u[perm]), "same (seed, step, token), same number"
+    assert torch.equal(counter_uniform(seeds[17:18], 3, salts), u[17:18]), "independent of the batch"
+    assert torch.equal(counter_uniform(seeds, torch.tensor([3]), salts), u), "a device-tensor step is the same step"
+    bigger = counter_uniform(seeds, 3, token_salts(1500, torch.device("cpu")))
+    assert torch.equal(bigger[:, :1000], u), "keyed by token id: a token's number ignores the vocabulary's size"
+    later = counter_uniform(seeds, 4, salts)
+    assert abs(torch.corrcoef(torch.stack([u.flatten(), later.flatten()]))[0, 1].item()) < 0.01, "steps unrelated"
+    columns = torch.corrcoef(u[:, :50].T)  # token t's numbers over rows vs token t' 's
+    assert (columns - torch.eye(50)).abs().max() < 0.35, "tokens unrelated"
+    neighbours = counter_uniform(torch.tensor([5, 6], dtype=torch.long), 0, salts)
+    assert abs(torch.corrcoef(neighbours)[0, 1].item()) < 0.15, "adjacent seeds are not correlated"
+
+
+def test_noise_reaches_past_the_cap_of_a_float32_exponential():
+    """A float32 exponential never goes below 2**-24, so its Gumbel noise stops at -log(2**-24)
+    ≈ 16.64 and tokens that need more are never drawn. Ours reaches ~36.7. Noise above 17 has
+    probability ~4e-8 per draw; these 5e7 draws (fixed seeds: the same numbers every run) hold
+    some, at the rates a Gumbel variable has them."""
+    salts = token_salts(4096, torch.device("cpu"))
+    draws = [gumbel_noise(torch.arange(k * 1024, (k + 1) * 1024, dtype=torch.long), 0, salts) for k in range(12)]
+    above = {t: sum(int((g > t).sum()) for g in draws) for t in (12, 17)}
+    expected = {t: 12 * 1024 * 4096 * -math.expm1(-math.exp(-t)) for t in (12, 17)}  # P(g > t) = 1 - e^(-e^-t)
+    assert above[17] > 0, "noise beyond a float32 exponential's cap"
+    assert abs(above[12] - expected[12]) < 6 * math.sqrt(expected[12])
+    assert torch.isfinite(gumbel_noise(torch.arange(64, dtype=torch.long), 1, salts)).all()
+
+
+def choose_many(logits: torch.Tensor, temperature: float, draws: int, settings=Settings(), chunk: int = 4000,
+                first_seed: int = 11) -> torch.Tensor:
+    """`draws` first tokens from the same logits, one per seed, through the real chooser."""
+    chosen = []
+    for start in range(0, draws, chunk):
+        rows = min(chunk, draws - start)
+        seeds = torch.arange(start, start + rows, dtype=torch.long) * 7919 + first_seed
+        chooser = TokenChooser(torch.full((rows,), temperature), seeds, settings)
+        chosen.append(chooser(None, logits.expand(rows, -1), 0))
+    return torch.cat(chosen)
+
+
+def chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square over the bins whose expected count is at least 5 (the rest pooled)."""
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    chi2 = ((obs - exp) ** 2 / exp).sum()
+    dof = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), chi2.double() / 2))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_first_tokens_of_a_tiny_model_follow_softmax_over_temperature(tiny, temperature):
+    ids = plan(Request(personas=PERSONAS[:1], seed=1, settings=Settings(max_new_tokens=1)), tiny)[0].prompt_ids
+    with torch.inference_mode():
+        logits = tiny.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    draws = 20000
+    observed = torch.bincount(choose_many(logits, temperature, draws), minlength=logits.shape[-1]).double()
+    expected = torch.softmax(logits.double() / temperature, dim=-1) * draws
+    assert (expected >= 5).sum() >= 4, "enough tokens in play for the test to mean something"
+    assert chi_square_p(observed, expected) > 1e-4
+
+
+def test_tokens_of_tiny_probability_are_drawn_at_their_rate():
+    """The far tail, together: 4,000 tokens of probability 2**-17 each (3% of the mass), beside
+    96 likely ones. Inverse-CDF or capped noise would draw them too rarely."""
+    likely = torch.linspace(4.0, 0.0, 96)
+    # Every tail token at 2**-17: their shared logit, solved from the likely ones' total.
+    tail_logit = math.log(2**-17 / (1 - 4000 * 2**-17)) + torch.logsumexp(likely.double(), 0).item()
+    logits = torch.cat([likely, torch.full((4000,), tail_logit)]).float()
+    probs = torch.softmax(logits.double(), -1)
+    assert abs(probs[96:].max().item() - 2**-17) < 1e-9 and (probs[96:] < 2**-16).all()
+    draws = 100000
+    chosen = choose_many(logits, 1.0, draws, chunk=5000)
+    p = probs[96:].sum().item()
+    drawn = int((chosen >= 96).sum())
+    sigma = math.sqrt(draws * p * (1 - p))
+    assert abs(drawn - draws * p) < 6 * sigma, (drawn, draws * p, sigma)
+
+
+def test_a_logit_wobble_of_1e5_rarely_changes_a_draw():
+    """What makes samples batch-independent: another batch computes the same logits with
+    differences around 1e-5. A draw changes only if the two best noisy scores are that close."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(8192, generator=generator) * 3
+    wobbled = logits + (torch.rand(8192, generator=generator) - 0.5) * 2e-5
+    a, b = choose_many(logits, 1.0, 5000), choose_many(wobbled, 1.0, 5000)
+    assert (a != b).sum() <= 1
+    assert len(set(a.tolist())) > 500, "the draws are spread over the vocabulary"
 
 
 def test_sharing_plan_picks_the_strategy_that_encodes_fewer_tokens():

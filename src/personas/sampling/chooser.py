@@ -1,10 +1,24 @@
 """Choosing each row's next token: temperature, top-k/top-p, and noise keyed by the row's seed.
 
-At every step a row draws ONE uniform number from a counter-based generator keyed by
-(row seed, step), and picks the token where that number falls in the cumulative distribution
-softmax(logits / T) (after top-k/top-p). No shared random stream is advanced, so a row's random
-numbers do not depend on which other rows share its batch, on the batch size, or on the device.
-Temperature 0 rows take the argmax. Top-k/top-p reuse transformers' own warpers.
+The rule is Gumbel-max ("the exponential race"): the token is
+
+    argmax over the vocabulary of  logits / T + g(row seed, step, token id)
+
+where g is Gumbel noise, -log(-log u), and u is a uniform number that is a pure function of
+(row seed, step, token id): a counter-based integer hash, not a stateful generator. Taking the
+argmax of Gumbel-perturbed logits draws exactly from softmax(logits / T); top-k and top-p are
+masks (-inf) applied before it, and temperature 0 takes the plain argmax.
+
+Why this rule: the logits of one row differ by ~1e-5 from one batch to another (other rows
+change the kernels' summation order). Inverse-CDF sampling (one uniform per step, located in the
+cumulative distribution) flips whenever that uniform lands within ~1e-5 of any of the
+vocabulary's tens of thousands of boundaries; Gumbel-max flips only when the two best noisy
+scores are within ~1e-5 of each other. The noise is keyed by token id, never by rank, so a
+near-tie that swaps two tokens' order does not swap their noise.
+
+The uniform has 52 bits and the logarithms are taken in float64: a float32 exponential never
+goes below 2**-24, which caps the Gumbel noise near 16.6 and starves the far tail of the
+vocabulary; here the exponential reaches down to 2**-53 and the cap is near 36.7.
 """
 
 from __future__ import annotations
@@ -15,66 +29,88 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from .grid import Settings
 
-# --- a counter-based uniform per (seed, step) ----------------------------------------------------
+# --- counter-based noise -----------------------------------------------------------------------
 #
 # torch's generators are per-device streams, and one generator per row would mean one kernel
-# launch per row per step. Instead, hash (seed, step) with a 32-bit integer mixer evaluated in
-# int64 so it is exact on every device: products are kept below 2**63 by splitting the
-# multiplicand into 16-bit halves.
+# launch per row per step. Instead, hash (seed, step, token id) with a 32-bit integer mixer
+# evaluated in int64 so that it is exact on every device: values stay below 2**32 and both
+# multipliers below 2**31, so no product reaches 2**63.
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
-    """(x * m) mod 2**32 for 0 <= x < 2**32, without int64 overflow."""
-    lo, hi = x & 0xFFFF, x >> 16
-    cross = ((lo * (m >> 16) + hi * (m & 0xFFFF)) & 0xFFFF) << 16
-    return (lo * (m & 0xFFFF) + cross) & _MASK32
+MASK32 = 0xFFFFFFFF
+_TOKEN_SALT = 0x632BE5AB  # any constant: it only decorrelates token ids from (seed, step) keys
+_SECOND_KEY = 0x5BD1E995
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche mixer (the 'lowbias32' constants from Chris Wellons' hash prospector)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x21F0AAAD)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x735A2D97)
-    return x ^ (x >> 15)
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche mixer ('lowbias32' from Chris Wellons' hash prospector), in place.
+
+    `x` holds values in [0, 2**32) as int64; it is overwritten and returned.
+    """
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x21F0AAAD).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x735A2D97).bitwise_and_(MASK32)
+    return x.bitwise_xor_(x >> 15)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-    """One float64 uniform in [0, 1) per seed, a pure function of (seed, step).
+def row_keys(seeds: torch.Tensor, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent 32-bit keys per row for this step, from the row's 63-bit seed.
 
     `step` may be a one-element device tensor, so a captured CUDA graph can advance it.
     """
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
     steps = step.expand_as(seeds) if isinstance(step, torch.Tensor) else torch.full_like(seeds, step)
-    h = _mix32(lo ^ _mix32(hi ^ _mix32(steps & _MASK32)))
-    a = _mix32(h ^ 0x5BD1E995) >> 5  # 27 bits
-    b = _mix32(h ^ 0x1B873593) >> 6  # 26 bits
-    return (a * 67108864 + b).double() / 9007199254740992.0  # (a·2**26 + b) / 2**53
+    first = mix32((seeds & MASK32) ^ mix32(((seeds >> 32) & MASK32) ^ mix32(steps & MASK32)))
+    return first, mix32(first ^ _SECOND_KEY)
+
+
+def token_salts(vocab: int, device: torch.device) -> torch.Tensor:
+    """Each token id hashed once: what makes one row's noise differ from token to token."""
+    return mix32(torch.arange(vocab, dtype=torch.long, device=device) + _TOKEN_SALT)
+
+
+def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """(rows, vocabulary) float64 uniforms in (0, 1), each a pure function of (seed, step, token id).
+
+    A 52-bit integer k: its high 27 bits from a hash of the token's salt under the row's first
+    key, mixed again under the second key; its low 25 bits from the first hash. u = (2k + 1) /
+    2**53 is exact in float64 and lies strictly between 0 and 1 (from 2**-53 to 1 - 2**-53).
+    Distinct rows, steps and tokens give unrelated numbers; the same ones give the same number
+    on any batch, device or machine.
+    """
+    first, second = row_keys(seeds, step)
+    x = mix32(first[:, None] ^ salts[None, :])
+    y = mix32(x ^ second[:, None])
+    k = (y >> 5).mul_(1 << 25).add_(x >> 7)
+    return k.mul_(2).add_(1).double().mul_(2.0 ** -53)
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """-log(-log u) per (row, token), in float64."""
+    return counter_uniform(seeds, step, salts).log_().neg_().log_().neg_()
 
 
 class TokenChooser:
-    """Each row's next token from its scores: temperature, top-k/top-p, one counter uniform.
+    """Each row's next token from its scores: temperature, top-k/top-p masks, Gumbel-max.
 
-    Pure tensor code with no host synchronisation, so it also runs inside a CUDA graph.
+    Pure tensor code with no host synchronisation, so it also runs inside a CUDA graph (the
+    token salts are made on the first call, which the graph path makes eagerly before capture).
     """
 
     def __init__(self, temperatures: torch.Tensor, seeds: torch.Tensor, settings: Settings):
         self.greedy = temperatures == 0
         self.divisor = torch.where(self.greedy, torch.ones_like(temperatures), temperatures)[:, None]
         self.seeds = seeds
-        self.warpers = LogitsProcessorList()
+        self.salts: torch.Tensor | None = None
+        self.masks = LogitsProcessorList()
         if settings.top_k:
-            self.warpers.append(TopKLogitsWarper(settings.top_k))
+            self.masks.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p is not None and settings.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(settings.top_p))
+            self.masks.append(TopPLogitsWarper(settings.top_p))
 
     def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor,
                  step: int | torch.Tensor) -> torch.Tensor:
-        logits = self.warpers(input_ids, scores.float() / self.divisor)
-        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-        target = counter_uniform(self.seeds, step).to(cdf.dtype) * cdf[:, -1]
-        sampled = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
-        sampled = sampled.clamp_(max=scores.shape[-1] - 1)
-        return torch.where(self.greedy, scores.argmax(dim=-1), sampled)
+        if self.salts is None or self.salts.shape[0] != scores.shape[-1]:
+            self.salts = token_salts(scores.shape[-1], scores.device)
+        tempered = self.masks(input_ids, scores.float() / self.divisor)  # masked tokens are -inf
+        noisy = gumbel_noise(self.seeds, step, self.salts).add_(tempered)
+        return torch.where(self.greedy, scores.argmax(dim=-1), noisy.argmax(dim=-1))
