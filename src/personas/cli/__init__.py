@@ -14,6 +14,7 @@ from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
 from .chat import chat
 from .explain import explain
 from .generate import generate
+from .import_personas import import_personas
 from .library import list_personas, render
 from .play import play
 from .serve import serve
@@ -32,6 +33,7 @@ app.command("serve")(serve)
 app.command("chat")(chat)
 app.command("play")(play)
 app.command("explain")(explain)
+app.command("import")(import_personas)
 
 
 def _version(value: bool) -> None:

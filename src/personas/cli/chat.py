@@ -24,7 +24,8 @@ def chat(
                                                show_default=False)],
     turns: Annotated[int, typer.Option("--turns", help="Lines to speak in all (an opener is not one).")] = 8,
     opener: Annotated[Optional[str], typer.Option(
-        "--opener", help="A first line that everyone hears, e.g. a topic or a scene.", show_default=False)] = None,
+        "--opener", help="A first line that everyone hears, e.g. a topic or a scene (default: the first "
+        "persona's own opener, if one has one).", show_default=False)] = None,
     temp: Annotated[Optional[list[str]], typer.Option(
         "--temp", "-t", help="NAME=T for one persona, or T for all; repeatable. Default: the persona's "
         "temperature in TOML, else 0.7.", show_default=False)] = None,
@@ -46,7 +47,7 @@ def chat(
     quiet: QuietOpt = False,
 ) -> None:
     """Let personas talk to each other, each from its own seat, one line at a time."""
-    from ..dialogue.chat import chat_lines, chat_temperatures, check_chat
+    from ..dialogue.chat import chat_lines, chat_opener, chat_temperatures, check_chat
     from ..sampling.grid import validate_values
 
     feedback = Feedback(quiet)
@@ -54,6 +55,7 @@ def chat(
     library = load_library(find_library_file(file))
     personas = [library.get(name) for name in names]
     check_chat(personas, turns, opener)
+    opener = chat_opener(personas, opener)
     temperatures = chat_temperatures(personas, temp or [])
     settings = sampling_settings(library.defaults, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
                                  fast_path=fast_path)

@@ -70,6 +70,13 @@ def chat_temperatures(personas: Sequence[Persona], values: Sequence[str]) -> dic
             for p in personas}
 
 
+def chat_opener(personas: Sequence[Persona], given: str | None) -> str | None:
+    """--opener, else the first persona's own opener (in the order named), else none."""
+    if given is not None:
+        return given
+    return next((p.opener for p in personas if p.opener), None)
+
+
 def check_chat(personas: Sequence[Persona], turns: int, opener: str | None) -> None:
     """Everything about a chat that can be refused before a slow model load."""
     names = [p.name for p in personas]

@@ -99,9 +99,10 @@ def load_library(path: Path) -> Library:
     return parse_library(text, path)
 
 
-def parse_library(text: str, path: Path) -> Library:
+def read_toml(text: str, path: Path) -> dict[str, Any]:
+    """The TOML document, or a file:line error for its first syntax error."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         line = getattr(e, "lineno", None) or line_from_message(str(e))
         if line is None and "end of document" in str(e):
@@ -109,6 +110,9 @@ def parse_library(text: str, path: Path) -> Library:
         raise PersonaFileError(str(path), line, f"invalid TOML: {strip_position(str(e))}",
                                "fix the TOML syntax") from None
 
+
+def parse_library(text: str, path: Path) -> Library:
+    data = read_toml(text, path)
     lines = KeyLines(text)
     try:
         top = _File.model_validate(data)

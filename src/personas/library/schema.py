@@ -42,8 +42,9 @@ class Persona(Strict):
     prompt: str | None = None  # used when no --prompt is given
     examples: list[Example] = Field(default_factory=list)
     temperature: Temperature | None = None  # this persona's voice in `chat` (not used by `generate`)
+    opener: str | None = None  # a first line for `chat` when no --opener is given (a card's first_mes)
 
-    _check = field_validator("system", "prompt", "description")(not_blank)
+    _check = field_validator("system", "prompt", "description", "opener")(not_blank)
 
 
 class Defaults(Strict):
