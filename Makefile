@@ -30,7 +30,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e '.[gptq,test]'
+	$(PIP) install -e '.[gptq,test,ray]'
 	touch $@
 
 clean:

@@ -71,6 +71,12 @@ def generate(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Draw diversity against temperature into this PNG.", dir_okay=False,
         show_default=False)] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray", help="Spread the rows over Ray workers: 'local' (start a runtime here), 'auto', or a cluster's "
+        "address (ray://head:10001). Needs personas[ray].", show_default=False)] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(
+        "--ray-workers", help="Workers, each with the model loaded once (default: one per GPU of the cluster, "
+        "else 2).", min=1, show_default=False)] = None,
     file: FileOpt = None,
     model: ModelOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -86,6 +92,15 @@ def generate(
 
     feedback = Feedback(quiet)
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401  (imported again where it is used; this is the check)
+        except ImportError:
+            raise InputError("--ray needs the ray package, which is not installed", "pip install 'personas[ray]'") from None
+        if diverge:
+            raise InputError("--diverge cannot be combined with --ray", "it reads the model's logits in this process")
+    elif ray_workers is not None:
+        raise InputError("--ray-workers goes with --ray", "pass --ray local (or a cluster's address)")
     library = load_library(find_library_file(file))
     defaults = library.defaults
     personas = [library.get(name) for name in names] if names else list(library.personas.values())
@@ -119,7 +134,7 @@ def generate(
     target = OutputFile(output, fmt, resume) if output is not None else None
     base_seed.announce(feedback)
     try:
-        _generate(request, options, fmt, target, feedback, diagnostics)
+        _generate(request, options, fmt, target, feedback, diagnostics, ray_address, ray_workers)
     except BaseException as e:
         diagnostics.abandon()
         if target is not None:
@@ -132,7 +147,7 @@ def generate(
 
 
 def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedback: Feedback,
-              diagnostics: Diagnostics) -> None:
+              diagnostics: Diagnostics, ray_address: str | None, ray_workers: int | None) -> None:
     from ..generate.request import plan, to_record
     from ..output.files import finished_rows
     from ..record import resume_key
@@ -140,7 +155,9 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
     from ..sampling.scheduler import sample_rows
 
     out = target.stream if target is not None else sys.stdout
-    loaded = load_model_for(options, feedback)
+    # With Ray the workers hold the model; this process needs only its tokenizer, for the prompts
+    # and the texts.
+    loaded = load_model_for(options, feedback, tokenizer_only=ray_address is not None)
     # Libraries print to stdout now and then; only our records may go there.
     with contextlib.redirect_stdout(sys.stderr):
         rows = plan(request, loaded)
@@ -150,7 +167,7 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
             feedback.info(f"resuming: {len(done)} samples already in {target.path}, {len(rows)} to go")
         batch = batch_rows(request.settings, loaded.device.type)
         chunks = -(-len(rows) // batch) if rows else 0
-        if chunks > 1:
+        if chunks > 1 and ray_address is None:
             feedback.info(f"{len(rows)} samples in {chunks} batches of up to {batch} rows")
         writer = make_writer(fmt, out, [(r.id, r.persona, r.prompt, r.temperature, r.sample) for r in rows],
                              list(request.temperatures))
@@ -166,9 +183,18 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
                 diagnostics.add(record, sample)
                 sample_done()
 
-            sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
-                        on_split=lambda size, half: feedback.warn(
-                            f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
+            if ray_address is not None:
+                from ..generate.ray_workers import sample_on_ray
+
+                sample_on_ray(ray_address, ray_workers, options.choice, options.load_kwargs(), request.settings, rows,
+                              on_sample, on_workers=lambda pids: feedback.info(
+                                  f"{len(pids)} Ray worker{'s' if len(pids) != 1 else ''} ready, the model loaded in each"),
+                              on_lost=lambda left, requeued: feedback.warn(
+                                  f"a Ray worker died; its {requeued} unfinished rows go to the {left} left"))
+            else:
+                sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
+                            on_split=lambda size, half: feedback.warn(
+                                f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
         elapsed = time.perf_counter() - started
         writer.close()
         diagnostics.finish(loaded, out, feedback, target.path if target is not None and target.resumed else None)

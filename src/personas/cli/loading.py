@@ -24,6 +24,11 @@ class ModelOptions:
     trust_remote_code: bool = False
     fast_path: bool = True  # only to tell the user when the GPU cannot take the fast path
 
+    def load_kwargs(self) -> dict:
+        """model.load.load_model's keyword arguments (a Ray worker loads with these)."""
+        return {"device": self.device, "gptq_backend": self.gptq_backend, "allow_pickle": self.allow_pickle,
+                "trust_remote_code": self.trust_remote_code}
+
 
 def model_options(defaults: Defaults, model: str | None, device: str | None = None, gptq_backend: str = "auto",
                   allow_pickle: bool = False, trust_remote_code: bool = False, fast_path: bool = True) -> ModelOptions:
@@ -49,9 +54,7 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
         feedback.info(f"model: {choice.label} ({choice.reason})")
     what = f"loading {'tokenizer of ' if tokenizer_only else ''}{choice.label}"
     with contextlib.redirect_stdout(sys.stderr), feedback.loading(what) as status:
-        loaded = load_model(choice, device=options.device, gptq_backend=options.gptq_backend, status=status,
-                            tokenizer_only=tokenizer_only, allow_pickle=options.allow_pickle,
-                            trust_remote_code=options.trust_remote_code)
+        loaded = load_model(choice, status=status, tokenizer_only=tokenizer_only, **options.load_kwargs())
     if tokenizer_only:
         return loaded
     kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""

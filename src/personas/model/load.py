@@ -39,6 +39,7 @@ class LoadedModel:
     device: Any
     load_seconds: float
     gptq_kernel: str | None = None  # the GPTQ kernel class (e.g. MarlinLinear); None: not GPTQ
+    config: Any = None  # the model's configuration, also when only the tokenizer was loaded
 
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
@@ -62,7 +63,7 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return getattr(self.config, "max_position_embeddings", None)
 
 
 Status = Callable[[str], None]
@@ -114,13 +115,14 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         directory, gguf_file, choice, torch_device, gptq_backend, status,
         {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
 
+    config = model.config if model is not None else _load_config(directory, gguf_file, trust_remote_code)
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
         getattr(tokenizer, "chat_template", None)) else "model"
     eos_ids = _end_of_turn_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     return LoadedModel(label=choice.label, model=model, tokenizer=tokenizer, template=template,
                        eos_ids=eos_ids, pad_id=pad_id, device=torch_device,
-                       load_seconds=time.perf_counter() - started, gptq_kernel=kernel)
+                       load_seconds=time.perf_counter() - started, gptq_kernel=kernel, config=config)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -147,6 +149,17 @@ def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, 
     except Exception as e:  # transformers raises many types for an unusable folder
         raise ModelError(f"cannot load the tokenizer of '{choice.label}': {_first_line(e)}",
                          "check that the folder holds a complete model") from e
+
+
+def _load_config(directory: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
+    """The configuration alone (for the context length), where only the tokenizer is loaded."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception:  # a tokenizer-only folder: prompts are then not checked against a context
+        return None
 
 
 def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, device: Any,

@@ -1,0 +1,198 @@
+"""`generate --ray ADDRESS`: the grid's rows spread over Ray actors, each holding the model once.
+
+The driver (the `personas` process) keeps the rows, hands chunks of them to idle actors and
+receives each sample as its actor finishes it (a Ray streaming generator); it writes the output
+exactly as a single process does. Rows are independent — a row's text is a function of its own
+seed (sampling.chooser) — so any row can run on any actor, and a chunk can run again elsewhere.
+
+Faults: an actor that dies (its process killed, out of memory) loses only the rows of its chunk
+that had not come back; they go back to the front of the queue for the others, and a row that
+did come back is never delivered twice. When every actor is gone the run fails (exit 1), with
+the finished rows already written. Ctrl-C ends the run; actors are killed, and a runtime that
+personas started (`--ray local`) is shut down.
+
+Imported only when `--ray` is given: `ray` is an optional extra (`personas[ray]`).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..errors import InputError, ModelError, PersonasError
+from ..model.choice import ModelChoice
+from ..sampling.grid import BATCH_ROWS, Row, Sample, Settings
+
+CONNECT_SECONDS = 3.0  # an address that does not answer within this is reported, not waited on
+LOCAL_CPU_WORKERS = 2
+
+
+@ray.remote
+class Worker:
+    """One actor: the model loaded once on its own device, sampling the chunks it is given."""
+
+    def __init__(self, choice: ModelChoice, load: dict[str, Any]):
+        from ..model.load import load_model
+
+        self.model = load_model(choice, **load)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sample(self, settings: Settings, rows: list[Row]) -> Iterator[tuple[int, Sample]]:
+        """(position in `rows`, sample) for each row, as each finishes.
+
+        sample_rows reports through a callback, and a generator cannot yield from inside one: it
+        runs in a thread that hands samples over a queue.
+        """
+        from ..sampling.scheduler import sample_rows
+
+        position = {id(row): i for i, row in enumerate(rows)}
+        handover: queue.Queue = queue.Queue()
+        finished = object()
+
+        def work() -> None:
+            try:
+                sample_rows(settings, self.model, rows, lambda s: handover.put((position[id(s.row)], s)))
+            except BaseException as e:  # re-raised below, in the actor's task, so the driver sees it
+                handover.put(e)
+            finally:
+                handover.put(finished)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := handover.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def connect(address: str) -> bool:
+    """Start or join a Ray runtime; True when personas started it (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        return True
+    _check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ModelError(f"cannot join the Ray cluster at '{address}': {str(e).strip().splitlines()[0]}",
+                         "start one with `ray start --head`, check the address, or use --ray local") from None
+    return False
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port that refuses or does not answer is reported within CONNECT_SECONDS; Ray
+    itself would retry for much longer."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # `auto` and other forms are Ray's to resolve
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as e:
+        raise ModelError(f"cannot reach the Ray cluster at '{address}': {e.strerror or e}",
+                         "start one with `ray start --head`, check the address, or use --ray local") from None
+
+
+def worker_count(requested: int | None) -> int:
+    """--ray-workers, else one per GPU of the cluster, else LOCAL_CPU_WORKERS."""
+    if requested is not None:
+        if requested < 1:
+            raise InputError(f"--ray-workers {requested} is not allowed", "use 1 or more")
+        return requested
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus or LOCAL_CPU_WORKERS
+
+
+def sample_on_ray(address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any],
+                  settings: Settings, rows: Sequence[Row], on_sample: Callable[[Sample], None], *,
+                  on_workers: Callable[[list[int]], None] = lambda _pids: None,
+                  on_lost: Callable[[int, int], None] = lambda _left, _requeued: None) -> None:
+    """Sample every row on Ray actors; `on_sample` gets each sample once, as it arrives.
+
+    `on_workers` hears the actors' process ids once they are up; `on_lost(actors left, rows
+    requeued)` when one dies.
+    """
+    started_here = connect(address)
+    actors: list[Any] = []
+    try:
+        count = worker_count(workers)
+        on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        options = {"num_gpus": 1} if on_gpu else {"num_cpus": 1}
+        actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
+        try:
+            on_workers(ray.get([a.pid.remote() for a in actors]))
+        except RayActorError as e:
+            raise ModelError(f"a Ray worker could not load the model: {str(e).strip().splitlines()[-1]}",
+                             "run without --ray to see the loading error") from None
+        _run(actors, settings, rows, on_sample, on_lost, chunk_rows(settings, len(rows), count, on_gpu))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+
+
+def chunk_rows(settings: Settings, rows: int, workers: int, on_gpu: bool) -> int:
+    """Rows handed to an actor at a time: --batch-size, else the device's batch, but small
+    enough that every actor gets work (a lost chunk also costs less)."""
+    batch = settings.max_batch or BATCH_ROWS["cuda" if on_gpu else "cpu"]
+    return max(1, min(batch, -(-rows // workers)))
+
+
+def _run(actors: list[Any], settings: Settings, rows: Sequence[Row], on_sample: Callable[[Sample], None],
+         on_lost: Callable[[int, int], None], size: int) -> None:
+    pending = deque(list(range(start, min(start + size, len(rows)))) for start in range(0, len(rows), size))
+    delivered: set[int] = set()
+    running: dict[Any, tuple[Any, list[int]]] = {}  # generator -> (actor, its chunk's row indices)
+    idle = list(actors)
+
+    def hand_out() -> None:
+        while idle and pending:
+            chunk = [i for i in pending.popleft() if i not in delivered]
+            if chunk:
+                actor = idle.pop()
+                running[actor.sample.remote(settings, [rows[i] for i in chunk])] = (actor, chunk)
+
+    hand_out()
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        generator = ready[0]
+        actor, chunk = running[generator]
+        try:
+            position, sample = ray.get(next(generator))
+        except StopIteration:
+            del running[generator]
+            idle.append(actor)
+            hand_out()
+            continue
+        except RayTaskError as e:  # the actor raised: our own errors keep their message and exit status
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, PersonasError):
+                raise cause from None
+            raise ModelError(f"a Ray worker failed: {str(cause or e).strip().splitlines()[-1]}",
+                             "run without --ray to see the error in full") from None
+        except RayActorError:
+            del running[generator]
+            left = [i for i in chunk if i not in delivered]
+            pending.appendleft(left)
+            on_lost(len(idle) + len(running), len(left))
+            if not idle and not running:
+                raise ModelError(f"every Ray worker died; {len(rows) - len(delivered)} rows were not sampled",
+                                 "the finished rows are written; rerun with --resume to sample the rest") from None
+            hand_out()
+            continue
+        index = chunk[position]
+        if index not in delivered:
+            delivered.add(index)
+            on_sample(sample)

@@ -1,0 +1,148 @@
+"""`generate --ray`: the grid on Ray workers, on a real local Ray runtime with 2 CPUs and the tiny
+model. One runtime (`ray start --head`) serves the tests after the first, which starts its own
+with `--ray local`; every address is on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli_env, run_cli
+
+ray = pytest.importorskip("ray")
+
+PERSONAS = """
+[personas.sailor]
+system = "You are an old sailor."
+[personas.cook]
+system = "You are a ship's cook."
+"""
+PROMPTS = "\n".join(f"Tell me about the {thing}." for thing in
+                    ("sea", "fox", "dog", "day", "bike", "rain", "tea", "shop", "trail", "climb")) + "\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("ray-job")
+    (folder / "personas.toml").write_text(PERSONAS)
+    (folder / "prompts.txt").write_text(PROMPTS)
+    return folder / "personas.toml", folder / "prompts.txt"
+
+
+def job(files, model: Path, *extra: str) -> list[str]:
+    personas, prompts = files
+    return ["generate", "--file", str(personas), "--prompts-file", str(prompts), "--model", str(model),
+            "-t", "0.5", "-t", "1.5", "-n", "2", "--max-new-tokens", "12", "--seed", "5", "--format", "jsonl", *extra]
+
+
+def keyed(stdout: str) -> dict[tuple, str]:
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    keys = [(r["persona"], r["id"], r["temperature"], r["sample"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys)), "no row written twice"
+    return {k: r["text"] for k, r in zip(keys, rows)}
+
+
+def test_local_runtime_gives_the_same_rows_and_texts_as_one_process(files, tiny_llama_dir, cache_dir):
+    alone = run_cli(job(files, tiny_llama_dir), cache_dir)
+    assert alone.returncode == 0, alone.stderr
+    spread = run_cli(job(files, tiny_llama_dir, "--ray", "local", "--ray-workers", "2"), cache_dir)
+    assert spread.returncode == 0, spread.stderr
+    assert "2 Ray workers ready" in spread.stderr
+    expected = keyed(alone.stdout)
+    assert len(expected) == 2 * 10 * 2 * 2
+    assert keyed(spread.stdout) == expected
+
+
+@pytest.fixture(scope="module")
+def runtime(cache_dir):
+    """One Ray runtime with 2 CPUs for the rest of the module; `--ray auto` finds it."""
+    env = cli_env(cache_dir)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:  # a free port for the head's GCS
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--num-cpus", "2",
+                              "--include-dashboard", "false", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    yield "auto"
+    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_a_killed_worker_loses_no_row_and_writes_none_twice(runtime, tiny_llama_dir):
+    from personas.generate.request import Request, plan
+    from personas.generate.ray_workers import sample_on_ray
+    from personas.library.schema import Persona
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.grid import Settings
+
+    choice = resolve_model(str(tiny_llama_dir))
+    tokenizer = load_model(choice, tokenizer_only=True)
+    settings = Settings(max_new_tokens=16, min_new_tokens=16, max_batch=1)  # a chunk is one row
+    request = Request(personas=[Persona(name="sailor", system="You are an old sailor.")],
+                      prompts=[f"Question {i}?" for i in range(12)], seed=3, settings=settings)
+    rows = plan(request, tokenizer)
+    pids, lost, samples = [], [], []
+
+    def on_sample(sample) -> None:
+        samples.append(sample)
+        if len(samples) == 3:
+            os.kill(pids[0], signal.SIGKILL)  # mid-run: it holds a chunk now
+
+    try:
+        sample_on_ray(runtime, 2, choice, {"device": "cpu"}, settings, rows, on_sample,
+                      on_workers=pids.extend, on_lost=lambda left, requeued: lost.append((left, requeued)))
+    finally:
+        ray.shutdown()  # this process leaves the runtime (which the fixture stops)
+    assert len(lost) == 1 and lost[0][0] == 1, "one worker died, one was left"
+    assert sorted(s.row.seed for s in samples) == sorted(r.seed for r in rows), "every row exactly once"
+    assert all(len(s.token_ids) == 16 for s in samples)
+
+
+def test_interrupt_keeps_finished_rows_and_resume_completes_them(files, runtime, tiny_llama_dir, cache_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    many = job(files, tiny_llama_dir, "--ray", runtime, "--max-new-tokens", "48", "--batch-size", "2",
+               "--output", str(out))
+    process = subprocess.Popen([sys.executable, "-m", "personas", *many], cwd=REPO, env=cli_env(cache_dir),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "Error: interrupted"
+    partial = keyed(out.read_text())  # every line whole, none twice
+    assert 4 <= len(partial) < 80
+    resumed = run_cli([*many, "--resume"], cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {len(partial)} samples already in" in resumed.stderr
+    everything = keyed(out.read_text())
+    assert len(everything) == 80
+    alone = run_cli(job(files, tiny_llama_dir, "--max-new-tokens", "48"), cache_dir)
+    assert everything == keyed(alone.stdout), "interrupted + resumed on Ray = one uninterrupted process"
+
+
+def test_unreachable_cluster_fails_within_seconds(files, tiny_llama_dir, cache_dir):
+    started = time.monotonic()
+    result = run_cli(job(files, tiny_llama_dir, "--ray", "127.0.0.1:1"), cache_dir)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot reach the Ray cluster at '127.0.0.1:1'")
+    assert time.monotonic() - started < 60  # interpreter and tokenizer included; the refusal itself is immediate
+
+
+def test_without_the_ray_package_says_how_to_install_it(files, tiny_llama_dir, cache_dir):
+    hide_ray = ("import sys; sys.modules['ray'] = None\n"  # Python's way of making a module unimportable
+                "from personas.cli import main; raise SystemExit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", hide_ray, *job(files, tiny_llama_dir, "--ray", "local")],
+                            cwd=REPO, env=cli_env(cache_dir), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "Error: --ray needs the ray package, which is not installed — pip install 'personas[ray]'\n"
