@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--baseline-tree", type=Path, help="an earlier checkout whose personas to time as well")
     parser.add_argument("--skip-notebook", action="store_true", help="time only personas (the notebook takes minutes)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each personas tree, alternating between trees; medians are printed")
     args = parser.parse_args()
 
     import torch
@@ -87,16 +90,21 @@ def main() -> None:
     trees = [("personas generate: one batched grid", REPO)]
     if args.baseline_tree:
         trees.append((f"the same, code of {args.baseline_tree}", args.baseline_tree))
-    for label, tree in trees:
-        grid_s, grid = timed(grid_cmd, {**env, "PYTHONPATH": str(tree / "src")})
-        grid_rows = [json.loads(line) for line in grid.stdout.splitlines()]
-        assert len(grid_rows) == args.n and all(r["new_tokens"] == args.max_new_tokens for r in grid_rows)
-        rows.append((label, grid_s, float(re.search(r"new tokens in ([\d.]+) s", grid.stderr).group(1))))
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in trees}
+    for _ in range(args.repeats):  # alternating, so drift (caches, other load) touches every tree alike
+        for label, tree in trees:
+            grid_s, grid = timed(grid_cmd, {**env, "PYTHONPATH": str(tree / "src")})
+            grid_rows = [json.loads(line) for line in grid.stdout.splitlines()]
+            assert len(grid_rows) == args.n and all(r["new_tokens"] == args.max_new_tokens for r in grid_rows)
+            runs[label].append((grid_s, float(re.search(r"new tokens in ([\d.]+) s", grid.stderr).group(1))))
+    for label, timings in runs.items():
+        rows.append((label, statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)))
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
     print(f"job: persona '{args.persona}', T={args.temperature}, n={args.n}, "
-          f"{args.max_new_tokens} new tokens each ({tokens} tokens), embedded SmolLM2-135M-Instruct, CPU\n")
+          f"{args.max_new_tokens} new tokens each ({tokens} tokens), embedded SmolLM2-135M-Instruct, CPU"
+          + (f"; personas rows: medians of {args.repeats} alternating runs" if args.repeats > 1 else "") + "\n")
     print("| method | whole process (s) | generation only (s) | tokens/s (whole process) | vs first row |")
     print("|---|---:|---:|---:|---:|")
     for label, whole, generation in rows:

@@ -16,7 +16,7 @@ vocabulary's tens of thousands of boundaries; Gumbel-max flips only when the two
 scores are within ~1e-5 of each other. The noise is keyed by token id, never by rank, so a
 near-tie that swaps two tokens' order does not swap their noise.
 
-The uniform has 52 bits and the logarithms are taken in float64: a float32 exponential never
+The uniform has 53 bits and the logarithms are taken in float64: a float32 exponential never
 goes below 2**-24, which caps the Gumbel noise near 16.6 and starves the far tail of the
 vocabulary; here the exponential reaches down to 2**-53 and the cap is near 36.7.
 """
@@ -71,17 +71,17 @@ def token_salts(vocab: int, device: torch.device) -> torch.Tensor:
 def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
     """(rows, vocabulary) float64 uniforms in (0, 1), each a pure function of (seed, step, token id).
 
-    A 52-bit integer k: its high 27 bits from a hash of the token's salt under the row's first
-    key, mixed again under the second key; its low 25 bits from the first hash. u = (2k + 1) /
-    2**53 is exact in float64 and lies strictly between 0 and 1 (from 2**-53 to 1 - 2**-53).
+    An odd 53-bit integer k: its high 32 bits a full mix of the token's salt under the row's
+    first key; the next 20 bits a multiplicative hash of that under the second key (they only
+    place u within its 2**-32 step, where a cheaper hash does as well and costs a third of a
+    mix); the last bit 1. u = k / 2**53 is exact in float64 and lies strictly between 0 and 1.
     Distinct rows, steps and tokens give unrelated numbers; the same ones give the same number
     on any batch, device or machine.
     """
     first, second = row_keys(seeds, step)
-    x = mix32(first[:, None] ^ salts[None, :])
-    y = mix32(x ^ second[:, None])
-    k = (y >> 5).mul_(1 << 25).add_(x >> 7)
-    return k.mul_(2).add_(1).double().mul_(2.0 ** -53)
+    high = mix32(first[:, None] ^ salts[None, :])
+    low = (high ^ second[:, None]).mul_(0x2C1B3C6D).bitwise_and_(MASK32).bitwise_right_shift_(12)
+    return (high << 21).bitwise_or_(low << 1).bitwise_or_(1).double().mul_(2.0 ** -53)
 
 
 def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
