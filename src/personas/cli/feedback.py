@@ -38,16 +38,17 @@ class Feedback:
             yield self.info
 
     @contextlib.contextmanager
-    def generating(self, rows: int, steps: int) -> Iterator[tuple[Callable[[int], None], Callable[[], None]]]:
-        """A bar over decode steps and a count of finished samples; yields (on_step, on_sample)."""
+    def generating(self, rows: int, steps: int | None) -> Iterator[tuple[Callable[[int], None], Callable[[], None]]]:
+        """A bar over decode steps (none when `steps` is None: workers elsewhere report no steps)
+        and a count of finished samples; yields (on_step, on_sample)."""
         if not self.live or self.quiet:
             yield (lambda _: None), (lambda: None)
             return
         progress = self._progress()
         with progress:
-            step_task = progress.add_task("tokens ", total=steps)
+            step_task = progress.add_task("tokens ", total=steps) if steps is not None else None
             sample_task = progress.add_task("samples", total=rows)
-            yield (lambda step: progress.update(step_task, completed=step)), (
+            yield (lambda step: step_task is not None and progress.update(step_task, completed=step)), (
                 lambda: progress.advance(sample_task))
 
     @contextlib.contextmanager

@@ -174,7 +174,8 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
         diagnostics.order = [(r.persona, r.prompt, r.temperature) for r in rows]
         tokens = 0
         started = time.perf_counter()
-        with feedback.generating(len(rows), request.settings.max_new_tokens) as (on_step, sample_done):
+        steps = request.settings.max_new_tokens if ray_address is None else None
+        with feedback.generating(len(rows), steps) as (on_step, sample_done):
             def on_sample(sample) -> None:
                 nonlocal tokens
                 record = to_record(sample, loaded)
