@@ -35,12 +35,12 @@ def both_paths(model, settings: Settings) -> tuple[dict, dict]:
     request = Request(personas=PERSONAS, temperatures=[0, 0.8, 1.5], n=2, seed=3, settings=settings)
     rows = plan(request, model)
     results = []
-    for graph_safe in (False, True):
+    for graphed in (False, True):
         got: dict = {}
         generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
                       on_sample=lambda s: got.__setitem__((s.row.persona, s.row.temperature, s.row.sample),
                                                           (s.token_ids, s.finish_reason)),
-                      graph_safe=graph_safe)
+                      graph_safe=graphed)
         assert len(got) == len(rows), "every row delivered exactly once"
         results.append(got)
     return results[0], results[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def generate(
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
     if ray_address is not None:
         try:
-            import ray  # noqa: F401  (imported again where it is used; this is the check)
+            importlib.import_module("ray")  # only the check: generate.ray_workers uses it
         except ImportError:
             raise InputError("--ray needs the ray package, which is not installed", "pip install 'personas[ray]'") from None
         if diverge:
