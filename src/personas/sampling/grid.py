@@ -33,6 +33,11 @@ class Row:
     seed: int
     prompt_ids: tuple[int, ...]
     id: str | int | None = None  # the input line's id (prompts files, serve)
+    max_new_tokens: int | None = None  # this row's own limit (a prompts-file line); None: the grid's
+
+    def limit(self, settings: Settings) -> int:
+        """How many new tokens this row may have."""
+        return self.max_new_tokens if self.max_new_tokens is not None else settings.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class Sample:
 class TokenizedCell:
     """One persona × prompt cell of the grid, with its prompt already tokenized.
 
-    temperatures, n and seed override the grid's own for this cell (a prompts-file line).
+    temperatures, n, seed and max_new_tokens override the grid's own for this cell (a
+    prompts-file line).
     """
 
     persona: str
@@ -70,6 +76,7 @@ class TokenizedCell:
     n: int | None = None
     seed: int | None = None
     id: str | int | None = None
+    max_new_tokens: int | None = None
 
 
 def batch_rows(settings: Settings, device_type: str) -> int:
@@ -91,7 +98,8 @@ def build_grid(cells: Iterable[TokenizedCell], temperatures: Sequence[float], n:
         place = (cell.persona, cell.prompt) if cell.id is None else (cell.persona, cell.prompt, cell.id)
         for t in cell.temperatures or temperatures:
             for k in range(1, (cell.n or n) + 1):
-                rows.append(Row(cell.persona, cell.prompt, t, k, derive_seed(base, *place, k), cell.prompt_ids, cell.id))
+                rows.append(Row(cell.persona, cell.prompt, t, k, derive_seed(base, *place, k), cell.prompt_ids,
+                                cell.id, cell.max_new_tokens))
     return rows
 
 

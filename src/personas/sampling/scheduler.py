@@ -1,19 +1,20 @@
-"""Feeding rows to a decode loop: chunks of similar prompts, and halving on out-of-memory."""
+"""Which decode loop samples a grid: the engine (engine.py) for the models its decoder runs,
+else the older chunked loops (transformers' generate, or the CUDA-graph chunk) — kept for other
+architectures and as the benchmarks' baseline."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..model.load import LoadedModel
 from . import eager, graphed
+from .decoder import supports
+from .engine import is_out_of_memory, sample_with_engine
 from .grid import Row, Sample, Settings, batch_rows
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def generate_grid(
@@ -48,15 +49,21 @@ def generate_grid(
     if not rows:
         return
     size = batch_rows(settings, model.device.type)
-    # Chunks of similar prompts: little padding, and identical prompts share one prefill.
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids))
-    pending = [order[i:i + size] for i in range(0, len(rows), size)]
+    # Chunks of similar prompts and one max_new_tokens: little padding, and identical prompts
+    # share one prefill.
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].limit(settings), len(rows[i].prompt_ids),
+                                                    rows[i].prompt_ids))
+    pending = []
+    for limit in dict.fromkeys(rows[i].limit(settings) for i in order):
+        same = [i for i in order if rows[i].limit(settings) == limit]
+        pending += [same[i:i + size] for i in range(0, len(same), size)]
     while pending:
         chunk = [i for i in pending.pop(0) if i not in delivered]
         if not chunk:
             continue
+        limited = replace(settings, max_new_tokens=rows[chunk[0]].limit(settings))
         try:
-            generate_chunk(model, rows, chunk, settings, eos_ids, pad_id, deliver, on_step)
+            generate_chunk(model, rows, chunk, limited, eos_ids, pad_id, deliver, on_step)
         except Exception as e:
             if not is_out_of_memory(e) or len(chunk) == 1:
                 raise
@@ -71,7 +78,12 @@ def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                 on_sample: Callable[[Sample], None],
                 on_step: Callable[[int], None] = lambda _: None,
                 on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
-    """Sample `rows` on a loaded model, the CUDA-graph loop where it is safe."""
+    """Sample `rows` on a loaded model: the engine where its decoder runs the model (CUDA graphs
+    where the GPTQ kernel survives capture), else the chunked loops."""
+    safe = graphed.graph_safe(model.model, model.gptq_kernel)
+    if supports(model.model):
+        sample_with_engine(model, rows, settings, settings.fast_path and safe, on_sample, on_step, on_split)
+        return
     generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
                   on_sample=on_sample, on_step=on_step, on_split=on_split,
-                  graph_safe=graphed.graph_safe(model.model, model.gptq_kernel))
+                  graph_safe=safe)

@@ -1,0 +1,202 @@
+"""The bulk job (issue 12) on one GPU: the decode engine against the old chunked path and
+transformers' continuous batching, with the roofline, in one run.
+
+The job: 512 distinct prompts to the `customer` persona (≈ 200 tokens of system context and
+examples, then the prompt) × n = 2 × T = 1.0, exactly 128 new tokens each (min = max), on the
+13B GPTQ checkpoint written by benchmarks/gptq_checkpoint.py (random weights, Llama-2-13B-chat-
+GPTQ's layout), Marlin. Then the same prompts with max_new_tokens drawn per row from 16–256
+("ragged"), and a greedy check: the engine's first 64 tokens against transformers' `generate`.
+
+    python benchmarks/bench_bulk.py [--prompts 512] [--n 2] [--new-tokens 128] [--skip-old]
+                                    [--hf-prompts 64] [--out DIR]
+
+Prints a table; writes bulk.json to --out ($OUT on the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_prompts import prompts as make_prompts  # noqa: E402
+from bench_gpu_grid import copy_bandwidth, log, peak_gb, quantized_bytes, reset_peak, sync_time  # noqa: E402
+from gptq_checkpoint import write_checkpoint  # noqa: E402
+
+H100_DENSE_FP16_FLOPS = 989e12  # the card's tensor-core peak; the GEMM half of the roofline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=512)
+    parser.add_argument("--n", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq"))
+    parser.add_argument("--backend", default="marlin")
+    parser.add_argument("--skip-old", action="store_true", help="skip the old chunked path")
+    parser.add_argument("--hf-prompts", type=int, default=64,
+                        help="prompts (× n) for transformers' generate_batch; 0 skips it (it is slow)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = parser.parse_args()
+
+    import transformers
+
+    from personas.generate.request import Cell, Request, plan
+    from personas.library.load import find_library_file, load_library
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.engine import Engine
+    from personas.sampling.grid import Settings
+    from personas.sampling.scheduler import generate_grid
+
+    results: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "transformers": transformers.__version__}
+    directory = args.checkpoint / "13b"
+    if not (directory / "model.safetensors").is_file():
+        write_checkpoint(directory, "13b", "cuda")
+    bandwidth = results["bandwidth_Bps"] = copy_bandwidth(2.0)
+    model = load_model(resolve_model(str(directory)), device="cuda", gptq_backend=args.backend)
+    results["kernel"] = model.gptq_kernel
+    log(f"loaded, kernel {model.gptq_kernel}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+
+    persona = load_library(find_library_file(None)).get("customer")
+    texts = make_prompts(args.prompts)
+    fixed = Settings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    request = Request(personas=[], cells=[Cell(persona, t) for t in texts], temperatures=(1.0,), n=args.n, seed=1,
+                      settings=fixed)
+    rows = plan(request, model)
+    shared = len(os.path.commonprefix([r.prompt_ids for r in rows]))
+    results["prompt_tokens_mean"] = sum(len(r.prompt_ids) for r in rows) / len(rows)
+    results["shared_prefix_tokens"] = shared
+    log(f"{len(rows)} rows, prompts {results['prompt_tokens_mean']:.0f} tokens on average, {shared} shared")
+
+    def run_engine(run_rows, settings, label) -> dict:
+        engine = Engine(model, max_slots=settings.max_batch, graphs=True)
+        samples = []
+        engine.submit(run_rows, settings, samples.append)
+        reset_peak()
+        with torch.inference_mode():
+            seconds = sync_time(engine.run)
+        tokens = sum(len(s.token_ids) for s in samples)
+        out = {"s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "slots": engine.slot_count,
+               "slot_positions": engine.span, "slot_bytes": engine.span * engine.decoder.kv_bytes_per_token(),
+               "peak_GB": peak_gb(), "steps": engine.steps, "graphs": len(engine.graphs)}
+        log(f"{label}: {tokens} tokens in {seconds:.1f} s = {out['tokens_per_s']:.0f} tokens/s, B={engine.slot_count}, "
+            f"{engine.steps} steps, peak {out['peak_GB']:.1f} GB")
+        out["texts"] = {(s.row.id, s.row.sample): s.token_ids for s in samples}
+        return out
+
+    # Warm-up (kernels, Marlin workspaces, allocator), not timed.
+    run_engine(rows[:16], Settings(max_new_tokens=8), "warm-up")
+    engine_fixed = run_engine(rows, fixed, "engine, fixed length")
+
+    rng = random.Random(12)
+    ragged_rows = [r.__class__(**{**r.__dict__, "max_new_tokens": rng.randint(16, 256)}) for r in rows]
+    ragged_settings = Settings(max_new_tokens=256, min_new_tokens=256)  # every row runs to its own limit
+    engine_ragged = run_engine(ragged_rows, ragged_settings, "engine, ragged 16-256")
+    assert engine_ragged["tokens"] == sum(r.max_new_tokens for r in ragged_rows)
+
+    old = None
+    if not args.skip_old:
+        samples = []
+        reset_peak()
+        with torch.inference_mode():
+            seconds = sync_time(lambda: generate_grid(model.model, rows, Settings(**{**fixed.__dict__, "max_batch": 256}),
+                                                      eos_ids=model.eos_ids, pad_id=model.pad_id,
+                                                      on_sample=samples.append, graph_safe=True))
+        tokens = sum(len(s.token_ids) for s in samples)
+        old = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb()}
+        old_texts = {(s.row.id, s.row.sample): s.token_ids for s in samples}
+        old["same_texts"] = sum(old_texts[k] == v for k, v in engine_fixed["texts"].items())
+        log(f"old chunked path: {tokens / seconds:.0f} tokens/s, peak {old['peak_GB']:.1f} GB, "
+            f"{old['same_texts']} of {len(rows)} texts equal to the engine's")
+
+    hf = None
+    if args.hf_prompts:
+        from transformers import GenerationConfig
+
+        subset = [list(r.prompt_ids) for r in rows[:args.hf_prompts * args.n]]
+        config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True,
+                                  temperature=1.0, top_k=0, top_p=1.0, eos_token_id=model.eos_ids,
+                                  pad_token_id=model.pad_id)
+        try:
+            reset_peak()
+            outputs = {}
+            seconds = sync_time(lambda: outputs.update(model.model.generate_batch(subset, generation_config=config)))
+            tokens = sum(len(o.generated_tokens) for o in outputs.values())
+            hf = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb(), "rows": len(subset)}
+            log(f"generate_batch: {tokens / seconds:.0f} tokens/s on {len(subset)} rows")
+        except Exception as error:  # report, keep the engine's numbers
+            hf = {"error": f"{type(error).__name__}: {error}"[:300]}
+            log(f"generate_batch failed: {hf['error']}")
+
+    # Greedy: the engine's tokens against transformers' generate, 64 tokens, a few prompts.
+    greedy_rows = [r.__class__(**{**r.__dict__, "temperature": 0.0}) for r in rows[:8:2]]
+    got = {}
+    engine = Engine(model, graphs=True)
+    engine.submit(greedy_rows, Settings(max_new_tokens=64), lambda s: got.__setitem__(s.row.id, list(s.token_ids)))
+    with torch.inference_mode():
+        engine.run()
+        equal = 0
+        for r in greedy_rows:
+            ids = torch.tensor([r.prompt_ids], device="cuda")
+            expected = model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                                            eos_token_id=model.eos_ids, pad_token_id=model.pad_id)[0, ids.shape[1]:]
+            expected = [t for t in expected.tolist() if t not in model.eos_ids][:64]
+            equal += got[r.id] == expected[:len(got[r.id])] and len(got[r.id]) == len(expected)
+    results["greedy_equal"] = f"{equal} of {len(greedy_rows)}"
+    log(f"greedy engine == transformers generate (64 tokens): {results['greedy_equal']}")
+
+    # The roofline of the fixed job at the engine's B: per step the weights once, each slot's own
+    # suffix (half its length on average over the steps), each prefix once; plus the GEMMs.
+    weights = quantized_bytes(model.model)
+    cfg = model.model.config
+    kv = engine_fixed["slot_bytes"] // engine_fixed["slot_positions"]
+    B = engine_fixed["slots"]
+    suffix = results["prompt_tokens_mean"] - shared + args.new_tokens / 2
+    step_bytes = weights + B * suffix * kv + shared * kv
+    linear_flops = 2 * (4 * cfg.hidden_size ** 2 + 3 * cfg.hidden_size * cfg.intermediate_size) * cfg.num_hidden_layers \
+        + 2 * cfg.hidden_size * cfg.vocab_size
+    memory_s, gemm_s = step_bytes / bandwidth, linear_flops * B / H100_DENSE_FP16_FLOPS
+    results["roofline_tokens_per_s"] = {"memory_only": B / memory_s, "memory_plus_gemm": B / (memory_s + gemm_s)}
+
+    for key, value in (("engine_fixed", engine_fixed), ("engine_ragged", engine_ragged)):
+        value.pop("texts", None)
+        results[key] = value
+    results["old"], results["generate_batch"] = old, hf
+    (args.out / "bulk.json").write_text(json.dumps(results, indent=2, default=str))
+
+    print(f"\ncard: {results['card']}, torch {results['torch']}, transformers {results['transformers']}, "
+          f"kernel {results['kernel']}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"job: {args.prompts} prompts × n={args.n} × T=1.0, {args.new_tokens} new tokens; prompts "
+          f"{results['prompt_tokens_mean']:.0f} tokens on average, {shared} of them shared\n")
+    print("| how | tokens/s | slots (B) | cache per slot (MB) | peak GPU memory (GB) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, r in (("engine, fixed 128 tokens", engine_fixed), ("engine, ragged 16–256 tokens", engine_ragged)):
+        print(f"| {label} | {r['tokens_per_s']:,.0f} | {r['slots']} | {r['slot_bytes'] / 1e6:.0f} | {r['peak_GB']:.1f} |")
+    if old:
+        print(f"| old chunked path, chunks of 256 (same run) | {old['tokens_per_s']:,.0f} | 256 | "
+              f"{(results['prompt_tokens_mean'] + args.new_tokens) * kv / 1e6:.0f} | {old['peak_GB']:.1f} |")
+    if hf and "error" not in hf:
+        print(f"| transformers generate_batch, first {hf['rows']} rows | {hf['tokens_per_s']:,.0f} | | | {hf['peak_GB']:.1f} |")
+    elif hf:
+        print(f"| transformers generate_batch | failed: {hf['error']} | | | |")
+    roof = results["roofline_tokens_per_s"]
+    print(f"| roofline at B={B}: memory {step_bytes / 1e9:.1f} GB/step; + GEMMs at {H100_DENSE_FP16_FLOPS / 1e12:.0f} TFLOP/s "
+          f"| {roof['memory_only']:,.0f} / {roof['memory_plus_gemm']:,.0f} | | | |")
+    print(f"\nragged vs fixed: {engine_ragged['tokens_per_s'] / engine_fixed['tokens_per_s']:.0%}; "
+          f"greedy == transformers generate: {results['greedy_equal']}")
+    if old:
+        print(f"engine vs old path: {engine_fixed['tokens_per_s'] / old['tokens_per_s']:.2f}×; "
+              f"texts equal: {old['same_texts']} of {len(rows)}")
+
+
+if __name__ == "__main__":
+    main()

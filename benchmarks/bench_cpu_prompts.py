@@ -1,0 +1,91 @@
+"""A prompts file on the CPU: the embedded model, N prompts × n samples × exactly T new tokens.
+
+The issue-12 CPU job: 100 distinct prompts to one persona through `generate --prompts-file`,
+n = 2, 48 new tokens each (min = max, so every run does the same work), as whole processes.
+With `--baseline-tree DIR` (a checkout of an earlier commit) the same command also runs on that
+tree's code, alternating, in the same run; the texts of both are compared.
+
+    .venv/bin/python benchmarks/bench_cpu_prompts.py [--prompts 100] [--n 2] [--max-new-tokens 48]
+                                                     [--baseline-tree DIR] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_grid import REPO, cpu_name, timed  # noqa: E402
+
+SUBJECTS = ["your last bike repair", "the shop's opening hours", "a muddy trail ride", "a gift for a friend",
+            "the price of a helmet", "a slow delivery", "a squeaky brake", "riding in the rain", "a new saddle",
+            "the store's website"]
+ASKS = ["Tell me about {}.", "What went wrong with {}?", "Describe {} in two sentences.", "Would you recommend {}?",
+        "Write a short review of {}.", "What did you expect from {}?", "Complain politely about {}.",
+        "What would make {} better?", "Ask the staff a question about {}.", "Summarise {} for a friend."]
+
+
+def prompts(count: int) -> list[str]:
+    return [ASKS[i % len(ASKS)].format(SUBJECTS[(i // len(ASKS)) % len(SUBJECTS)]) + f" (#{i + 1})"
+            for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--n", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--persona", default="customer")
+    parser.add_argument("--baseline-tree", type=Path)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+
+    from personas.model.choice import EMBEDDED
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(prompts(args.prompts)) + "\n")
+    command = [sys.executable, "-m", "personas", "generate", args.persona, "--prompts-file", f.name, "-t", "1.0",
+               "-n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
+               "--min-new-tokens", str(args.max_new_tokens), "--seed", "1", "--format", "jsonl"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONAS_MODEL": EMBEDDED}
+    trees = [("personas (this tree)", REPO)] + ([(f"baseline: {args.baseline_tree}", args.baseline_tree)]
+                                                if args.baseline_tree else [])
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in trees}
+    texts: dict[str, dict] = {}
+    tokens = args.prompts * args.n * args.max_new_tokens
+    for _ in range(args.repeats):
+        for label, tree in trees:
+            whole, result = timed(command, {**env, "PYTHONPATH": str(tree / "src")})
+            records = [json.loads(line) for line in result.stdout.splitlines()]
+            assert len(records) == args.prompts * args.n and all(r["new_tokens"] == args.max_new_tokens for r in records)
+            texts[label] = {(r["id"], r["sample"]): r["text"] for r in records}
+            runs[label].append((whole, float(re.search(r"new tokens in ([\d.]+) s", result.stderr).group(1))))
+    os.unlink(f.name)
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    print(f"job: persona '{args.persona}', {args.prompts} prompts × n={args.n} × {args.max_new_tokens} tokens "
+          f"({tokens} tokens), T=1.0, embedded SmolLM2-135M-Instruct; medians of {args.repeats} alternating runs\n")
+    print("| code | whole process (s) | generation (s) | tokens/s (generation) | speed-up (generation) |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(t[1] for t in runs[trees[-1][0]])
+    for label, timings in runs.items():
+        whole = statistics.median(t[0] for t in timings)
+        generation = statistics.median(t[1] for t in timings)
+        print(f"| {label} | {whole:.1f} | {generation:.1f} | {tokens / generation:.0f} | {base / generation:.2f}× |")
+    if len(texts) == 2:
+        a, b = texts.values()
+        print(f"\ntexts identical to the baseline's: {sum(a[k] == b.get(k) for k in a)} of {len(a)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""The decode engine: a fixed set of slots decoding together, refilled from a queue as rows end.
+
+    submit(rows) ──► queue ──► admit: prefill into free slots ──► step: one token for every slot
+                                 ▲                                         │
+                                 └──────── a row ends: deliver, free ◄─────┘
+
+* Slots. B rows decode at once; B comes from the memory free after loading (at most
+  `CUDA_SLOTS`; the CPU's `BATCH_ROWS`; --batch-size caps it). A row that ends (its end of turn,
+  or its own max_new_tokens) frees its slot at once and the next queued row is prefilled into it
+  while the others keep decoding.
+* Prefixes, stored once. Rows of one persona share the start of their prompts (the system
+  context and examples). That prefix's keys and values live once in the prefix pool; a slot's
+  cache holds only its own suffix (the prompt after the prefix, then its new tokens). The
+  decoder (decoder.py) reads each prefix once per step for all rows that share it.
+* One step, one graph. On CUDA the decode step — forward pass, choosing, bookkeeping — is
+  captured as a CUDA graph per (prefix span, suffix span, masks) and replayed; spans grow in
+  steps of `SPAN` so a step reads at most that many unfilled positions past the longest row.
+  On the CPU the same step runs eagerly.
+* Same rows, same semantics. Each row keeps its seed (the chooser's noise is keyed by seed, step
+  and token id, so the batch around it does not matter), temperature, top-k/top-p,
+  min_new_tokens and max_new_tokens.
+
+The host reads the chosen tokens after every step (B integers): that is how rows end on time and
+refill starts at once, for the price of one small copy per step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..model.load import LoadedModel
+from .chooser import choose, token_salts
+from .decoder import Decoder, Part
+from .grid import BATCH_ROWS, Row, Sample, Settings
+from .prefill import common_prefix
+
+CUDA_SLOTS = 512  # the most slots on a GPU; fewer when memory is short
+SPAN = 32  # caches are read in spans of this many positions
+POOL_STEP = 256  # the prefix pool grows by at least this many positions
+PREFILL_TOKENS = {"cuda": 4096, "cpu": 2048}  # prompt tokens per prefill pass
+SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY = 56  # bytes: logits, float32 scores, noise (int64, float64)
+HEADROOM = 0.9  # the share of free memory the slots may take
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+@dataclass(eq=False)
+class Job:
+    """A row inside the engine: the row, its sampling rules, and where its sample goes."""
+
+    row: Row
+    max_new: int
+    min_new: int
+    top_k: int  # 0: off
+    top_p: float  # 1.0: off
+    deliver: Callable[[Sample], None]
+    prefix: tuple[int, ...] = ()  # the start of its prompt kept in the prefix pool
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def suffix(self) -> tuple[int, ...]:
+        return self.row.prompt_ids[len(self.prefix):]
+
+    @property
+    def cache_need(self) -> int:
+        """Positions its slot must hold: its suffix and its new tokens."""
+        return len(self.suffix) + self.max_new
+
+
+class PrefixPool:
+    """The prefixes of the rows queued or in flight, each stored once, back to back.
+
+    keys/values: per layer (kv_heads, capacity, head_dim). A prefix is computed when the first
+    row that needs it is admitted and dropped when its last row is delivered; the space of
+    dropped prefixes is reclaimed by compacting when a new one does not fit.
+    """
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.capacity = 0
+        self.spans: dict[tuple[int, ...], tuple[int, int]] = {}  # prefix -> (start, length)
+        self.users: dict[tuple[int, ...], int] = {}  # prefix -> rows queued or in flight
+        self.end = 0
+        self.version = 0  # changes whenever spans move or the tensors are replaced
+
+    def hold(self, prefix: tuple[int, ...]) -> None:
+        if prefix:
+            self.users[prefix] = self.users.get(prefix, 0) + 1
+
+    def release(self, prefix: tuple[int, ...]) -> None:
+        if not prefix:
+            return
+        self.users[prefix] -= 1
+        if not self.users[prefix]:
+            del self.users[prefix]
+            if self.spans.pop(prefix, None) is not None:
+                self.version += 1
+
+    def ensure(self, prefix: tuple[int, ...]) -> None:
+        """Compute and store `prefix` unless it is here."""
+        if not prefix or prefix in self.spans:
+            return
+        if self.end + len(prefix) > self.capacity:
+            self._compact()
+        if self.end + len(prefix) > self.capacity:
+            self._grow(round_up(self.end + len(prefix), POOL_STEP))
+        start = self.end
+        self._compute(prefix, start)
+        self.spans[prefix] = (start, len(prefix))
+        self.end = start + len(prefix)
+        self.version += 1
+
+    def read_length(self) -> int:
+        """Positions a step reads: up to the last live prefix, in whole spans."""
+        return min(self.capacity, round_up(self.end, SPAN)) if self.spans else 0
+
+    def bias(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """(len(prefixes), capacity): 0 over each row's own prefix, -inf elsewhere."""
+        bias = torch.full((len(prefixes), self.capacity), float("-inf"), device=self.decoder.device)
+        for row, prefix in enumerate(prefixes):
+            if prefix:
+                start, length = self.spans[prefix]
+                bias[row, start:start + length] = 0.0
+        return bias
+
+    def parts(self, bias: torch.Tensor, length: int) -> list[Part] | None:
+        if not length:
+            return None
+        return [Part(k[:, :length], v[:, :length], bias[:, :length], shared=True)
+                for k, v in zip(self.keys, self.values)]
+
+    def _grow(self, capacity: int) -> None:
+        d = self.decoder
+        keys = [torch.zeros((d.kv_heads, capacity, d.head_dim), dtype=d.dtype, device=d.device)
+                for _ in range(d.layer_count)]
+        values = [torch.zeros_like(k) for k in keys]
+        for old, new in zip(self.keys + self.values, keys + values):
+            new[:, :self.end].copy_(old[:, :self.end])
+        self.keys, self.values, self.capacity = keys, values, capacity
+        self.version += 1
+
+    def _compact(self) -> None:
+        """Move the live prefixes to the front, in place."""
+        at = 0
+        for prefix, (start, length) in sorted(self.spans.items(), key=lambda item: item[1][0]):
+            if start != at:
+                for tensor in self.keys + self.values:
+                    tensor[:, at:at + length] = tensor[:, start:start + length].clone()
+                self.spans[prefix] = (at, length)
+            at += length
+        self.end = at
+        self.version += 1
+
+    def _compute(self, prefix: tuple[int, ...], start: int) -> None:
+        d = self.decoder
+        length = len(prefix)
+        ids = torch.tensor([prefix], device=d.device)
+        causal = torch.full((length, length), float("-inf"), device=d.device).triu_(1)[None]
+
+        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
+            self.keys[layer][:, start:start + length] = k[0]
+            self.values[layer][:, start:start + length] = v[0]
+            return Part(k, v, causal, shared=False)
+
+        d.run(ids, torch.arange(length, device=d.device)[None], own, None,
+              torch.tensor([length - 1], device=d.device))
+
+
+class Engine:
+    """Slots, a queue and a prefix pool over one loaded model. `submit` rows, then `step` (or
+    `run`) until `busy` is False; each row's Sample goes to its `deliver` as soon as it ends."""
+
+    def __init__(self, loaded: LoadedModel, *, max_slots: int | None = None, graphs: bool = False,
+                 expect_more: bool = False, on_split: Callable[[int, int], None] = lambda _old, _new: None):
+        """expect_more: rows will keep arriving (a server), so size the slots for the cap and the
+        memory, not for the rows queued when the first step runs."""
+        self.loaded = loaded
+        self.decoder = Decoder(loaded.model)
+        self.device = self.decoder.device
+        self.graphs_enabled = graphs and self.device.type == "cuda"
+        self.max_slots = max_slots
+        self.expect_more = expect_more
+        self.on_split = on_split
+        self.eos_ids = list(loaded.eos_ids)
+        self.pad_id = loaded.pad_id
+        self.vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
+        self.pool = PrefixPool(self.decoder)
+        self.queue: deque[Job] = deque()
+        self.seen: dict[str, tuple[int, ...]] = {}  # persona -> a prompt of theirs seen before
+        self.slot_count = 0  # 0: not allocated
+        self.span = 0  # positions each slot's cache holds
+        self.jobs: dict[int, Job] = {}  # slot -> its row
+        self.filled: dict[int, int] = {}  # slot -> positions of its cache written
+        self.graphs: dict[tuple[int, int, bool, int], Any] = {}
+        self.graph_pool = None
+        self.steps = 0  # decode steps taken (progress)
+        self.last_batch = 0  # rows the last step decoded
+
+    # --- queueing ------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.jobs)
+
+    @property
+    def rows_waiting(self) -> int:
+        return len(self.queue) + len(self.jobs)
+
+    def submit(self, rows: Iterable[Row], settings: Settings, deliver: Callable[[Sample], None]) -> None:
+        """Queue rows; each persona's rows share the longest prompt start they have in common
+        (with a prompt of that persona seen before, so one request at a time still shares)."""
+        by_persona: dict[str, list[Row]] = {}
+        for row in rows:
+            by_persona.setdefault(row.persona, []).append(row)
+        jobs = []
+        for persona, members in by_persona.items():
+            prompts = list(dict.fromkeys(r.prompt_ids for r in members))
+            if persona in self.seen:
+                prompts.append(self.seen[persona])
+            self.seen[persona] = members[0].prompt_ids
+            shared = common_prefix(prompts)
+            for row in members:
+                job = Job(row, row.limit(settings), settings.min_new_tokens, settings.top_k or 0,
+                          settings.top_p if settings.top_p is not None else 1.0, deliver,
+                          prefix=row.prompt_ids[:shared])
+                self.pool.hold(job.prefix)
+                jobs.append(job)
+        # Identical prompts next to each other: one prefill serves them all.
+        jobs.sort(key=lambda j: (j.prefix, j.suffix))
+        self.queue.extend(jobs)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def run(self, on_step: Callable[[int], None] = lambda _: None) -> None:
+        while self.busy:
+            self.step()
+            on_step(self.steps)
+
+    def step(self) -> None:
+        """Admit what fits, then one decode step for every slot; halve the slots on out-of-memory."""
+        try:
+            self._admit()
+            if self.jobs:
+                self._decode_step()
+        except Exception as error:
+            if not is_out_of_memory(error) or self.slot_count <= 1:
+                raise
+            self._back_off()
+
+    def _back_off(self) -> None:
+        """Out of memory: rows in flight go back to the front of the queue (nothing was delivered
+        for them, and their seeds make the rerun identical), and the slots are halved."""
+        old = self.slot_count
+        for job in reversed(list(self.jobs.values())):
+            job.tokens.clear()
+            self.queue.appendleft(job)
+        self.jobs.clear()
+        self.filled.clear()
+        self._release_slots()
+        self.max_slots = max(1, old // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.on_split(old, self.max_slots)
+
+    # --- slots ---------------------------------------------------------------------------------
+
+    def _release_slots(self) -> None:
+        self.cache_keys = self.cache_values = []
+        self.graphs.clear()
+        self.slot_count = 0
+
+    def _slots_for(self, span: int) -> int:
+        """How many slots: the cap, the rows waiting, and on CUDA the memory free now."""
+        cap = self.max_slots or (CUDA_SLOTS if self.device.type == "cuda" else BATCH_ROWS["cpu"])
+        slots = cap if self.expect_more else max(1, min(cap, self.rows_waiting))
+        if self.device.type != "cuda":
+            return slots
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        d = self.decoder
+        per_slot = span * d.kv_bytes_per_token() + self.vocabulary * SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY
+        # A prefill pass: its MLP activations and its attention scores over the pool and itself.
+        intermediate = getattr(self.loaded.model.config, "intermediate_size", 4 * d.heads * d.head_dim)
+        prefill = PREFILL_TOKENS["cuda"] * (6 * intermediate + 8 * d.heads * (self.pool.capacity + span))
+        budget = HEADROOM * free - prefill
+        return max(1, min(slots, int(budget // per_slot)))
+
+    def _allocate(self) -> None:
+        d = self.decoder
+        self.span = round_up(max(j.cache_need for j in self.queue), SPAN)
+        for prefix in dict.fromkeys(j.prefix for j in self.queue if j.prefix):
+            self.pool.ensure(prefix)
+        B = self.slot_count = self._slots_for(self.span)
+        shape = (B, d.kv_heads, self.span, d.head_dim)
+        self.cache_keys = [torch.zeros(shape, dtype=d.dtype, device=self.device) for _ in range(d.layer_count)]
+        self.cache_values = [torch.zeros(shape, dtype=d.dtype, device=self.device) for _ in range(d.layer_count)]
+        longs = lambda: torch.zeros(B, dtype=torch.long, device=self.device)  # noqa: E731
+        self.tok, self.pos, self.write_at, self.generated, self.active = (longs() for _ in range(5))
+        self.seeds, self.top_k, self.min_new = longs(), longs(), longs()
+        self.temperatures = torch.ones(B, device=self.device)
+        self.top_p = torch.ones(B, device=self.device)
+        self.own_bias = torch.full((B, self.span), float("-inf"), device=self.device)
+        self.own_bias[:, 0] = 0.0
+        self.prefix_bias = self.pool.bias([()] * B)
+        self.prefix_version = self.pool.version
+        self.slot_index = torch.arange(B, device=self.device)
+        self.first_row = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.salts = token_salts(self.vocabulary, self.device)
+        self.eos = torch.tensor(self.eos_ids, device=self.device)
+        self.tok.fill_(self.pad_id)
+
+    def _admit(self) -> None:
+        if not self.queue:
+            return
+        if not self.slot_count:
+            self._allocate()
+        free = [b for b in range(self.slot_count) if b not in self.jobs]
+        taken: list[tuple[int, Job]] = []
+        while free and self.queue:
+            if self.queue[0].cache_need > self.span:
+                if self.jobs or taken:
+                    break  # a longer row waits until the slots drain, then the caches grow
+                self._release_slots()
+                self._allocate()
+                free = list(range(self.slot_count))
+            taken.append((free.pop(0), self.queue.popleft()))
+        if taken:
+            self._prefill(taken)
+
+    def _refresh_prefix_bias(self) -> None:
+        """Rebuild the slots' prefix masks after the pool changed (a prefix added, moved, dropped)."""
+        if self.pool.version == self.prefix_version:
+            return
+        bias = self.pool.bias([self.jobs[b].prefix if b in self.jobs else () for b in range(self.slot_count)])
+        if bias.shape == self.prefix_bias.shape:
+            self.prefix_bias.copy_(bias)  # in place: captured graphs read this tensor
+        else:
+            self.graphs.clear()  # new pool tensors: the captured graphs read the old ones
+            self.prefix_bias = bias
+        self.prefix_version = self.pool.version
+
+    def _prefill(self, taken: list[tuple[int, Job]]) -> None:
+        """Encode the new rows' suffixes into their slots and choose their first tokens."""
+        for _, job in taken:
+            self.pool.ensure(job.prefix)
+        for b, job in taken:
+            self.jobs[b] = job
+        self._refresh_prefix_bias()
+        d, device = self.decoder, self.device
+        # Identical (prefix, suffix) pairs are encoded once and copied to the other slots.
+        distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for b, job in taken:
+            distinct.setdefault((job.prefix, job.suffix), []).append(b)
+        items = list(distinct.items())
+        budget = PREFILL_TOKENS.get(device.type, PREFILL_TOKENS["cpu"])
+        logits_of: dict[int, torch.Tensor] = {}
+        start = 0
+        while start < len(items):
+            end = start + 1
+            while end < len(items) and (end + 1 - start) * max(len(s) for (_, s), _ in items[start:end + 1]) <= budget:
+                end += 1
+            chunk = items[start:end]
+            logits = self._encode_suffixes(chunk)
+            for row, (_, slots) in enumerate(chunk):
+                for b in slots:
+                    logits_of[b] = logits[row]
+            start = end
+        slots = [b for b, _ in taken]
+        index = torch.tensor(slots, device=device)
+        jobs = [job for _, job in taken]
+        self.temperatures[index] = torch.tensor([j.row.temperature for j in jobs], dtype=torch.float32, device=device)
+        self.seeds[index] = torch.tensor([j.row.seed for j in jobs], device=device)
+        self.top_k[index] = torch.tensor([j.top_k for j in jobs], device=device)
+        self.top_p[index] = torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device)
+        self.min_new[index] = torch.tensor([j.min_new for j in jobs], device=device)
+        self.generated[index] = 0
+        first = self._choose(torch.stack([logits_of[b] for b in slots]), index).tolist()
+        lengths = [len(j.suffix) for j in jobs]
+        self.tok[index] = torch.tensor(first, device=device)
+        self.pos[index] = torch.tensor([len(j.row.prompt_ids) for j in jobs], device=device)
+        self.write_at[index] = torch.tensor(lengths, device=device)
+        self.generated[index] = 1
+        self.active[index] = 1
+        self.prefix_bias[index] = self.pool.bias([j.prefix for j in jobs])
+        visible = torch.arange(self.span, device=device)[None, :] <= self.write_at[index][:, None]
+        self.own_bias[index] = torch.zeros_like(self.own_bias[index]).masked_fill_(~visible, float("-inf"))
+        for b, length in zip(slots, lengths):
+            self.filled[b] = length
+        self._take(dict(zip(slots, first)))
+
+    def _encode_suffixes(self, chunk: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], list[int]]]) -> torch.Tensor:
+        """One prefill pass over distinct suffixes; their keys go to their first slot, then are
+        copied to the slots with the same prompt. Returns each suffix's last logits."""
+        d, device = self.decoder, self.device
+        suffixes = [suffix for (_, suffix), _ in chunk]
+        starts = [len(prefix) for (prefix, _), _ in chunk]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            ids[row, :len(suffix)] = torch.tensor(suffix)
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None, :]
+        firsts = torch.tensor([slots[0] for _, slots in chunk], device=device)
+        # Causal within the suffix; a padded query sees garbage, and nothing reads its output.
+        causal = torch.full((width, width), float("-inf"), device=device).triu_(1)[None]
+
+        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
+            self.cache_keys[layer][firsts, :, :width] = k
+            self.cache_values[layer][firsts, :, :width] = v
+            return Part(k, v, causal, shared=False)
+
+        bias = self.pool.bias([prefix for (prefix, _), _ in chunk])
+        logits = d.run(ids.to(device), positions.to(device), own, self.pool.parts(bias, self.pool.read_length()),
+                       torch.tensor([len(s) - 1 for s in suffixes], device=device))
+        copies = [(slots[0], b) for _, slots in chunk for b in slots[1:]]
+        if copies:
+            source = torch.tensor([a for a, _ in copies], device=device)
+            target = torch.tensor([b for _, b in copies], device=device)
+            for tensor in self.cache_keys + self.cache_values:
+                tensor[target, :, :width] = tensor[source, :, :width]
+        return logits
+
+    def _choose(self, logits: torch.Tensor, slots: torch.Tensor | None = None, masks: bool | None = None) -> torch.Tensor:
+        """The next token of each slot (all slots, or `slots`) from its logits and rules."""
+        pick = (lambda t: t) if slots is None else (lambda t: t.index_select(0, slots))
+        generated, min_new = pick(self.generated), pick(self.min_new)
+        # Before min_new_tokens, ending the turn is not an option.
+        early = (generated < min_new)[:, None]
+        logits[:, self.eos] = logits[:, self.eos].masked_fill(early, float("-inf"))
+        if masks is None:
+            masks = self._masks_needed()
+        top_k, top_p = (pick(self.top_k), pick(self.top_p)) if masks else (None, None)
+        return choose(logits, pick(self.temperatures), pick(self.seeds), generated, self.salts, top_k, top_p)
+
+    def _masks_needed(self) -> bool:
+        return any(job.top_k or job.top_p < 1.0 for job in self.jobs.values())
+
+    # --- one decode step -----------------------------------------------------------------------
+
+    def _decode(self, prefix_span: int, own_span: int, masks: bool, rows: torch.Tensor | None = None) -> None:
+        """The next token of every slot (or of `rows`, a subset: eager only), written to `tok`;
+        all state advanced on the device."""
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        slots = self.slot_index if rows is None else rows
+        write_at = pick(self.write_at)
+        own_bias = pick(self.own_bias)[:, None, :own_span]
+
+        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
+            keys, values = self.cache_keys[layer], self.cache_values[layer]
+            keys[slots, :, write_at] = k[:, :, 0]
+            values[slots, :, write_at] = v[:, :, 0]
+            if rows is None:
+                return Part(keys[:, :, :own_span], values[:, :, :own_span], own_bias, shared=False)
+            return Part(keys[rows, :, :own_span], values[rows, :, :own_span], own_bias, shared=False)
+
+        logits = self.decoder.run(pick(self.tok)[:, None], pick(self.pos)[:, None], own,
+                                  self.pool.parts(pick(self.prefix_bias), prefix_span), self.first_row[:len(slots)])
+        chosen = self._choose(logits, rows, masks=masks)
+        if rows is None:
+            self.tok.copy_(chosen)
+        else:
+            self.tok[rows] = chosen
+        self.pos.add_(self.active)
+        self.write_at.add_(self.active)
+        self.generated.add_(self.active)
+        self.own_bias[self.slot_index, self.write_at.clamp(max=self.span - 1)] = 0.0
+
+    def _decode_step(self) -> None:
+        self.last_batch = len(self.jobs)
+        self._refresh_prefix_bias()
+        own_span = min(self.span, round_up(max(self.filled[b] for b in self.jobs) + 1, SPAN))
+        key = (self.pool.read_length(), own_span, self._masks_needed())
+        if not self.graphs_enabled:
+            # Eagerly, only the slots in use are computed (a graph replays all of them).
+            busy = None if len(self.jobs) == self.slot_count else torch.tensor(sorted(self.jobs), device=self.device)
+            self._decode(*key, rows=busy)
+        elif key in self.graphs:
+            self.graphs[key].replay()
+        else:
+            with torch.inference_mode():
+                self._decode(*key)  # eager first: warms every kernel, and is this step
+                graph = torch.cuda.CUDAGraph()
+                if self.graph_pool is None:
+                    self.graph_pool = torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(graph, pool=self.graph_pool):
+                    self._decode(*key)  # recorded, not run
+            self.graphs[key] = graph
+        self.steps += 1
+        chosen = self.tok.tolist()
+        for b in self.jobs:
+            self.filled[b] += 1
+        self._take({b: chosen[b] for b in self.jobs})
+
+    def _take(self, chosen: dict[int, int]) -> None:
+        """Record each slot's new token; deliver and free the rows that ended."""
+        ended = []
+        for b, token in chosen.items():
+            job = self.jobs[b]
+            if token in self.eos_ids:
+                ended.append((b, "stop"))
+                continue
+            job.tokens.append(token)
+            if len(job.tokens) >= job.max_new:
+                ended.append((b, "length"))
+        if not ended:
+            return
+        for b, reason in ended:
+            job = self.jobs.pop(b)
+            del self.filled[b]
+            self.pool.release(job.prefix)
+            job.deliver(Sample(job.row, tuple(job.tokens), reason))
+        index = torch.tensor([b for b, _ in ended], device=self.device)
+        for tensor in (self.active, self.write_at, self.pos, self.generated):
+            tensor[index] = 0
+        self.tok[index] = self.pad_id
+        self.own_bias[index] = float("-inf")
+        self.own_bias[index, 0] = 0.0
+        self.prefix_bias[index] = float("-inf")
+
+
+def sample_with_engine(loaded: LoadedModel, rows: Sequence[Row], settings: Settings, graphs: bool,
+                       on_sample: Callable[[Sample], None], on_step: Callable[[int], None],
+                       on_split: Callable[[int, int], None]) -> None:
+    """Every row through one engine, sized for them."""
+    engine = Engine(loaded, max_slots=settings.max_batch, graphs=graphs, on_split=on_split)
+    engine.submit(rows, settings, on_sample)
+    with torch.inference_mode():
+        engine.run(on_step)

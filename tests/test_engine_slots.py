@@ -1,0 +1,251 @@
+"""The decode engine (sampling/engine.py): slots refilled from a queue, prefixes stored once.
+
+Real tiny Llama models throughout; CUDA tests run on the device and are skipped (not faked)
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
+from personas.sampling.chooser import top_k_top_p_mask
+from personas.sampling.engine import SPAN, Engine, round_up
+from personas.sampling.grid import Row, Settings
+from personas.sampling.scheduler import generate_grid
+
+SYSTEM = "You are a pirate captain who runs a tea shop by the sea. "
+ASKS = ["Hello there, how are you today?", "Recall a memorable day out with your bike.",
+        "The quick brown fox jumps over the lazy dog.", "Galaxy Rider mountain bikes are great."]
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+
+
+def grid_rows(model, personas=("pirate", "grocer"), temperatures=(0.0, 1.0), n=2, asks=ASKS) -> list[Row]:
+    tok = model.tokenizer
+    rows = []
+    for persona in personas:
+        for a, ask in enumerate(asks):
+            ids = tuple([tok.bos_token_id] + tok.encode(f"{persona}: {SYSTEM}{ask}", add_special_tokens=False))
+            for t in temperatures:
+                for k in range(1, n + 1):
+                    rows.append(Row(persona, ask, t, k, 1000 * a + 10 * k + len(persona), ids, id=a))
+    return rows
+
+
+def run_engine(model, rows, settings, slots=None, on_step=None):
+    engine = Engine(model, max_slots=slots)
+    samples = {}
+    engine.submit(rows, settings, lambda s: samples.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
+    with torch.inference_mode():
+        while engine.busy:
+            engine.step()
+            if on_step:
+                on_step(engine)
+    return samples, engine
+
+
+def chunked(model, rows, settings):
+    samples = {}
+    generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                  on_sample=lambda s: samples.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
+    return samples
+
+
+def test_engine_gives_the_chunked_paths_texts(tiny):
+    """Shared prefixes and refill change where rows run, not what they sample (greedy and seeded)."""
+    rows = grid_rows(tiny)
+    settings = Settings(max_new_tokens=24)
+    expected = chunked(tiny, rows, settings)
+    for slots in (None, 3):
+        got, _ = run_engine(tiny, rows, settings, slots)
+        assert {k: (s.token_ids, s.finish_reason) for k, s in got.items()} == \
+               {k: (s.token_ids, s.finish_reason) for k, s in expected.items()}
+
+
+def test_greedy_equals_transformers_generate(tiny):
+    rows = [r for r in grid_rows(tiny, temperatures=(0.0,), n=1)]
+    got, _ = run_engine(tiny, rows, Settings(max_new_tokens=30))
+    for row in rows:
+        ids = torch.tensor([row.prompt_ids])
+        out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
+                                  eos_token_id=tiny.eos_ids, pad_token_id=tiny.pad_id)[0, ids.shape[1]:].tolist()
+        expected = out[:next((i for i, t in enumerate(out) if t in tiny.eos_ids), len(out))]
+        assert list(got[(row.persona, row.id, 0.0, 1)].token_ids) == expected
+
+
+def test_refill_keeps_every_slot_busy_until_the_queue_empties(tiny):
+    rows = grid_rows(tiny, personas=("pirate",), n=3)
+    limits = [3, 9, 5, 14, 2, 7, 11, 4]
+    rows = [dataclasses.replace(r, max_new_tokens=limits[i % len(limits)]) for i, r in enumerate(rows)]
+    in_flight = []
+
+    def watch(engine):
+        in_flight.append((engine.last_batch, len(engine.queue)))
+
+    got, engine = run_engine(tiny, rows, Settings(max_new_tokens=64, min_new_tokens=64), slots=4, on_step=watch)
+    assert engine.slot_count == 4
+    # Every row ran to its own limit (min_new_tokens > limit: no early end of turn).
+    assert sorted(len(s.token_ids) for s in got.values()) == sorted(r.max_new_tokens for r in rows)
+    assert all(s.finish_reason == "length" for s in got.values())
+    # While rows wait, all four slots decode: a row that ends is replaced before the next step.
+    for busy, waiting in in_flight:
+        if waiting:
+            assert busy == 4
+    assert in_flight[-1][0] < 4  # the last rows end at different steps
+    # Fewer decode steps than running the rows in chunks of four, each as long as its longest.
+    chunks = [max(r.max_new_tokens for r in rows[i:i + 4]) for i in range(0, len(rows), 4)]
+    assert engine.steps < sum(chunks) - len(chunks)
+
+
+def test_a_shared_prefix_is_stored_once_and_slots_hold_only_suffixes(tiny):
+    rows = grid_rows(tiny, personas=("pirate",), n=4)
+    engine = Engine(tiny)
+    engine.submit(rows, Settings(max_new_tokens=16), lambda s: None)
+    with torch.inference_mode():
+        engine.step()
+    prefix = len(engine.jobs[0].prefix)
+    suffixes = [len(r.prompt_ids) - prefix for r in rows]
+    assert prefix >= len(tiny.tokenizer.encode(f"pirate: {SYSTEM}", add_special_tokens=False))
+    # The pool: that prefix, once.
+    assert list(engine.pool.spans.values()) == [(0, prefix)]
+    assert engine.pool.end == prefix
+    # Each slot: its own suffix plus its new tokens (rounded up to whole spans), not the prompt.
+    kv_heads, head_dim = tiny.config.num_key_value_heads, tiny.config.hidden_size // tiny.config.num_attention_heads
+    assert engine.cache_keys[0].shape == (len(rows), kv_heads, round_up(max(suffixes) + 16, SPAN), head_dim)
+    assert engine.span < prefix + 16
+    total = sum(t.numel() for t in engine.cache_keys + engine.cache_values)
+    pool = sum(t[:, :engine.pool.end].numel() for t in engine.pool.keys + engine.pool.values)
+    per_token = 2 * tiny.config.num_hidden_layers * kv_heads * head_dim
+    assert pool == prefix * per_token
+    assert total == len(rows) * engine.span * per_token
+
+
+def test_several_personas_several_prefixes_and_dropped_when_done(tiny):
+    rows = grid_rows(tiny, personas=("pirate", "grocer", "baker"), n=1, temperatures=(1.0,))
+    seen_spans = []
+    got, engine = run_engine(tiny, rows, Settings(max_new_tokens=6), slots=5,
+                             on_step=lambda e: seen_spans.append(len(e.pool.spans)))
+    assert len(got) == len(rows)
+    assert max(seen_spans) >= 2
+    assert engine.pool.spans == {} and engine.pool.users == {}
+
+
+def test_same_seed_same_text_whatever_shares_the_batch(tiny):
+    rows = grid_rows(tiny, temperatures=(1.0,), n=2)
+    alone, _ = run_engine(tiny, rows[:1], Settings(max_new_tokens=20))
+    together, _ = run_engine(tiny, rows, Settings(max_new_tokens=20), slots=3)
+    key = next(iter(alone))
+    assert alone[key].token_ids == together[key].token_ids
+
+
+def test_a_request_arriving_mid_run_joins_the_running_batch(tiny):
+    rows = grid_rows(tiny, personas=("pirate",), temperatures=(1.0,), n=2)
+    engine = Engine(tiny, max_slots=8, expect_more=True)
+    first, second = rows[:4], rows[4:]
+    got = {}
+    deliver = lambda s: got.__setitem__((s.row.id, s.row.sample), s)  # noqa: E731
+    engine.submit(first, Settings(max_new_tokens=20, min_new_tokens=20), deliver)
+    with torch.inference_mode():
+        engine.step()
+        engine.step()
+        engine.submit(second, Settings(max_new_tokens=20, min_new_tokens=20), deliver)
+        engine.step()
+        assert len(engine.jobs) == len(rows)  # both requests decode in one batch
+        while engine.busy:
+            engine.step()
+    alone, _ = run_engine(tiny, second, Settings(max_new_tokens=20, min_new_tokens=20))
+    for (persona, line, t, k), sample in alone.items():
+        assert got[(line, k)].token_ids == sample.token_ids
+
+
+def test_per_row_masks_match_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 50) * 3
+    for k, p in [(0, 0.9), (5, 1.0), (5, 0.5), (1, 0.3), (0, 1.0), (60, 0.95)]:
+        expected = scores
+        if k:
+            expected = TopKLogitsWarper(k)(None, expected)
+        if p < 1.0:
+            expected = TopPLogitsWarper(p)(None, expected)
+        got = top_k_top_p_mask(scores, torch.full((6,), k), torch.full((6,), p))
+        assert torch.equal(torch.isinf(got), torch.isinf(expected)), (k, p)
+    # Different values per row in one call.
+    mixed = top_k_top_p_mask(scores, torch.tensor([0, 3, 0, 10, 1, 0]), torch.tensor([1.0, 1.0, 0.5, 0.8, 1.0, 0.2]))
+    for row, (k, p) in enumerate([(0, 1.0), (3, 1.0), (0, 0.5), (10, 0.8), (1, 1.0), (0, 0.2)]):
+        assert torch.equal(mixed[row], top_k_top_p_mask(scores[row:row + 1], torch.tensor([k]), torch.tensor([p]))[0])
+
+
+def test_top_k_top_p_rows_in_the_engine_match_the_chunked_path(tiny):
+    rows = grid_rows(tiny, personas=("pirate",), temperatures=(1.0,), n=3)
+    settings = Settings(max_new_tokens=12, top_k=5, top_p=0.8)
+    got, _ = run_engine(tiny, rows, settings, slots=4)
+    expected = chunked(tiny, rows, settings)
+    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in expected.items()}
+
+
+# --- on the GPU --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda(tiny_llama_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return load_model(resolve_model(str(tiny_llama_dir)), device="cuda")
+
+
+@cuda
+def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
+    rows = grid_rows(tiny_cuda, n=3)
+    settings = Settings(max_new_tokens=40)
+    eager, _ = run_engine(tiny_cuda, rows, settings, slots=5)
+    engine = Engine(tiny_cuda, max_slots=5, graphs=True)
+    graphed = {}
+    engine.submit(rows, settings, lambda s: graphed.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
+    with torch.inference_mode():
+        engine.run()
+    assert engine.graphs, "the decode step was captured"
+    assert {k: s.token_ids for k, s in graphed.items()} == {k: s.token_ids for k, s in eager.items()}
+    for key, sample in graphed.items():
+        if key[2] == 0.0:
+            row = next(r for r in rows if (r.persona, r.id, r.temperature, r.sample) == key)
+            ids = torch.tensor([row.prompt_ids], device="cuda")
+            out = tiny_cuda.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                           eos_token_id=tiny_cuda.eos_ids, pad_token_id=tiny_cuda.pad_id)
+            out = out[0, ids.shape[1]:].tolist()
+            assert list(sample.token_ids) == out[:next((i for i, t in enumerate(out) if t in tiny_cuda.eos_ids), len(out))]
+
+
+@cuda
+def test_out_of_memory_halves_the_slots_and_loses_nothing(tiny_cuda):
+    """A real out-of-memory: the allocator is capped below what the engine sized itself for."""
+    rows = grid_rows(tiny_cuda, n=8)
+    settings = Settings(max_new_tokens=32, min_new_tokens=32)
+    expected, _ = run_engine(tiny_cuda, rows, settings)
+    splits = []
+    engine = Engine(tiny_cuda, max_slots=len(rows), graphs=True, on_split=lambda old, new: splits.append((old, new)))
+    got = {}
+    engine.submit(rows, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
+    torch.cuda.empty_cache()
+    used = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    engine.decoder.kv_bytes_per_token = lambda: 0  # noqa: E731 — size as if slots were free ...
+    torch.cuda.set_per_process_memory_fraction((used + 6 * 2**20) / total)  # ... in 6 MiB of room
+    try:
+        with torch.inference_mode():
+            engine.run()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert splits and splits[0][1] == splits[0][0] // 2
+    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in expected.items()}
