@@ -318,6 +318,7 @@ class Engine:
         self.prefix_version = self.pool.version
         self.slot_index = torch.arange(B, device=self.device)
         self.first_row = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.zero = torch.zeros((), device=self.device)
         self.salts = token_salts(self.vocabulary, self.device)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
         self.tok.fill_(self.pad_id)
@@ -475,7 +476,8 @@ class Engine:
         self.pos.add_(self.active)
         self.write_at.add_(self.active)
         self.generated.add_(self.active)
-        self.own_bias[self.slot_index, self.write_at.clamp(max=self.span - 1)] = 0.0
+        # index_put_ with a device zero: a Python 0.0 would be a host copy, which capture forbids.
+        self.own_bias.index_put_((self.slot_index, self.write_at.clamp(max=self.span - 1)), self.zero)
 
     def _decode_step(self) -> None:
         self.last_batch = len(self.jobs)
