@@ -45,6 +45,7 @@ POOL_STEP = 256  # the prefix pool grows by at least this many positions
 PREFILL_TOKENS = {"cuda": 4096, "cpu": 2048}  # prompt tokens per prefill pass
 SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY = 56  # bytes: logits, float32 scores, noise (int64, float64)
 HEADROOM = 0.9  # the share of free memory the slots may take
+REFILL_SHARE = 8  # refill when 1/REFILL_SHARE of the slots are free (see _admit)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -329,6 +330,11 @@ class Engine:
         if not self.slot_count:
             self._allocate()
         free = [b for b in range(self.slot_count) if b not in self.jobs]
+        # A prefill pass reads every weight, as a decode step does: refilling one slot per step
+        # would nearly double the cost of each step. While rows decode, wait until an eighth of
+        # the slots (or the whole queue) can be refilled in one pass.
+        if self.jobs and len(free) < min(len(self.queue), max(1, self.slot_count // REFILL_SHARE)):
+            return
         taken: list[tuple[int, Job]] = []
         while free and self.queue:
             if self.queue[0].cache_need > self.span:
