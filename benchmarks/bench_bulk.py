@@ -138,7 +138,7 @@ def main() -> None:
             log(f"generate_batch failed: {hf['error']}")
 
     # Greedy: the engine's tokens against transformers' generate, 64 tokens, a few prompts.
-    greedy_rows = [r.__class__(**{**r.__dict__, "temperature": 0.0}) for r in rows[:8:2]]
+    greedy_rows = [r.__class__(**{**r.__dict__, "temperature": 0.0}) for r in rows[:16:2]]
     got = {}
     partings: list[dict] = []
     engine = Engine(model, graphs=True)
