@@ -228,6 +228,13 @@ def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
 
 
 @cuda
+def test_the_fused_attention_kernel_runs_on_this_gpu(tiny_cuda):
+    from personas.sampling.decoder import Decoder
+
+    assert Decoder(tiny_cuda.model).fused
+
+
+@cuda
 def test_out_of_memory_halves_the_slots_and_loses_nothing(tiny_cuda):
     """A real out-of-memory: the allocator is capped below what the engine sized itself for."""
     rows = grid_rows(tiny_cuda, n=8)

@@ -43,58 +43,85 @@ class Part:
 
     Shared (the prefix pool): keys/values (kv_heads, P, head_dim), bias (rows, P).
     Own (each row's): keys/values (rows, kv_heads, S, head_dim), bias (rows, queries, S).
+    fused: computed by torch's memory-efficient attention kernel (CUDA, one query per row).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     bias: torch.Tensor
     shared: bool
+    fused: bool = False
 
 
-def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(max, sum of exp, unnormalised output) of softmax attention over one part, in float32.
+def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, normalised output) of softmax attention over one part, in float32.
 
     q is (rows, kv_heads, group, head_dim) with group = query heads per kv head × `queries`
-    (positions per row), ordered (head, position).
+    (positions per row), ordered (head, position). A row that sees nothing here gets
+    log-sum-exp -inf and output 0, so the part weighs nothing in `merge`.
     """
+    if part.fused:
+        return fused_part(q, part, scale)
     rows, kv_heads, group, head_dim = q.shape
+    # Scores in float32: rounding them to half precision moves attention weights by whole
+    # percents at the logit sizes Llama reaches (what the fused kernel also avoids).
+    q = q.float()
     if part.shared:
         # All rows' queries as one matrix per kv head: the prefix pool is read once.
         stacked = q.transpose(0, 1).reshape(kv_heads, rows * group, head_dim)
-        scores = torch.matmul(stacked, part.keys.transpose(1, 2)).float().mul_(scale)
+        scores = torch.matmul(stacked, part.keys.float().transpose(1, 2)).mul_(scale)
         scores = scores.view(kv_heads, rows, group, -1).transpose(0, 1)
         scores = scores + part.bias[:, None, None, :]
     else:
-        scores = torch.matmul(q, part.keys.transpose(2, 3)).float().mul_(scale)
+        scores = torch.matmul(q, part.keys.float().transpose(2, 3)).mul_(scale)
         span = scores.shape[-1]
         scores = (scores.view(rows, kv_heads, group // queries, queries, span)
                   + part.bias[:, None, None, :, :]).view(rows, kv_heads, group, span)
     top = scores.amax(-1, keepdim=True).clamp_min_(NOTHING_VISIBLE)
     weights = torch.exp(scores - top)
     total = weights.sum(-1, keepdim=True)
-    weights = weights.to(part.values.dtype)
     if part.shared:
         flat = weights.transpose(0, 1).reshape(kv_heads, rows * group, -1)
-        out = torch.matmul(flat, part.values).view(kv_heads, rows, group, head_dim).transpose(0, 1)
+        out = torch.matmul(flat, part.values.float()).view(kv_heads, rows, group, head_dim).transpose(0, 1)
     else:
-        out = torch.matmul(weights, part.values)
-    return top, total, out.float()
+        out = torch.matmul(weights, part.values.float())
+    return top + total.log(), out / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """softmax over the union of the parts' keys, from each part's (max, sum, output)."""
+def fused_part(q: torch.Tensor, part: Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The own part while decoding, by torch's memory-efficient attention kernel: it reads each
+    slot's cache once, keeps scores in float32, and returns the log-sum-exp the merge needs."""
+    rows, kv_heads, group, _ = q.shape
+    bias = part.bias[:, None, :, :].expand(rows, kv_heads, group, part.bias.shape[-1])
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, part.keys, part.values, bias, True, scale=scale)[:2]
+    return lse[:, :, :group, None], out.float()
+
+
+def fused_attention_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch and device run `fused_part` correctly (checked once, on small tensors)."""
+    if device.type != "cuda":
+        return False
+    try:
+        q = torch.randn(3, 2, 1, 64, device=device, dtype=dtype)
+        k, v = torch.randn(3, 2, 32, 64, device=device, dtype=dtype), torch.randn(3, 2, 32, 64, device=device, dtype=dtype)
+        bias = torch.zeros(3, 1, 32, device=device, dtype=dtype)
+        bias[:, :, 20:] = float("-inf")
+        lse, out = fused_part(q, Part(k, v, bias, shared=False, fused=True), 0.125)
+        ref_lse, ref = attention_part(q, Part(k, v, bias, shared=False), 0.125, 1)
+        return bool(torch.allclose(out, ref, atol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """softmax over the union of the parts' keys, from each part's (log-sum-exp, output)."""
     if len(parts) == 1:
-        top, total, out = parts[0]
-        return out / total
-    top = torch.stack([p[0] for p in parts]).amax(0)
-    numerator = torch.zeros_like(parts[0][2])
-    denominator = torch.zeros_like(parts[0][1])
-    for part_top, part_total, part_out in parts:
-        weight = torch.exp(part_top - top)
-        numerator += part_out * weight
-        denominator += part_total * weight
-    return numerator / denominator
+        return parts[0][1]
+    lse = torch.stack([p[0] for p in parts])
+    weights = torch.exp(lse - lse.amax(0))
+    out = sum(w * p[1] for w, p in zip(weights, parts))
+    return out / weights.sum(0)
 
 
 # own(layer index, keys, values) -> the Part of each row's own keys for that layer. The caller
@@ -119,6 +146,7 @@ class Decoder:
         self.scale = attention.scaling
         self.layer_count = len(self.layers)
         self.device, self.dtype = model.device, model.dtype
+        self.fused = fused_attention_works(self.device, self.dtype)
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers (keys and values)."""

@@ -1,0 +1,88 @@
+"""Where a decode step of the engine spends its time: kernel times from torch.profiler.
+
+The bulk job's shape (issue 12): the 13B GPTQ checkpoint (benchmarks/gptq_checkpoint.py),
+Marlin, B slots of the customer persona's rows mid-way through 128 new tokens. Runs a few steps,
+then profiles `--steps` eager decode steps (the same kernels a replayed graph launches) and prints
+the kernels grouped by what they do, in ms per step.
+
+    python benchmarks/profile_engine_step.py [--slots 512] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_prompts import prompts as make_prompts  # noqa: E402
+from gptq_checkpoint import write_checkpoint  # noqa: E402
+
+GROUPS = [  # (label, substrings of kernel names), first match wins
+    ("GPTQ GEMM (Marlin)", ("marlin", "Marlin")),
+    ("other GEMM / matmul (attention, lm_head)", ("gemm", "gemv", "cutlass", "sm90", "sm80", "xmma", "cublas", "Kernel2")),
+    ("softmax / exp / reductions", ("reduce", "softmax", "exp", "max", "sum")),
+    ("copies, indexing, cat", ("copy", "index", "gather", "scatter", "cat", "Memcpy", "Memset", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "Elementwise")),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slots", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq/13b"))
+    args = parser.parse_args()
+
+    from personas.generate.request import Cell, Request, plan
+    from personas.library.load import find_library_file, load_library
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.engine import Engine
+    from personas.sampling.grid import Settings
+
+    if not (args.checkpoint / "model.safetensors").is_file():
+        write_checkpoint(args.checkpoint, "13b", "cuda")
+    model = load_model(resolve_model(str(args.checkpoint)), device="cuda", gptq_backend="marlin")
+    persona = load_library(find_library_file(None)).get("customer")
+    settings = Settings(max_new_tokens=128, min_new_tokens=128)
+    rows = plan(Request(personas=[], cells=[Cell(persona, t) for t in make_prompts(args.slots)], temperatures=(1.0,),
+                        n=1, seed=1, settings=settings), model)
+    engine = Engine(model, max_slots=args.slots)  # eager: the profiler sees each kernel by name
+    print(f"fused own-part attention: {engine.decoder.fused}")
+    engine.submit(rows, settings, lambda s: None)
+    with torch.inference_mode():
+        for _ in range(64):
+            engine.step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                engine.step()
+            torch.cuda.synchronize()
+    totals: collections.Counter = collections.Counter()
+    names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if not cuda_us or event.key.startswith(("ProfilerStep", "aten::")):
+            continue
+        group = next((label for label, keys in GROUPS if any(k in event.key for k in keys)), "other")
+        totals[group] += cuda_us
+        names[group][event.key[:90]] += cuda_us
+    total = sum(totals.values())
+    print(f"card: {torch.cuda.get_device_name()}, B={engine.slot_count}, span {engine.span}, "
+          f"{args.steps} steps profiled, kernel time {total / args.steps / 1e3:.2f} ms per step\n")
+    print("| kernels | ms per step | share |")
+    print("|---|---:|---:|")
+    for group, us in totals.most_common():
+        print(f"| {group} | {us / args.steps / 1e3:.2f} | {us / total:.0%} |")
+    for group, us in totals.most_common(3):
+        print(f"\n{group}:")
+        for name, t in names[group].most_common(4):
+            print(f"  {t / args.steps / 1e3:7.2f} ms  {name}")
+
+
+if __name__ == "__main__":
+    main()
