@@ -160,6 +160,21 @@ def main() -> None:
             context = torch.tensor([list(r.prompt_ids) + expected[:at]], device="cuda")
             top2 = model.model(context).logits[0, -1].float().topk(2).values.tolist()
             partings.append({"token": at, "top2_gap": top2[0] - top2[1]})
+    # The same question for transformers against itself: each prompt alone vs all of them in
+    # one left-padded batch. Where that disagrees too, the checkpoint's near-ties decide.
+    batch = [list(r.prompt_ids) for r in greedy_rows]
+    width = max(map(len, batch))
+    ids = torch.tensor([[model.pad_id] * (width - len(b)) + b for b in batch], device="cuda")
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device="cuda")
+    with torch.inference_mode():
+        together = model.model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                        eos_token_id=model.eos_ids, pad_token_id=model.pad_id)[:, width:].tolist()
+        hf_equal = 0
+        for b, out in zip(batch, together):
+            alone = model.model.generate(torch.tensor([b], device="cuda"), max_new_tokens=64, do_sample=False,
+                                         eos_token_id=model.eos_ids, pad_token_id=model.pad_id)[0, len(b):].tolist()
+            hf_equal += alone == out[:len(alone)]
+    results["hf_alone_equals_hf_batched"] = f"{hf_equal} of {len(batch)}"
     results["greedy_equal"] = f"{equal} of {len(greedy_rows)}"
     results["greedy_partings"] = partings
     log(f"greedy engine == transformers generate (64 tokens): {results['greedy_equal']}")
@@ -202,7 +217,8 @@ def main() -> None:
     print(f"| roofline at B={B}: memory {step_bytes / 1e9:.1f} GB/step; + GEMMs at {H100_DENSE_FP16_FLOPS / 1e12:.0f} TFLOP/s "
           f"| {roof['memory_only']:,.0f} / {roof['memory_plus_gemm']:,.0f} | | | |")
     print(f"\nragged vs fixed: {engine_ragged['tokens_per_s'] / engine_fixed['tokens_per_s']:.0%}; "
-          f"greedy == transformers generate: {results['greedy_equal']}; where not: {partings}")
+          f"greedy == transformers generate: {results['greedy_equal']}; where not: {partings}; "
+          f"transformers alone == transformers batched: {results['hf_alone_equals_hf_batched']}")
     if old:
         print(f"engine vs old path: {engine_fixed['tokens_per_s'] / old['tokens_per_s']:.2f}×; "
               f"texts equal: {old['same_texts']} of {len(rows)}")

@@ -43,14 +43,12 @@ class Part:
 
     Shared (the prefix pool): keys/values (kv_heads, P, head_dim), bias (rows, P).
     Own (each row's): keys/values (rows, kv_heads, S, head_dim), bias (rows, queries, S).
-    fused: computed by torch's memory-efficient attention kernel (CUDA, one query per row).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     bias: torch.Tensor
     shared: bool
-    fused: bool = False
 
 
 def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,58 +58,43 @@ def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> t
     (positions per row), ordered (head, position). A row that sees nothing here gets
     log-sum-exp -inf and output 0, so the part weighs nothing in `merge`.
     """
-    if part.fused:
-        return fused_part(q, part, scale)
     rows, kv_heads, group, head_dim = q.shape
-    # Scores in float32: rounding them to half precision moves attention weights by whole
-    # percents at the logit sizes Llama reaches (what the fused kernel also avoids).
-    q = q.float()
+    # Scores in float32: rounded to half precision they would move attention weights by whole
+    # percents at the sizes Llama's scores reach (SDPA's kernels keep them in float32 too).
     if part.shared:
         # All rows' queries as one matrix per kv head: the prefix pool is read once.
         stacked = q.transpose(0, 1).reshape(kv_heads, rows * group, head_dim)
-        scores = torch.matmul(stacked, part.keys.float().transpose(1, 2)).mul_(scale)
+        scores = matmul32(stacked, part.keys.transpose(1, 2)).mul_(scale)
         scores = scores.view(kv_heads, rows, group, -1).transpose(0, 1)
         scores = scores + part.bias[:, None, None, :]
     else:
-        scores = torch.matmul(q, part.keys.float().transpose(2, 3)).mul_(scale)
+        scores = matmul32(q, part.keys.transpose(2, 3)).mul_(scale)
         span = scores.shape[-1]
         scores = (scores.view(rows, kv_heads, group // queries, queries, span)
                   + part.bias[:, None, None, :, :]).view(rows, kv_heads, group, span)
     top = scores.amax(-1, keepdim=True).clamp_min_(NOTHING_VISIBLE)
     weights = torch.exp(scores - top)
     total = weights.sum(-1, keepdim=True)
+    weights = weights.to(part.values.dtype)  # in [0, 1]: half precision holds them well
     if part.shared:
         flat = weights.transpose(0, 1).reshape(kv_heads, rows * group, -1)
-        out = torch.matmul(flat, part.values.float()).view(kv_heads, rows, group, head_dim).transpose(0, 1)
+        out = matmul32(flat, part.values).view(kv_heads, rows, group, head_dim).transpose(0, 1)
     else:
-        out = torch.matmul(weights, part.values.float())
+        out = matmul32(weights, part.values)
     return top + total.log(), out / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
-def fused_part(q: torch.Tensor, part: Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The own part while decoding, by torch's memory-efficient attention kernel: it reads each
-    slot's cache once, keeps scores in float32, and returns the log-sum-exp the merge needs."""
-    rows, kv_heads, group, _ = q.shape
-    bias = part.bias[:, None, :, :].expand(rows, kv_heads, group, part.bias.shape[-1])
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, part.keys, part.values, bias, True, scale=scale)[:2]
-    return lse[:, :, :group, None], out.float()
+def matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over the last two dimensions, in float32.
 
-
-def fused_attention_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch and device run `fused_part` correctly (checked once, on small tensors)."""
-    if device.type != "cuda":
-        return False
-    try:
-        q = torch.randn(3, 2, 1, 64, device=device, dtype=dtype)
-        k, v = torch.randn(3, 2, 32, 64, device=device, dtype=dtype), torch.randn(3, 2, 32, 64, device=device, dtype=dtype)
-        bias = torch.zeros(3, 1, 32, device=device, dtype=dtype)
-        bias[:, :, 20:] = float("-inf")
-        lse, out = fused_part(q, Part(k, v, bias, shared=False, fused=True), 0.125)
-        ref_lse, ref = attention_part(q, Part(k, v, bias, shared=False), 0.125, 1)
-        return bool(torch.allclose(out, ref, atol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2))
-    except (RuntimeError, NotImplementedError):
-        return False
+    On CUDA, half-precision inputs go to cuBLAS as they are and only the product is float32
+    (`out_dtype`): casting the cache itself would read and write it once more per step.
+    """
+    if a.device.type != "cuda" or a.dtype == torch.float32:
+        return torch.matmul(a.float(), b.float())
+    lead = a.shape[:-2]
+    product = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return product.view(*lead, *product.shape[-2:])
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -146,7 +129,6 @@ class Decoder:
         self.scale = attention.scaling
         self.layer_count = len(self.layers)
         self.device, self.dtype = model.device, model.dtype
-        self.fused = fused_attention_works(self.device, self.dtype)
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers (keys and values)."""

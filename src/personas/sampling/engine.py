@@ -313,14 +313,13 @@ class Engine:
         self.seeds, self.top_k, self.min_new = longs(), longs(), longs()
         self.temperatures = torch.ones(B, device=self.device)
         self.top_p = torch.ones(B, device=self.device)
-        self.own_bias = torch.full((B, self.span), float("-inf"), device=self.device,
-                                   dtype=d.dtype if d.fused else torch.float32)  # the fused kernel's dtype
+        self.own_bias = torch.full((B, self.span), float("-inf"), device=self.device)
         self.own_bias[:, 0] = 0.0
         self.prefix_bias = self.pool.bias([()] * B)
         self.prefix_version = self.pool.version
         self.slot_index = torch.arange(B, device=self.device)
         self.first_row = torch.zeros(B, dtype=torch.long, device=self.device)
-        self.zero = torch.zeros((), device=self.device, dtype=self.own_bias.dtype)
+        self.zero = torch.zeros((), device=self.device)
         self.salts = token_salts(self.vocabulary, self.device)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
         self.tok.fill_(self.pad_id)
@@ -470,8 +469,7 @@ class Engine:
             keys[slots, :, write_at] = k[:, :, 0]
             values[slots, :, write_at] = v[:, :, 0]
             if rows is None:
-                return Part(keys[:, :, :own_span], values[:, :, :own_span], own_bias, shared=False,
-                            fused=self.decoder.fused)
+                return Part(keys[:, :, :own_span], values[:, :, :own_span], own_bias, shared=False)
             return Part(keys[rows, :, :own_span], values[rows, :, :own_span], own_bias, shared=False)
 
         logits = self.decoder.run(pick(self.tok)[:, None], pick(self.pos)[:, None], own,
