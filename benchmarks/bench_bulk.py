@@ -90,7 +90,7 @@ def main() -> None:
                "peak_GB": peak_gb(), "steps": engine.steps, "graphs": len(engine.graphs)}
         log(f"{label}: {tokens} tokens in {seconds:.1f} s = {out['tokens_per_s']:.0f} tokens/s, B={engine.slot_count}, "
             f"{engine.steps} steps, peak {out['peak_GB']:.1f} GB")
-        out["texts"] = {(s.row.id, s.row.sample): s.token_ids for s in samples}
+        out["texts"] = {(s.row.prompt, s.row.sample): s.token_ids for s in samples}
         return out
 
     # Warm-up (kernels, Marlin workspaces, allocator), not timed.
@@ -113,7 +113,7 @@ def main() -> None:
                                                       on_sample=samples.append, graph_safe=True))
         tokens = sum(len(s.token_ids) for s in samples)
         old = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb()}
-        old_texts = {(s.row.id, s.row.sample): s.token_ids for s in samples}
+        old_texts = {(s.row.prompt, s.row.sample): s.token_ids for s in samples}
         old["same_texts"] = sum(old_texts[k] == v for k, v in engine_fixed["texts"].items())
         log(f"old chunked path: {tokens / seconds:.0f} tokens/s, peak {old['peak_GB']:.1f} GB, "
             f"{old['same_texts']} of {len(rows)} texts equal to the engine's")
@@ -142,7 +142,7 @@ def main() -> None:
     got = {}
     partings: list[dict] = []
     engine = Engine(model, graphs=True)
-    engine.submit(greedy_rows, Settings(max_new_tokens=64), lambda s: got.__setitem__(s.row.id, list(s.token_ids)))
+    engine.submit(greedy_rows, Settings(max_new_tokens=64), lambda s: got.__setitem__(s.row.prompt, list(s.token_ids)))
     with torch.inference_mode():
         engine.run()
         equal = 0
@@ -151,12 +151,12 @@ def main() -> None:
             expected = model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
                                             eos_token_id=model.eos_ids, pad_token_id=model.pad_id)[0, ids.shape[1]:]
             expected = [t for t in expected.tolist() if t not in model.eos_ids][:64]
-            if got[r.id] == expected:
+            if got[r.prompt] == expected:
                 equal += 1
                 continue
             # Where they part, and how close transformers' own top two logits were there: a
             # near-tie flipped by fp16 rounding, or a real difference.
-            at = next(i for i, (a, b) in enumerate(zip(got[r.id] + [-1], expected + [-2])) if a != b)
+            at = next(i for i, (a, b) in enumerate(zip(got[r.prompt] + [-1], expected + [-2])) if a != b)
             context = torch.tensor([list(r.prompt_ids) + expected[:at]], device="cuda")
             top2 = model.model(context).logits[0, -1].float().topk(2).values.tolist()
             partings.append({"token": at, "top2_gap": top2[0] - top2[1]})

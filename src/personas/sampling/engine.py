@@ -498,12 +498,15 @@ class Engine:
             self.graphs[key].replay()
         else:
             with torch.inference_mode():
-                self._decode(*key)  # eager first: warms every kernel, and is this step
-                graph = torch.cuda.CUDAGraph()
-                if self.graph_pool is None:
+                first = self.graph_pool is None
+                if first:
+                    self._decode(*key)  # eager once: warms every kernel, and is this step
                     self.graph_pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.graph_pool):
                     self._decode(*key)  # recorded, not run
+                if not first:
+                    graph.replay()  # later spans: capture, then run it
             self.graphs[key] = graph
         self.steps += 1
         chosen = self.tok.tolist()
