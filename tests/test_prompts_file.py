@@ -88,14 +88,13 @@ def test_prompts_file_from_stdin_end_to_end(tiny_llama_dir, cache_dir):
 
 
 @pytest.mark.slow
-def test_a_thousand_prompts_run_in_bounded_chunks(tmp_path, tiny_llama_dir, cache_dir):
+def test_a_thousand_prompts_run_through_the_engine(tmp_path, tiny_llama_dir, cache_dir):
     prompts = tmp_path / "many.txt"
     prompts.write_text("".join(f"Tell me about fox number {i}\n" for i in range(1000)))
     result = run_cli(["generate", "b", "--file", str(TWO), "--model", str(tiny_llama_dir), "--prompts-file",
                       str(prompts), "-n", "1", "-t", "1.0", "--seed", "2", "--max-new-tokens", "3", "-f", "jsonl"],
                      cache_dir)
     assert result.returncode == 0, result.stderr
-    assert "1000 samples in 16 batches of up to 64 rows" in result.stderr
     ids = sorted(json.loads(line)["id"] for line in result.stdout.splitlines())
     assert ids == list(range(1, 1001))
 
@@ -130,6 +129,58 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
         handle.remove()
     assert splits[0] == (6, 3) and (3, 1) in splits
     assert got == expected
+
+
+def test_out_of_memory_in_the_engine_halves_the_slots_and_loses_nothing(tiny_llama_dir):
+    from personas.sampling.scheduler import sample_rows
+
+    model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+    persona = Persona(name="a", prompt="Hello there")
+    request = Request(personas=[persona], temperatures=[0.0, 1.0], n=3, seed=4, settings=Settings(max_new_tokens=6))
+    rows = plan(request, model)
+
+    def collect(**kwargs):
+        got = {}
+        sample_rows(request.settings, model, rows,
+                    lambda s: got.__setitem__((s.row.temperature, s.row.sample), s.token_ids), **kwargs)
+        return got
+
+    expected = collect()
+
+    def fail_big_batches(_module, args):  # an allocation failure injected above 2 rows decoding
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    splits = []
+    handle = model.model.model.embed_tokens.register_forward_pre_hook(fail_big_batches)
+    try:
+        got = collect(on_split=lambda size, half: splits.append((size, half)))
+    finally:
+        handle.remove()
+    assert splits == [(6, 3), (3, 1)]
+    assert got == expected
+
+
+def test_a_jsonl_line_sets_its_own_max_new_tokens(tiny_llama_dir, cache_dir):
+    lines = "\n".join(json.dumps(line) for line in [
+        {"prompt": "Hello there", "id": "short", "max_new_tokens": 2},
+        {"prompt": "Hello there", "id": "long", "max_new_tokens": 9},
+        {"prompt": "Hello there", "id": "default"},
+    ]) + "\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "personas", "generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir),
+         "--prompts-file", "-", "-n", "3", "-t", "1.0", "--seed", "1", "--max-new-tokens", "5", "-f", "jsonl"],
+        input=lines, capture_output=True, text=True, env=cli_env(cache_dir), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    longest: dict[str, int] = {}
+    for record in map(json.loads, result.stdout.splitlines()):
+        longest[record["id"]] = max(longest.get(record["id"], 0), record["new_tokens"])
+    assert longest == {"short": 2, "long": 9, "default": 5}  # the tiny model rarely ends a turn
+    bad = subprocess.run(
+        [sys.executable, "-m", "personas", "generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir),
+         "--prompts-file", "-"], input='{"prompt": "hi", "max_new_tokens": 0}\n', capture_output=True, text=True,
+        env=cli_env(cache_dir), cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "line 1: max_new_tokens" in bad.stderr
 
 
 def test_truncate_drops_examples_and_says_so(tiny_llama_dir):

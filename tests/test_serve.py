@@ -49,3 +49,27 @@ def test_lines_sent_together_form_one_batch_and_later_ones_another():
         yield b"3"
 
     assert [[n for n, _ in batch] for batch in batches(arriving())] == [[1, 2], [3]]
+
+
+def test_a_request_arriving_mid_decode_joins_the_running_batch(tiny_llama_dir):
+    """The second line arrives while the first one's rows decode; its short answers come back
+    before the first request's long ones end (it does not wait for them)."""
+    from personas.generate.serve import serve
+    from personas.library.load import load_library
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+
+    model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+    library = load_library(TWO)
+    written: list[dict] = []
+
+    def arriving():
+        yield json.dumps({"persona": "a", "n": 8, "temperatures": [1.0], "seed": 1, "id": "long",
+                          "max_new_tokens": 400}).encode()
+        time.sleep(0.1)  # the first request decodes meanwhile
+        yield json.dumps({"persona": "b", "n": 1, "seed": 1, "id": "short", "max_new_tokens": 2}).encode()
+
+    assert serve(arriving(), library, model, seed=0, write=written.append) == 2
+    ids = [w["id"] for w in written]
+    assert ids.count("long") == 8 and ids.count("short") >= 1
+    assert max(i for i, x in enumerate(ids) if x == "short") < max(i for i, x in enumerate(ids) if x == "long")

@@ -152,7 +152,6 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
     from ..generate.request import plan, to_record
     from ..output.files import finished_rows
     from ..record import resume_key
-    from ..sampling.grid import batch_rows
     from ..sampling.scheduler import sample_rows
 
     out = target.stream if target is not None else sys.stdout
@@ -166,17 +165,14 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
             done = finished_rows(target.path)
             rows = [r for r in rows if resume_key(r.persona, r.prompt, r.temperature, r.sample, r.seed) not in done]
             feedback.info(f"resuming: {len(done)} samples already in {target.path}, {len(rows)} to go")
-        batch = batch_rows(request.settings, loaded.device.type)
-        chunks = -(-len(rows) // batch) if rows else 0
-        if chunks > 1 and ray_address is None:
-            feedback.info(f"{len(rows)} samples in {chunks} batches of up to {batch} rows")
         writer = make_writer(fmt, out, [(r.id, r.persona, r.prompt, r.temperature, r.sample) for r in rows],
                              list(request.temperatures))
         diagnostics.order = [(r.persona, r.prompt, r.temperature) for r in rows]
         tokens = 0
         started = time.perf_counter()
-        steps = request.settings.max_new_tokens if ray_address is None else None
-        with feedback.generating(len(rows), steps) as (on_step, sample_done):
+        # The engine refills slots as rows end, so decode steps are no measure of the whole job:
+        # the bar counts finished samples.
+        with feedback.generating(len(rows), None) as (on_step, sample_done):
             def on_sample(sample) -> None:
                 nonlocal tokens
                 record = to_record(sample, loaded)
@@ -196,7 +192,7 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
             else:
                 sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
                             on_split=lambda size, half: feedback.warn(
-                                f"out of memory with {size} rows in a batch; retrying in batches of {half}"))
+                                f"out of memory with {size} rows decoding at once; going on with {half}"))
         elapsed = time.perf_counter() - started
         writer.close()
         diagnostics.finish(loaded, out, feedback, target.path if target is not None and target.resumed else None)

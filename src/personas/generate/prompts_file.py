@@ -4,7 +4,7 @@ Two forms, told apart by the first non-blank line:
 
 * plain text: one prompt per line (blank lines skipped); each runs on the command's personas;
 * JSONL: one object per line, `{"prompt": ..., "persona": ..., "temperatures": [...], "n": ...,
-  "seed": ..., "id": ...}`, only `prompt` required; unknown keys are errors.
+  "seed": ..., "max_new_tokens": ..., "id": ...}`, only `prompt` required; unknown keys are errors.
 
 Every row carries its line's `id`, or the line number (from 1) when it has none. Errors name
 the file and line.
@@ -35,6 +35,7 @@ class PromptLine(BaseModel):
     temperatures: list[Temperature] | None = Field(default=None, min_length=1)
     n: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
     id: str | int | None = None
 
     @field_validator("prompt")
@@ -88,8 +89,8 @@ def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Per
         except InputError as e:
             raise PersonaFileError(name, number, e.what, e.todo) from None
         temperatures = tuple(item.temperatures) if item.temperatures else None
-        cells += [Cell(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number)
-                  for p in targets]
+        cells += [Cell(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number,
+                       item.max_new_tokens) for p in targets]
     if not cells:
         raise InputError(f"no prompts in {name}", "write one prompt per line, or JSONL objects with a prompt")
     return cells

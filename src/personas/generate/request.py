@@ -21,7 +21,8 @@ from ..sampling.scheduler import sample_rows
 
 @dataclass(frozen=True)
 class Cell:
-    """One persona × prompt cell; a prompts-file line may set its own temperatures, n, seed, id."""
+    """One persona × prompt cell; a prompts-file line may set its own temperatures, n, seed, id
+    and max_new_tokens."""
 
     persona: Persona
     prompt: str
@@ -29,6 +30,7 @@ class Cell:
     n: int | None = None
     seed: int | None = None
     id: str | int | None = None
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,16 +78,20 @@ def plan(request: Request, model: LoadedModel) -> list[Row]:
     """The request's rows, each prompt tokenized and fitted to the model's context."""
     cells = []
     for cell in all_cells(request):
-        ids = fitted_prompt_ids(cell.persona, cell.prompt, request, model)
-        cells.append(TokenizedCell(cell.persona.name, cell.prompt, ids, cell.temperatures, cell.n, cell.seed, cell.id))
+        limit = cell.max_new_tokens or request.settings.max_new_tokens
+        ids = fitted_prompt_ids(cell.persona, cell.prompt, request, model, limit)
+        cells.append(TokenizedCell(cell.persona.name, cell.prompt, ids, cell.temperatures, cell.n, cell.seed, cell.id,
+                                   cell.max_new_tokens))
     return build_grid(cells, request.temperatures, request.n, request.seed)
 
 
-def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel) -> tuple[int, ...]:
-    """The prompt's ids, checked against the model's context; with `truncate`, examples are
-    dropped (oldest first) until it fits — and `on_truncate` says so. Never silently."""
+def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel,
+                      max_new_tokens: int) -> tuple[int, ...]:
+    """The prompt's ids, checked against the model's context with room for `max_new_tokens`;
+    with `truncate`, examples are dropped (oldest first) until it fits — and `on_truncate` says
+    so. Never silently."""
     ids, dropped = fit_dialog(Dialog.for_persona(persona, prompt), model, request.template,
-                              request.settings.max_new_tokens, request.truncate, who=f"persona '{persona.name}'")
+                              max_new_tokens, request.truncate, who=f"persona '{persona.name}'")
     if dropped:
         request.on_truncate(persona.name, dropped, len(ids))
     return tuple(ids)

@@ -4,7 +4,11 @@ Each request line is `{"persona": ..., "prompt": ..., "temperatures": [...], "n"
 "seed": ..., "max_new_tokens": ..., "id": ...}` (only `persona` is required; `prompt` defaults to
 the persona's own). Each sample comes back as one line with the `generate` JSONL keys plus
 `id` (the request's, else its line number). A malformed line gets `{"error": ..., "line": N}`
-and the server goes on. Lines that arrive together are answered by one batched grid.
+and the server goes on.
+
+On the models the decode engine runs (Llama-architecture), a request's rows join the running
+batch as soon as slots are free — a request that arrives while others decode does not wait for
+them. Other models answer the lines that arrive together as one batched grid.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from ..library.schema import Temperature
 from ..model.load import LoadedModel
 from ..record import as_dict
 from ..sampling.grid import Settings
-from .request import Cell, Request, plan, sample_records
+from ..sampling.scheduler import engine_for
+from .request import Cell, Request, plan, sample_records, to_record
 
 GATHER_SECONDS = 0.05  # after a first line, how long to wait for the lines sent with it
 MAX_GATHER = 256  # requests answered by one grid at most
@@ -110,6 +115,57 @@ def accept(number: int, raw: bytes, library: Library, seed: int) -> Accepted:
 def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: int,
           write: Callable[[dict], None], settings: Settings = Settings()) -> int:
     """Answer every request in `lines`; returns how many lines were requests (errors included)."""
+    engine = engine_for(model, settings, expect_more=True)
+    if engine is None:
+        return serve_in_batches(lines, library, model, seed, write, settings)
+    inbox: queue.Queue = queue.Queue()
+    end = object()
+
+    def read() -> None:
+        for number, line in enumerate(lines, start=1):
+            inbox.put((number, line))
+        inbox.put(end)
+
+    threading.Thread(target=read, daemon=True).start()
+    count, ended = 0, False
+    while not ended or engine.busy:
+        # Block for input only while nothing decodes; otherwise take what has arrived and step.
+        waiting = []
+        try:
+            waiting.append(inbox.get(block=not engine.busy and not ended))
+            while True:
+                waiting.append(inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for item in waiting:
+            if item is end:
+                ended = True
+                continue
+            count += 1
+            number, raw = item
+            if raw.strip():
+                submit(engine, number, raw, library, model, seed, write)
+        if engine.busy:
+            engine.step()
+    return count
+
+
+def submit(engine, number: int, raw: bytes, library: Library, model: LoadedModel, seed: int,
+           write: Callable[[dict], None]) -> None:
+    """One request line into the engine's queue, or its error out."""
+    try:
+        accepted = accept(number, raw, library, seed)
+        limits = Settings(max_new_tokens=accepted.max_new_tokens)
+        rows = plan(Request(personas=[], cells=[accepted.cell], settings=limits), model)
+    except InputError as e:  # a bad line; a prompt too long for the context
+        write({"error": str(e), "line": number})
+        return
+    engine.submit(rows, limits, lambda sample: write(as_dict(to_record(sample, model))))
+
+
+def serve_in_batches(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: int,
+                     write: Callable[[dict], None], settings: Settings) -> int:
+    """For models the engine does not run: the lines that came together as one grid each."""
     count = 0
     for batch in batches(lines):
         accepted: list[Accepted] = []

@@ -253,9 +253,10 @@ class Engine:
     def step(self) -> None:
         """Admit what fits, then one decode step for every slot; halve the slots on out-of-memory."""
         try:
-            self._admit()
-            if self.jobs:
-                self._decode_step()
+            with torch.inference_mode():
+                self._admit()
+                if self.jobs:
+                    self._decode_step()
         except Exception as error:
             if not is_out_of_memory(error) or self.slot_count <= 1:
                 raise
@@ -539,13 +540,3 @@ class Engine:
         self.own_bias[index] = float("-inf")
         self.own_bias[index, 0] = 0.0
         self.prefix_bias[index] = float("-inf")
-
-
-def sample_with_engine(loaded: LoadedModel, rows: Sequence[Row], settings: Settings, graphs: bool,
-                       on_sample: Callable[[Sample], None], on_step: Callable[[int], None],
-                       on_split: Callable[[int, int], None]) -> None:
-    """Every row through one engine, sized for them."""
-    engine = Engine(loaded, max_slots=settings.max_batch, graphs=graphs, on_split=on_split)
-    engine.submit(rows, settings, on_sample)
-    with torch.inference_mode():
-        engine.run(on_step)

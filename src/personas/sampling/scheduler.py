@@ -13,7 +13,7 @@ import torch
 from ..model.load import LoadedModel
 from . import eager, graphed
 from .decoder import supports
-from .engine import is_out_of_memory, sample_with_engine
+from .engine import Engine, is_out_of_memory
 from .grid import Row, Sample, Settings, batch_rows
 
 
@@ -74,16 +74,27 @@ def generate_grid(
             pending[:0] = [chunk[:half], chunk[half:]]
 
 
+def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False) -> Engine | None:
+    """A decode engine over the loaded model (CUDA graphs where the kernel survives capture),
+    or None when its decoder cannot run this architecture."""
+    if not supports(model.model):
+        return None
+    graphs = settings.fast_path and graphed.graph_safe(model.model, model.gptq_kernel)
+    return Engine(model, max_slots=settings.max_batch, graphs=graphs, expect_more=expect_more)
+
+
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                 on_sample: Callable[[Sample], None],
                 on_step: Callable[[int], None] = lambda _: None,
                 on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
     """Sample `rows` on a loaded model: the engine where its decoder runs the model (CUDA graphs
     where the GPTQ kernel survives capture), else the chunked loops."""
-    safe = graphed.graph_safe(model.model, model.gptq_kernel)
-    if supports(model.model):
-        sample_with_engine(model, rows, settings, settings.fast_path and safe, on_sample, on_step, on_split)
+    engine = engine_for(model, settings)
+    if engine is not None:
+        engine.on_split = on_split
+        engine.submit(rows, settings, on_sample)
+        engine.run(on_step)
         return
     generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
                   on_sample=on_sample, on_step=on_step, on_split=on_split,
-                  graph_safe=safe)
+                  graph_safe=graphed.graph_safe(model.model, model.gptq_kernel))
