@@ -31,9 +31,8 @@ def main() -> None:
     from personas.library.schema import Persona
     from personas.model.choice import resolve_model
     from personas.model.load import load_model
-    from personas.sampling import engine as engine_module
     from personas.sampling.grid import Settings
-    from personas.sampling.scheduler import sample_rows
+    from personas.sampling.scheduler import engine_for
 
     if not (args.checkpoint / "model.safetensors").is_file():
         write_checkpoint(args.checkpoint, "13b", "cuda")
@@ -45,24 +44,19 @@ def main() -> None:
     persona = Persona(name="long", system=system, prompt="Tell me about your last ride.")
     settings = Settings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     rows = plan(Request(personas=[persona], temperatures=(1.0,), n=args.n, seed=1, settings=settings), model)
-    seen = {}
-    original = engine_module.Engine._allocate
-
-    def spy(self):  # records what the engine chose; the engine itself runs unchanged
-        original(self)
-        seen.update(slots=self.slot_count, span=self.span, prefix=self.pool.end)
-
-    engine_module.Engine._allocate = spy
     torch.cuda.reset_peak_memory_stats()
     samples = []
     started = time.perf_counter()
-    sample_rows(settings, model, rows, samples.append)
+    engine = engine_for(model, settings)  # what sample_rows builds for `personas generate`
+    engine.submit(rows, settings, samples.append)
+    engine.run()
     torch.cuda.synchronize()
+    seen = dict(slots=engine.slot_count, span=engine.span, prefix=len(engine.seen and rows[0].prompt_ids) - 1)
     seconds = time.perf_counter() - started
     tokens = sum(len(s.token_ids) for s in samples)
     print(f"card: {torch.cuda.get_device_name()}; prompt {len(rows[0].prompt_ids)} tokens, n={args.n}, "
           f"{args.new_tokens} new tokens, default settings")
-    print(f"slots {seen['slots']}, prefix stored once: {seen['prefix']} tokens, slot span {seen['span']} positions; "
+    print(f"slots {seen['slots']}, prefix stored once: {seen['prefix']} tokens (all but the last prompt token), slot span {seen['span']} positions; "
           f"{len(samples)} samples, {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s); "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB of "
           f"{torch.cuda.get_device_properties(0).total_memory / 1e9:.1f}")
