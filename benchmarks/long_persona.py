@@ -51,7 +51,7 @@ def main() -> None:
     engine.submit(rows, settings, samples.append)
     engine.run()
     torch.cuda.synchronize()
-    seen = dict(slots=engine.slot_count, span=engine.span, prefix=len(engine.seen and rows[0].prompt_ids) - 1)
+    seen = dict(slots=engine.slot_count, span=engine.span, prefix=len(rows[0].prompt_ids) - 1)  # one prompt: all of it but its last token
     seconds = time.perf_counter() - started
     tokens = sum(len(s.token_ids) for s in samples)
     print(f"card: {torch.cuda.get_device_name()}; prompt {len(rows[0].prompt_ids)} tokens, n={args.n}, "
