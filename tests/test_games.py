@@ -137,22 +137,25 @@ def tiny(tmp_path_factory):
 SETTINGS = Settings(max_new_tokens=5)
 
 
-def test_all_episodes_take_each_turn_in_one_batched_generate(tiny):
+def test_all_episodes_take_each_turn_in_one_batched_run(tiny):
+    from personas.sampling.engine import Engine
+
     game = SHIPPED.games["word-race"]
     calls = []
-    real_generate = tiny.model.generate
+    real_submit = Engine.submit
 
-    def counting_generate(*args, **kwargs):  # a spy: counts the batch, then runs the real generate
-        calls.append(kwargs["input_ids"].shape[0])
-        return real_generate(*args, **kwargs)
+    def counting_submit(self, rows, *args, **kwargs):  # a spy: counts the rows, then submits them
+        rows = list(rows)
+        calls.append(len(rows))
+        return real_submit(self, rows, *args, **kwargs)
 
-    tiny.model.generate = counting_generate
+    Engine.submit = counting_submit
     try:
         episodes = play_episodes(tiny, game, SHIPPED.personas, [0.2, 1.0], episode_seeds(1, game.name, 3),
                                  SETTINGS, max_turns=4)
     finally:
-        del tiny.model.generate
-    assert calls == [6, 6, 6, 6]  # 2 temperatures x 3 episodes, every turn, one call each
+        Engine.submit = real_submit
+    assert calls == [6, 6, 6, 6]  # 2 temperatures x 3 episodes, every turn, one engine run each
     assert [[line.speaker for line in e.lines] for e in episodes] == [game.turn_order] * 6
 
 

@@ -161,26 +161,25 @@ def test_out_of_memory_in_the_engine_halves_the_slots_and_loses_nothing(tiny_lla
     assert got == expected
 
 
-def test_a_jsonl_line_sets_its_own_max_new_tokens(tiny_llama_dir, cache_dir):
-    lines = "\n".join(json.dumps(line) for line in [
+def test_a_jsonl_line_sets_its_own_max_new_tokens(tmp_path, tiny_llama_dir, cache_dir):
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("\n".join(json.dumps(line) for line in [
         {"prompt": "Hello there", "id": "short", "max_new_tokens": 2},
         {"prompt": "Hello there", "id": "long", "max_new_tokens": 9},
         {"prompt": "Hello there", "id": "default"},
-    ]) + "\n"
-    result = subprocess.run(
-        [sys.executable, "-m", "personas", "generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir),
-         "--prompts-file", "-", "-n", "3", "-t", "1.0", "--seed", "1", "--max-new-tokens", "5", "-f", "jsonl"],
-        input=lines, capture_output=True, text=True, env=cli_env(cache_dir), cwd=REPO, timeout=300)
+    ]) + "\n")
+    result = run_cli(["generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir), "--prompts-file",
+                      str(lines), "-n", "3", "-t", "1.0", "--seed", "1", "--max-new-tokens", "5", "-f", "jsonl"],
+                     cache_dir)
     assert result.returncode == 0, result.stderr
     longest: dict[str, int] = {}
     for record in map(json.loads, result.stdout.splitlines()):
         longest[record["id"]] = max(longest.get(record["id"], 0), record["new_tokens"])
     assert longest == {"short": 2, "long": 9, "default": 5}  # the tiny model rarely ends a turn
-    bad = subprocess.run(
-        [sys.executable, "-m", "personas", "generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir),
-         "--prompts-file", "-"], input='{"prompt": "hi", "max_new_tokens": 0}\n', capture_output=True, text=True,
-        env=cli_env(cache_dir), cwd=REPO, timeout=300)
-    assert bad.returncode == 2 and "line 1: max_new_tokens" in bad.stderr
+    lines.write_text('{"prompt": "hi", "max_new_tokens": 0}\n')
+    bad = run_cli(["generate", "a", "--file", str(TWO), "--model", str(tiny_llama_dir), "--prompts-file", str(lines)],
+                  cache_dir)
+    assert bad.returncode == 2 and "lines.jsonl:1: max_new_tokens: Input should be greater than or equal to 1" in bad.stderr
 
 
 def test_truncate_drops_examples_and_says_so(tiny_llama_dir):
