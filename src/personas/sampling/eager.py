@@ -2,8 +2,8 @@
 
 transformers has no per-row temperature or per-row generator, so the choice is made in a
 logits processor (`RowSampler`) that leaves only the chosen token finite; `generate` then runs
-greedy and simply takes it. This is the path on the CPU and for GPTQ kernels that a CUDA graph
-cannot capture.
+greedy and simply takes it. Since the decode engine (engine.py), this chunked path runs only
+models whose architecture the engine's decoder does not cover, and serves as a baseline.
 """
 
 from __future__ import annotations

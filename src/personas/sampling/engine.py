@@ -205,7 +205,7 @@ class Engine:
         self.span = 0  # positions each slot's cache holds
         self.jobs: dict[int, Job] = {}  # slot -> its row
         self.filled: dict[int, int] = {}  # slot -> positions of its cache written
-        self.graphs: dict[tuple[int, int, bool, int], Any] = {}
+        self.graphs: dict[tuple[int, int, bool], Any] = {}  # (prefix span, own span, masks) -> graph
         self.graph_pool = None
         self.steps = 0  # decode steps taken (progress)
         self.last_batch = 0  # rows the last step decoded

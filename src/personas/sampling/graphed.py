@@ -1,4 +1,8 @@
-"""The CUDA fast path: a static KV cache and one decode step captured as a CUDA graph.
+"""The chunked CUDA fast path: a static KV cache and one decode step captured as a CUDA graph.
+
+Since the decode engine (engine.py) this runs only for architectures the engine's decoder does
+not cover, and as the benchmarks' baseline ("the old chunked path"); `graph_safe` decides for
+both whether a model's GPTQ kernel may be captured.
 
 On a GPU, HF's eager `generate` is bound by per-step CPU work (Python, thousands of kernel
 launches per step for a 40-layer model), many times what reading the weights takes
