@@ -58,6 +58,13 @@ def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> t
     (positions per row), ordered (head, position). A row that sees nothing here gets
     log-sum-exp -inf and output 0, so the part weighs nothing in `merge`.
     """
+    if q.device.type == "cpu":
+        return cpu_part(q, part, scale, queries)
+    return matmul_part(q, part, scale, queries)
+
+
+def matmul_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_part` as matrix products (CUDA): one product over all rows for the shared part."""
     rows, kv_heads, group, head_dim = q.shape
     # Scores in float32: rounded to half precision they would move attention weights by whole
     # percents at the sizes Llama's scores reach (SDPA's kernels keep them in float32 too).
@@ -82,6 +89,27 @@ def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> t
     else:
         out = matmul32(weights, part.values)
     return top + total.log(), out / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def cpu_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_part` on the CPU through torch's fused flash-attention kernel, which also returns
+    the log-sum-exp the merge needs; faster than `matmul_part` on the CPU (docs/performance.md).
+    It gives a fully masked row log-sum-exp 0, not -inf: those are set here."""
+    rows, kv_heads, group, head_dim = q.shape
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if part.shared:
+        span = part.bias.shape[-1]
+        mask = part.bias[:, None, :].expand(rows, group, span).reshape(1, 1, rows * group, span)
+        stacked = q.transpose(0, 1).reshape(1, kv_heads, rows * group, head_dim)
+        out, lse = kernel(stacked, part.keys[None], part.values[None], 0.0, False, attn_mask=mask, scale=scale)
+        out = out[0].view(kv_heads, rows, group, head_dim).transpose(0, 1)
+        lse = lse[0].view(kv_heads, rows, group).transpose(0, 1)[..., None]
+        sees_something = torch.isfinite(part.bias).any(-1)[:, None, None, None]
+        return torch.where(sees_something, lse, float("-inf")), out
+    span = part.bias.shape[-1]
+    mask = part.bias[:, None, None].expand(rows, 1, group // queries, queries, span).reshape(rows, 1, group, span)
+    out, lse = kernel(q, part.keys, part.values, 0.0, False, attn_mask=mask, scale=scale)
+    return lse[..., None], out
 
 
 def matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
