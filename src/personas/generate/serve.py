@@ -27,6 +27,7 @@ from ..library.schema import Temperature
 from ..model.load import LoadedModel
 from ..record import as_dict
 from ..sampling.grid import Settings
+from ..sampling.engine import Engine
 from ..sampling.scheduler import engine_for
 from .request import Cell, Request, plan, sample_records, to_record
 
@@ -150,7 +151,7 @@ def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: in
     return count
 
 
-def submit(engine, number: int, raw: bytes, library: Library, model: LoadedModel, seed: int,
+def submit(engine: Engine, number: int, raw: bytes, library: Library, model: LoadedModel, seed: int,
            write: Callable[[dict], None]) -> None:
     """One request line into the engine's queue, or its error out."""
     try:
