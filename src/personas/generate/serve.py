@@ -58,9 +58,9 @@ class Accepted:
     max_new_tokens: int
 
 
-def batches(lines: Iterable[bytes]) -> Iterable[list[tuple[int, bytes]]]:
-    """Numbered input lines, grouped as they arrive: a reader thread fills a queue, and each
-    batch is the first waiting line plus whatever else came within GATHER_SECONDS."""
+def read_in_background(lines: Iterable[bytes]) -> tuple[queue.Queue, object]:
+    """A thread puts (line number, line) for each input line on the queue, then the end marker
+    returned with it, so the caller can wait for input and decode at the same time."""
     waiting: queue.Queue = queue.Queue()
     end = object()
 
@@ -70,6 +70,13 @@ def batches(lines: Iterable[bytes]) -> Iterable[list[tuple[int, bytes]]]:
         waiting.put(end)
 
     threading.Thread(target=read, daemon=True).start()
+    return waiting, end
+
+
+def batches(lines: Iterable[bytes]) -> Iterable[list[tuple[int, bytes]]]:
+    """Numbered input lines, grouped as they arrive: a reader thread fills a queue, and each
+    batch is the first waiting line plus whatever else came within GATHER_SECONDS."""
+    waiting, end = read_in_background(lines)
     finished = False
     while not finished:
         item = waiting.get()
@@ -119,15 +126,7 @@ def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: in
     engine = engine_for(model, settings, expect_more=True)
     if engine is None:
         return serve_in_batches(lines, library, model, seed, write, settings)
-    inbox: queue.Queue = queue.Queue()
-    end = object()
-
-    def read() -> None:
-        for number, line in enumerate(lines, start=1):
-            inbox.put((number, line))
-        inbox.put(end)
-
-    threading.Thread(target=read, daemon=True).start()
+    inbox, end = read_in_background(lines)
     count, ended = 0, False
     while not ended or engine.busy:
         # Block for input only while nothing decodes; otherwise take what has arrived and step.
