@@ -198,6 +198,59 @@ def test_top_k_top_p_rows_in_the_engine_match_the_chunked_path(tiny):
 # --- on the GPU --------------------------------------------------------------------------------
 
 
+def test_listeners_hear_every_token_with_the_softmax_log_probabilities(tiny):
+    """on_token hears each row's tokens in order (what its Sample then holds), with log-probabilities
+    equal to log_softmax(logits / T) of the model's own forward pass; T = 0 gets the greedy one-hot."""
+    rows = grid_rows(tiny, personas=("pirate",), asks=ASKS[:2])
+    heard: dict[tuple, list] = {}
+    samples = {}
+    engine = Engine(tiny, max_slots=3)
+    engine.submit(rows, Settings(max_new_tokens=6), lambda s: samples.__setitem__(s.row, s),
+                  on_token=lambda row, token, lp: heard.setdefault(row, []).append((token, lp)), logprobs=True)
+    with torch.inference_mode():
+        engine.run()
+    assert set(samples) == set(rows)
+    for row, sample in samples.items():
+        told = heard.get(row, [])
+        assert [t for t, _ in told] == list(sample.token_ids)
+        ids = torch.tensor([list(row.prompt_ids) + list(sample.token_ids)])
+        with torch.inference_mode():
+            logits = tiny.model(ids).logits[0, len(row.prompt_ids) - 1:-1].float()
+        for step, (token, lp) in enumerate(told):
+            assert lp.token_id == token and len(lp.top) == 20
+            if row.temperature == 0:
+                assert lp.logprob == 0.0 and lp.top[0] == (token, 0.0)
+                assert lp.top[0][0] == int(logits[step].argmax()) and lp.top[1][1] == float("-inf")
+            else:
+                expected = (logits[step] / row.temperature).log_softmax(-1)
+                assert lp.logprob == pytest.approx(float(expected[token]), abs=1e-4)
+                best = expected.topk(20)
+                assert [i for i, _ in lp.top] == best.indices.tolist()
+                assert [v for _, v in lp.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_cancelled_rows_free_their_slots_and_the_others_are_untouched(tiny):
+    """Rows cancelled mid-run (a client went away) are never delivered and leave nothing behind;
+    the rows that stay sample what they sample alone."""
+    keep = grid_rows(tiny, personas=("pirate",))
+    drop = grid_rows(tiny, personas=("grocer",))
+    settings = Settings(max_new_tokens=30, min_new_tokens=30)
+    alone, _ = run_engine(tiny, keep, settings, slots=6)
+    engine = Engine(tiny, max_slots=6)
+    got, dropped_delivered = {}, []
+    engine.submit(keep, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
+    jobs = engine.submit(drop, settings, dropped_delivered.append)
+    with torch.inference_mode():
+        for _ in range(5):
+            engine.step()
+    assert engine.cancel(jobs) == len(drop)
+    assert engine.cancel(jobs) == 0, "cancelling twice finds nothing"
+    with torch.inference_mode():
+        engine.run()
+    assert not dropped_delivered and not engine.busy and not engine.pool.spans and not engine.pool.users
+    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in alone.items()}
+
+
 @pytest.fixture(scope="module")
 def tiny_cuda(tiny_llama_dir):
     if not torch.cuda.is_available():
@@ -217,6 +270,16 @@ def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
         engine.run()
     assert engine.graphs, "the decode step was captured"
     assert {k: s.token_ids for k, s in graphed.items()} == {k: s.token_ids for k, s in eager.items()}
+    # Log-probabilities from the captured step equal the eager step's.
+    logprobs = {}
+    for graphs in (False, True):
+        engine = Engine(tiny_cuda, max_slots=5, graphs=graphs)
+        engine.submit(rows, settings, lambda s: None, logprobs=True,
+                      on_token=lambda row, token, lp: logprobs.setdefault((graphs, row), []).append(lp.logprob))
+        with torch.inference_mode():
+            engine.run()
+    for row in rows:
+        assert logprobs[(True, row)] == pytest.approx(logprobs[(False, row)], abs=1e-3)
     for key, sample in graphed.items():
         if key[2] == 0.0:
             row = next(r for r in rows if (r.persona, r.id, r.temperature, r.sample) == key)

@@ -150,6 +150,24 @@ def choose(scores: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
     return torch.where(greedy, scores.argmax(dim=-1), noisy_argmax(tempered, seeds, step, salts))
 
 
+def token_logprobs(logits: torch.Tensor, temperatures: torch.Tensor, chosen: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each row's chosen token's log-probability, its k likeliest tokens' log-probabilities,
+    their ids) under softmax(logits / T), the distribution `choose` draws from before top-k/top-p
+    (those are filters, not the model's distribution). A row at T = 0 gets the greedy one-hot:
+    0 for its chosen token, -inf elsewhere, its top ordered by logit. No host synchronisation.
+    """
+    greedy = temperatures == 0
+    scaled = logits.float() / torch.where(greedy, torch.ones_like(temperatures), temperatures)[:, None]
+    logprobs = scaled.log_softmax(dim=-1)
+    top_ids = scaled.topk(k, dim=-1).indices
+    top = logprobs.gather(1, top_ids)
+    picked = logprobs.gather(1, chosen[:, None])[:, 0]
+    one_hot = torch.where(top_ids == chosen[:, None], 0.0, float("-inf"))
+    return (torch.where(greedy, torch.zeros_like(picked), picked), torch.where(greedy[:, None], one_hot, top),
+            top_ids)
+
+
 class TokenChooser:
     """The rows of one batch sharing one Settings: `choose` with the salts made once.
 

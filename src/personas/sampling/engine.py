@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from ..model.load import LoadedModel
-from .chooser import choose, token_salts
+from .chooser import choose, token_logprobs, token_salts
 from .decoder import Decoder, Part
-from .grid import BATCH_ROWS, Row, Sample, Settings
+from .grid import BATCH_ROWS, Row, Sample, Settings, TokenLogprob
 from .prefill import common_prefix
 
 CUDA_SLOTS = 512  # the most slots on a GPU; fewer when memory is short
@@ -46,6 +46,9 @@ PREFILL_TOKENS = {"cuda": 4096, "cpu": 2048}  # prompt tokens per prefill pass
 SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY = 56  # bytes: logits, float32 scores, noise (int64, float64)
 HEADROOM = 0.9  # the share of free memory the slots may take
 REFILL_SHARE = 8  # refill when 1/REFILL_SHARE of the slots are free (see _admit)
+TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities come with (OpenAI's limit)
+
+TokenListener = Callable[[Row, int, "TokenLogprob | None"], None]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -68,6 +71,9 @@ class Job:
     deliver: Callable[[Sample], None]
     prefix: tuple[int, ...] = ()  # the start of its prompt kept in the prefix pool
     tokens: list[int] = field(default_factory=list)
+    on_token: TokenListener | None = None  # told each new token as it is chosen (streaming)
+    logprobs: bool = False  # on_token gets each token's log-probabilities
+    reported: int = 0  # tokens already given to on_token (a rerun after a back-off repeats none)
 
     @property
     def suffix(self) -> tuple[int, ...]:
@@ -205,7 +211,7 @@ class Engine:
         self.span = 0  # positions each slot's cache holds
         self.jobs: dict[int, Job] = {}  # slot -> its row
         self.filled: dict[int, int] = {}  # slot -> positions of its cache written
-        self.graphs: dict[tuple[int, int, bool], Any] = {}  # (prefix span, own span, masks) -> graph
+        self.graphs: dict[tuple[int, int, bool, bool], Any] = {}  # (prefix span, own span, masks, logprobs)
         self.graph_pool = None
         self.steps = 0  # decode steps taken (progress)
         self.last_batch = 0  # rows the last step decoded
@@ -220,9 +226,14 @@ class Engine:
     def rows_waiting(self) -> int:
         return len(self.queue) + len(self.jobs)
 
-    def submit(self, rows: Iterable[Row], settings: Settings, deliver: Callable[[Sample], None]) -> None:
+    def submit(self, rows: Iterable[Row], settings: Settings, deliver: Callable[[Sample], None], *,
+               on_token: TokenListener | None = None, logprobs: bool = False) -> list[Job]:
         """Queue rows; each persona's rows share the longest prompt start they have in common
-        (with a prompt of that persona seen before, so one request at a time still shares)."""
+        (with a prompt of that persona seen before, so one request at a time still shares).
+
+        `deliver` gets each row's Sample when it ends; `on_token`, if given, each new token as it
+        is chosen (with its log-probabilities when `logprobs`). Returns the rows' jobs, which
+        `cancel` takes."""
         by_persona: dict[str, list[Row]] = {}
         for row in rows:
             by_persona.setdefault(row.persona, []).append(row)
@@ -236,12 +247,29 @@ class Engine:
             for row in members:
                 job = Job(row, row.limit(settings), settings.min_new_tokens, settings.top_k or 0,
                           settings.top_p if settings.top_p is not None else 1.0, deliver,
-                          prefix=row.prompt_ids[:shared])
+                          prefix=row.prompt_ids[:shared], on_token=on_token, logprobs=logprobs)
                 self.pool.hold(job.prefix)
                 jobs.append(job)
         # Identical prompts next to each other: one prefill serves them all.
-        jobs.sort(key=lambda j: (j.prefix, j.suffix))
-        self.queue.extend(jobs)
+        self.queue.extend(sorted(jobs, key=lambda j: (j.prefix, j.suffix)))
+        return jobs
+
+    def cancel(self, jobs: Iterable[Job]) -> int:
+        """Drop rows, queued or decoding, without delivering them (a client went away; a stop
+        string was found). Returns how many were still here."""
+        gone = set(jobs)
+        queued = [job for job in self.queue if job in gone]
+        if queued:
+            self.queue = deque(job for job in self.queue if job not in gone)
+            for job in queued:
+                self.pool.release(job.prefix)
+        slots = [b for b, job in self.jobs.items() if job in gone]
+        for b in slots:
+            self.pool.release(self.jobs.pop(b).prefix)
+            del self.filled[b]
+        with torch.inference_mode():  # the slot tensors were made in inference mode
+            self._clear_slots(slots)
+        return len(queued) + len(slots)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -314,6 +342,10 @@ class Engine:
         self.seeds, self.top_k, self.min_new = longs(), longs(), longs()
         self.temperatures = torch.ones(B, device=self.device)
         self.top_p = torch.ones(B, device=self.device)
+        k = min(TOP_LOGPROBS, self.vocabulary)
+        self.chosen_logprob = torch.zeros(B, device=self.device)
+        self.top_logprobs = torch.zeros((B, k), device=self.device)
+        self.top_logprob_ids = torch.zeros((B, k), dtype=torch.long, device=self.device)
         self.own_bias = torch.full((B, self.span), float("-inf"), device=self.device)
         self.own_bias[:, 0] = 0.0
         self.prefix_bias = self.pool.bias([()] * B)
@@ -395,7 +427,13 @@ class Engine:
         self.top_p[index] = torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device)
         self.min_new[index] = torch.tensor([j.min_new for j in jobs], device=device)
         self.generated[index] = 0
-        first = self._choose(torch.stack([logits_of[b] for b in slots]), index).tolist()
+        logits = torch.stack([logits_of[b] for b in slots])
+        chosen = self._choose(logits, index)
+        logprobs = None
+        if any(j.logprobs for j in jobs):
+            self._keep_logprobs(logits, chosen, index)
+            logprobs = self._read_logprobs(slots)
+        first = chosen.tolist()
         lengths = [len(j.suffix) for j in jobs]
         self.tok[index] = torch.tensor(first, device=device)
         self.pos[index] = torch.tensor([len(j.row.prompt_ids) for j in jobs], device=device)
@@ -407,7 +445,7 @@ class Engine:
         self.own_bias[index] = torch.zeros_like(self.own_bias[index]).masked_fill_(~visible, float("-inf"))
         for b, length in zip(slots, lengths):
             self.filled[b] = length
-        self._take(dict(zip(slots, first)))
+        self._take(dict(zip(slots, first)), logprobs)
 
     def _encode_suffixes(self, chunk: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], list[int]]]) -> torch.Tensor:
         """One prefill pass over distinct suffixes; their keys go to their first slot, then are
@@ -455,9 +493,29 @@ class Engine:
     def _masks_needed(self) -> bool:
         return any(job.top_k or job.top_p < 1.0 for job in self.jobs.values())
 
+    def _logprobs_needed(self) -> bool:
+        return any(job.logprobs for job in self.jobs.values())
+
+    def _keep_logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """The chosen tokens' log-probabilities and the likeliest alternatives, into the slots'
+        buffers (all slots, or `rows`)."""
+        temperatures = self.temperatures if rows is None else self.temperatures.index_select(0, rows)
+        values = token_logprobs(logits, temperatures, chosen, self.top_logprobs.shape[1])
+        for buffer, value in zip((self.chosen_logprob, self.top_logprobs, self.top_logprob_ids), values):
+            if rows is None:
+                buffer.copy_(value)
+            else:
+                buffer[rows] = value
+
+    def _read_logprobs(self, slots: Iterable[int]) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
+        """slot -> (its chosen token's log-probability, its top (id, log-probability) pairs)."""
+        chosen, top, ids = (t.tolist() for t in (self.chosen_logprob, self.top_logprobs, self.top_logprob_ids))
+        return {b: (chosen[b], tuple(zip(ids[b], top[b]))) for b in slots}
+
     # --- one decode step -----------------------------------------------------------------------
 
-    def _decode(self, prefix_span: int, own_span: int, masks: bool, rows: torch.Tensor | None = None) -> None:
+    def _decode(self, prefix_span: int, own_span: int, masks: bool, logprobs: bool,
+                rows: torch.Tensor | None = None) -> None:
         """The next token of every slot (or of `rows`, a subset: eager only), written to `tok`;
         all state advanced on the device."""
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
@@ -476,6 +534,8 @@ class Engine:
         logits = self.decoder.run(pick(self.tok)[:, None], pick(self.pos)[:, None], own,
                                   self.pool.parts(pick(self.prefix_bias), prefix_span), self.first_row[:len(slots)])
         chosen = self._choose(logits, rows, masks=masks)
+        if logprobs:
+            self._keep_logprobs(logits, chosen, rows)
         if rows is None:
             self.tok.copy_(chosen)
         else:
@@ -490,7 +550,7 @@ class Engine:
         self.last_batch = len(self.jobs)
         self._refresh_prefix_bias()
         own_span = min(self.span, round_up(max(self.filled[b] for b in self.jobs) + 1, SPAN))
-        key = (self.pool.read_length(), own_span, self._masks_needed())
+        key = (self.pool.read_length(), own_span, self._masks_needed(), self._logprobs_needed())
         if not self.graphs_enabled:
             # Eagerly, only the slots in use are computed (a graph replays all of them).
             busy = None if len(self.jobs) == self.slot_count else torch.tensor(sorted(self.jobs), device=self.device)
@@ -513,10 +573,11 @@ class Engine:
         chosen = self.tok.tolist()
         for b in self.jobs:
             self.filled[b] += 1
-        self._take({b: chosen[b] for b in self.jobs})
+        self._take({b: chosen[b] for b in self.jobs}, self._read_logprobs(self.jobs) if key[3] else None)
 
-    def _take(self, chosen: dict[int, int]) -> None:
-        """Record each slot's new token; deliver and free the rows that ended."""
+    def _take(self, chosen: dict[int, int],
+              logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] | None = None) -> None:
+        """Record each slot's new token (and tell its listener); deliver and free the rows that ended."""
         ended = []
         for b, token in chosen.items():
             job = self.jobs[b]
@@ -524,6 +585,12 @@ class Engine:
                 ended.append((b, "stop"))
                 continue
             job.tokens.append(token)
+            if job.on_token is not None and len(job.tokens) > job.reported:
+                job.reported += 1
+                told = None
+                if job.logprobs and logprobs is not None:
+                    told = TokenLogprob(token, *logprobs[b])
+                job.on_token(job.row, token, told)
             if len(job.tokens) >= job.max_new:
                 ended.append((b, "length"))
         if not ended:
@@ -533,7 +600,13 @@ class Engine:
             del self.filled[b]
             self.pool.release(job.prefix)
             job.deliver(Sample(job.row, tuple(job.tokens), reason))
-        index = torch.tensor([b for b, _ in ended], device=self.device)
+        self._clear_slots([b for b, _ in ended])
+
+    def _clear_slots(self, slots: list[int]) -> None:
+        """Reset freed slots' state so the next step computes nothing that reaches a row."""
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self.device)
         for tensor in (self.active, self.write_at, self.pos, self.generated):
             tensor[index] = 0
         self.tok[index] = self.pad_id

@@ -62,6 +62,19 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under softmax(logits / T), and the likeliest tokens'.
+
+    T = 0 is greedy: all probability on the argmax (as `explain` shows it), so the chosen token
+    has 0 and every other -inf; `top` is then ordered by logit.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
+
+
+@dataclass(frozen=True)
 class TokenizedCell:
     """One persona × prompt cell of the grid, with its prompt already tokenized.
 
