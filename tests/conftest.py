@@ -55,14 +55,16 @@ def make_tokenizer(chat_template: str | None = None):
 
 
 def make_tiny_llama(directory: Path, chat_template: str | None = None, seed: int = 0,
-                    context: int = 512) -> Path:
+                    context: int = 512, vocab_size: int | None = None) -> Path:
+    """vocab_size: smaller than the tokenizer's makes a broken checkpoint whose embedding fails on
+    the tokenizer's later ids (a real runtime failure for the server's 500 test)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer(chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )

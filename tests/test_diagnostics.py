@@ -10,7 +10,8 @@ import torch
 from conftest import REPO, run_cli
 
 from personas.cli import main
-from personas.diagnostics.distributions import explain, greedy_logits, logits_after, probabilities, token_text
+from personas.diagnostics.distributions import explain, greedy_logits, logits_after, probabilities
+from personas.model.tokens import token_text
 from personas.diagnostics.diverge import END_OF_TURN, divergence, first_branch
 from personas.diagnostics.diversity import by_temperature, cell_stats, distinct_n
 from personas.model.choice import resolve_model

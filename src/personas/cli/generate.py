@@ -17,7 +17,7 @@ from ..output.records import SampleFormat, make_writer
 from .diagnostics import Diagnostics
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from .options import (AllowPickleOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
+from .options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
                       SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, sampling_settings,
                       seed_in_force)
 
@@ -48,9 +48,7 @@ def generate(
     fmt: Annotated[Optional[SampleFormat], typer.Option(
         "--format", "-f", help="Default: table on a terminal, else jsonl.", show_default=False)] = None,
     template: TemplateOpt = Template.AUTO,
-    batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Most rows per generate call (default: 64 on the CPU, 256 on a GPU).",
-        min=1, show_default=False)] = None,
+    batch_size: BatchSizeOpt = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write results to this file instead of stdout (json/csv/table: "
         "atomically at the end; jsonl: each sample as it finishes).", dir_okay=False,
@@ -86,7 +84,7 @@ def generate(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Sample each persona's answer N times at each temperature, in one batched call."""
+    """Sample each persona's answer N times at each temperature, all rows decoding together."""
     from ..generate.prompts_file import parse_prompts, read_source
     from ..generate.request import Request
     from ..output.files import OutputFile

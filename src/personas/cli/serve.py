@@ -1,4 +1,5 @@
-"""`personas serve --stdio`: load the model once, answer JSONL requests until end of input."""
+"""`personas serve`: load the model once and answer requests — JSONL on stdin (`--stdio`), or
+OpenAI's chat-completions API over HTTP (`--http`)."""
 
 from __future__ import annotations
 
@@ -14,31 +15,49 @@ from ..errors import InputError, PipeClosed
 from ..library.load import find_library_file, load_library
 from .feedback import Feedback
 from .loading import load_model_for, model_options
-from .options import (AllowPickleOpt, DeviceOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
-                      TrustRemoteCodeOpt)
+from .options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt,
+                      ModelOpt, QuietOpt, TrustRemoteCodeOpt)
 
 
 def serve(
     stdio: Annotated[bool, typer.Option("--stdio", help="Read JSONL requests on stdin, write results "
-                                        "on stdout (the only transport so far).")] = False,
+                                        "on stdout.")] = False,
+    http: Annotated[bool, typer.Option("--http", help="Serve OpenAI's chat-completions API; every persona "
+                                       "is a model.")] = False,
+    host: Annotated[str, typer.Option("--host", help="--http: the address to listen on. Any other than "
+                                      "loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="--http: the port (0: a free one, printed).",
+                                      min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="PERSONAS_API_KEY", help="--http: requests must send 'Authorization: Bearer KEY' "
+        "(default: $PERSONAS_API_KEY; none on loopback).", show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", help="--http: the most rows queued or decoding; a request beyond it gets 429.",
+        min=1)] = 1024,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", "-s", help="Seed for requests that name none (default: random, printed).", min=0,
-        show_default=False)] = None,
+        "--seed", "-s", help="Seed for requests that name none (default: --stdio a random one, printed; "
+        "--http a fresh one per request).", min=0, show_default=False)] = None,
     file: FileOpt = None,
     model: ModelOpt = None,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
     device: DeviceOpt = None,
+    batch_size: BatchSizeOpt = None,
+    fast_path: FastPathOpt = True,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Keep a model loaded and answer JSONL requests: one result line per sample."""
-    if not stdio:
-        raise InputError("serve needs a transport", "pass --stdio")
-    from ..generate.serve import serve as serve_lines
-
+    """Keep a model loaded and answer requests: JSONL lines (--stdio) or HTTP (--http)."""
+    if stdio == http:
+        raise InputError("serve needs one transport", "pass --stdio or --http")
     feedback = Feedback(quiet)
     library = load_library(find_library_file(file))
+    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
+    if http:
+        return serve_http(library, options, feedback, host, port, api_key, max_queue, seed, batch_size, fast_path)
+    from ..generate.serve import serve as serve_lines
+    from ..sampling.grid import Settings
+
     base_seed = seed if seed is not None else secrets.randbelow(2**31)
     out = sys.stdout
 
@@ -46,13 +65,31 @@ def serve(
         out.write(json.dumps(obj, ensure_ascii=False) + "\n")
         out.flush()
 
-    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code)
     loaded = load_model_for(options, feedback)
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the answers
         feedback.info(f"serving {loaded.label} on {loaded.device.type}; seed {base_seed} for requests "
                       "without one; one JSON request per line on stdin")
         try:
-            count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write)
+            count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write,
+                                Settings(max_batch=batch_size, fast_path=fast_path))
         except BrokenPipeError:
             raise PipeClosed() from None
     feedback.info(f"end of input after {count} lines")
+
+
+def serve_http(library, options, feedback: Feedback, host: str, port: int, api_key: str | None, max_queue: int,
+               seed: int | None, batch_size: int | None, fast_path: bool) -> None:
+    from ..generate.http_server import PersonaServer, check_exposure, listen, run_server
+    from ..sampling.grid import Settings
+
+    check_exposure(host, api_key)
+    sock = listen(host, port)
+    server = PersonaServer(library, lambda: load_model_for(options, feedback),
+                           settings=Settings(max_batch=batch_size, fast_path=fast_path), api_key=api_key,
+                           max_queue=max_queue, seed=seed, log=feedback.info)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    feedback.info(f"listening on http://{shown}:{bound[1]}/v1 ({len(library.personas)} personas as models; "
+                  f"the model loads now, GET /health says when it is ready)")
+    if run_server(server, sock, feedback.quiet):
+        feedback.info(f"stopped by SIGTERM after answering {server.answered} requests")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.load import LoadedModel
+from ..model.tokens import token_text
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,6 @@ class Distribution:
 
     entropy: float  # nats, over the whole vocabulary
     top: list[TokenProb]  # by falling probability (for T = 0: by falling logit)
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    """A single token as text, keeping the leading space a SentencePiece '▁' stands for (decoding
-    one token alone would drop it, and ' the' and 'the' are different tokens)."""
-    piece = tokenizer.convert_ids_to_tokens(token_id)
-    if piece is None:
-        return ""
-    if piece in tokenizer.all_special_tokens:
-        return piece
-    if piece.startswith("▁"):
-        return " " + tokenizer.convert_tokens_to_string([piece]).lstrip(" ")
-    return tokenizer.convert_tokens_to_string([piece])
 
 
 def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 from ..model.load import LoadedModel
 from ..sampling.grid import Sample
-from .distributions import logits_after, probabilities, token_text
+from ..model.tokens import token_text
+from .distributions import logits_after, probabilities
 
 END_OF_TURN = "(end of turn)"
 RUNNERS_UP = 3  # tokens no sample drew, shown for scale

@@ -1,0 +1,139 @@
+"""The decode engine on a thread of its own, fed from any thread.
+
+The engine is not thread-safe and decodes in steps; a server's requests arrive on other threads
+at any time. So one thread owns the engine: it takes submissions and cancellations from an inbox
+between steps (a request that arrives while others decode joins the running batch at the next
+step) and blocks on the inbox only when nothing decodes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..sampling.engine import Engine, Job, TokenListener
+from ..sampling.grid import Row, Sample, Settings
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submission's rows in the engine: cancel them with it; `on_error` hears a failure
+    that ended them."""
+
+    rows: Sequence[Row]
+    settings: Settings
+    deliver: Callable[[Sample], None]
+    on_token: TokenListener | None
+    logprobs: bool
+    on_error: Callable[[BaseException], None]
+    jobs: list[Job] = field(default_factory=list)
+    left: int = 0  # rows neither delivered nor cancelled
+
+
+_STOP = object()
+
+
+class EngineThread:
+    def __init__(self, make_engine: Callable[[], Engine], log: Callable[[str], None]):
+        self._make_engine = make_engine
+        self._log = log
+        self._engine = make_engine()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._live: set[Ticket] = set()
+        self.most_rows = 0  # the most rows one step has decoded
+        self.rows_decoding = 0  # rows in the slots at the last step
+        self._thread = threading.Thread(target=self._run, name="personas-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def outstanding(self) -> int:
+        """Rows submitted and not yet delivered or cancelled."""
+        return self._outstanding
+
+    def submit(self, rows: Sequence[Row], settings: Settings, deliver: Callable[[Sample], None], *,
+               on_error: Callable[[BaseException], None], on_token: TokenListener | None = None,
+               logprobs: bool = False) -> Ticket:
+        ticket = Ticket(rows, settings, deliver, on_token, logprobs, on_error, left=len(rows))
+        with self._lock:
+            self._outstanding += len(rows)
+        self._inbox.put(("submit", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket, rows: Sequence[Row] | None = None) -> None:
+        """Drop the ticket's rows (or only `rows` of them) that are not delivered yet."""
+        self._inbox.put(("cancel", ticket, rows))
+
+    def close(self) -> None:
+        """Stop once nothing decodes (the rows in flight are finished first)."""
+        self._inbox.put(_STOP)
+        self._thread.join()
+
+    # --- on the engine's thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while True:
+            engine = self._engine
+            items = []
+            try:
+                items.append(self._inbox.get(block=not engine.busy and not stopping))
+                while True:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                elif item[0] == "submit":
+                    self._submit(item[1])
+                else:
+                    self._cancel(item[1], item[2])
+            if stopping and not engine.busy:
+                return
+            if engine.busy:
+                try:
+                    engine.step()
+                except Exception as error:  # noqa: BLE001 — every request in flight is told
+                    self._fail(error)
+                    continue
+                self.rows_decoding = engine.last_batch
+                self.most_rows = max(self.most_rows, engine.last_batch)
+            else:
+                self.rows_decoding = 0
+
+    def _submit(self, ticket: Ticket) -> None:
+        def deliver(sample: Sample) -> None:
+            self._finished(ticket, 1)
+            ticket.deliver(sample)
+
+        self._live.add(ticket)
+        ticket.jobs = self._engine.submit(ticket.rows, ticket.settings, deliver, on_token=ticket.on_token,
+                                          logprobs=ticket.logprobs)
+
+    def _cancel(self, ticket: Ticket, rows: Sequence[Row] | None) -> None:
+        # The inbox keeps order, so a ticket's submission was taken before its cancellation.
+        jobs = ticket.jobs if rows is None else [job for job in ticket.jobs if job.row in set(rows)]
+        self._finished(ticket, self._engine.cancel(jobs))
+
+    def _finished(self, ticket: Ticket, rows: int) -> None:
+        ticket.left -= rows
+        if ticket.left <= 0:
+            self._live.discard(ticket)
+        with self._lock:
+            self._outstanding -= rows
+
+    def _fail(self, error: BaseException) -> None:
+        """A step failed (not out of memory: the engine backs off from that itself). The engine's
+        state is unknown now: every request in flight gets the error, and a fresh engine takes
+        the next ones."""
+        self._log(f"decoding failed: {type(error).__name__}: {error}")
+        for ticket in list(self._live):
+            self._finished(ticket, ticket.left)
+            ticket.on_error(error)
+        self._live.clear()
+        self._engine = self._make_engine()
