@@ -138,6 +138,8 @@ def test_n_choices_with_a_seed_are_the_same_twice_and_equal_generate(server, tin
     assert all(c.message.role == "assistant" and c.finish_reason in ("stop", "length") for c in first.choices)
     assert first.object == "chat.completion" and first.model == "a" and first.id.startswith("chatcmpl-")
     assert first.usage.completion_tokens <= 3 * 12
+    exact = ask(client, n=3, seed=5, extra_body={"min_tokens": 12})
+    assert exact.usage.completion_tokens == 3 * 12 and {c.finish_reason for c in exact.choices} == {"length"}
     assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
     # The same persona, prompt, temperature and seed through `personas generate`: the same texts.
     result = run_cli(["generate", "a", "--prompt", "Hello there", "--temp", "0.9", "-n", "3", "--seed", "5",
@@ -232,6 +234,7 @@ def test_every_bad_request_gets_openais_error_object_and_status(server):
     assert status_of(lambda: ask(client, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]))[0] == 400
     assert status_of(lambda: ask(client, top_logprobs=3))[0] == 400
     assert status_of(lambda: ask(client, stop=""))[0] == 400
+    assert status_of(lambda: ask(client, extra_body={"min_tokens": 13}))[0] == 400
     code, body = status_of(lambda: ask(client, max_tokens=600))
     assert code == 400 and body["code"] == "context_length_exceeded"
     assert "600 new tokens" in body["message"] and "context is 512 tokens" in body["message"]

@@ -23,10 +23,11 @@ class Feedback:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, style="dim", markup=False)
+            # soft_wrap: one message, one line, also in a log file (a server's stderr)
+            self.console.print(message, style="dim", markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"Warning: {message}", style="yellow", markup=False)
+        self.console.print(f"Warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
     @contextlib.contextmanager
     def loading(self, what: str) -> Iterator[Callable[[str], None]]:

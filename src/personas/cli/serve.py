@@ -86,7 +86,7 @@ def serve_http(library, options, feedback: Feedback, host: str, port: int, api_k
     sock = listen(host, port)
     server = PersonaServer(library, lambda: load_model_for(options, feedback),
                            settings=Settings(max_batch=batch_size, fast_path=fast_path), api_key=api_key,
-                           max_queue=max_queue, seed=seed, log=feedback.info)
+                           max_queue=max_queue, seed=seed, log=feedback.info, alert=feedback.warn)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     feedback.info(f"listening on http://{shown}:{bound[1]}/v1 ({len(library.personas)} personas as models; "

@@ -72,8 +72,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat-completions request that personas serves (plus vLLM's `top_k`);
-    any other field is accepted, ignored and logged."""
+    """The fields of OpenAI's chat-completions request that personas serves (plus vLLM's `top_k`
+    and `min_tokens`); any other field is accepted, ignored and logged."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -86,6 +86,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=0, ge=0)  # no end of turn before this many tokens
     stop: str | list[str] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -118,6 +119,7 @@ class ChatPlan:
     temperature: float
     seed: int
     max_tokens: int
+    min_tokens: int
     top_p: float | None
     top_k: int | None
     stops: tuple[str, ...]
@@ -142,6 +144,10 @@ def plan_request(request: ChatRequest, library: Library, seed_default: int | Non
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not stop for stop in stops):
         raise ApiError(400, "stop: a stop string must not be empty", param="stop")
+    max_tokens = library.defaults.pick("max_new_tokens", request.max_completion_tokens or request.max_tokens)
+    if request.min_tokens > max_tokens:
+        raise ApiError(400, f"min_tokens ({request.min_tokens}) is more than max_tokens ({max_tokens})",
+                       param="min_tokens")
     if request.top_logprobs and not request.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     temperature = request.temperature
@@ -153,8 +159,7 @@ def plan_request(request: ChatRequest, library: Library, seed_default: int | Non
     top_k = defaults.pick("top_k", request.top_k)
     return ChatPlan(
         persona=persona, dialog=conversation(persona, request.messages), n=request.n, temperature=temperature,
-        seed=seed, max_tokens=defaults.pick("max_new_tokens", request.max_completion_tokens or request.max_tokens),
-        top_p=defaults.pick("top_p", request.top_p), top_k=top_k if top_k and top_k > 0 else None, stops=stops,
+        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, top_p=defaults.pick("top_p", request.top_p), top_k=top_k if top_k and top_k > 0 else None, stops=stops,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None, stream=request.stream,
         include_usage=bool(request.stream and request.stream_options and request.stream_options.include_usage))
 

@@ -48,7 +48,8 @@ class PersonaServer:
 
     def __init__(self, library: Library, load: Callable[[], LoadedModel], *, settings: Settings = Settings(),
                  api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, seed: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, alert: Callable[[str], None] = print):
+        """log: what the server does (hidden by --quiet); alert: failures (always shown)."""
         self.library = library
         self.load = load
         self.settings = settings  # the engine's: --batch-size, the fast path
@@ -56,6 +57,7 @@ class PersonaServer:
         self.max_queue = max_queue
         self.seed = seed
         self.log = log
+        self.alert = alert
         self.created = int(time.time())
         self.loaded: LoadedModel | None = None
         self.worker: EngineThread | None = None
@@ -73,7 +75,7 @@ class PersonaServer:
                 raise InputError(f"serve --http runs on the decode engine, which runs Llama-architecture models; "
                                  f"{loaded.label} is '{getattr(loaded.model.config, 'model_type', '?')}'",
                                  "serve it with --stdio, or choose a Llama-architecture model")
-            self.worker = EngineThread(lambda: engine_for(loaded, self.settings, expect_more=True), self.log)
+            self.worker = EngineThread(lambda: engine_for(loaded, self.settings, expect_more=True), self.alert)
             self.loaded = loaded
             self.log(f"ready: {len(self.library.personas)} personas on {loaded.label} ({loaded.device.type})")
         except BaseException as error:  # noqa: BLE001 — the server stops and the CLI reports it
@@ -138,7 +140,8 @@ class ChoiceRun:
         self.finish: list[str | None] = [None] * len(rows)
         self.logprobs: list[list[dict]] | None = [[] for _ in rows] if plan.logprobs is not None else None
         watch = plan.stream or bool(plan.stops) or plan.logprobs is not None
-        settings = Settings(max_new_tokens=plan.max_tokens, top_p=plan.top_p, top_k=plan.top_k)
+        settings = Settings(max_new_tokens=plan.max_tokens, min_new_tokens=plan.min_tokens, top_p=plan.top_p,
+                            top_k=plan.top_k)
         self.ticket: Ticket = worker.submit(
             rows, settings, lambda sample: self._post(("sample", sample)),
             on_error=lambda error: self._post(("error", error)),
@@ -240,7 +243,7 @@ class ChoiceRun:
                 yield piece([], usage_=usage(self.prompt_tokens, self.completion_tokens()))
             ended = True
         except ApiError as error:  # the headers are sent: the error goes in the stream, as OpenAI's does
-            self.server.log(f"{self.id}: {error.message}")
+            self.server.alert(f"{self.id}: {error.message}")
             ended = True
             yield server_sent(error.body())
         finally:
@@ -295,7 +298,7 @@ def create_app(server: PersonaServer) -> FastAPI:
         except ApiError:
             raise
         except Exception as error:  # noqa: BLE001 — one log line, OpenAI's error object, never a traceback
-            server.log(f"POST /v1/chat/completions failed: {type(error).__name__}: {error}")
+            server.alert(f"POST /v1/chat/completions failed: {type(error).__name__}: {error}")
             raise ApiError(500, f"the server failed: {type(error).__name__}: {error}", type="server_error") from None
 
     return app
