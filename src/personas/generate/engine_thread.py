@@ -45,6 +45,7 @@ class EngineThread:
         self._lock = threading.Lock()
         self._outstanding = 0
         self._live: set[Ticket] = set()
+        self.broken: BaseException | None = None  # why no engine could be made after a failure
         self.most_rows = 0  # the most rows one step has decoded
         self.rows_decoding = 0  # rows in the slots at the last step
         self._thread = threading.Thread(target=self._run, name="personas-engine", daemon=True)
@@ -107,6 +108,11 @@ class EngineThread:
                 self.rows_decoding = 0
 
     def _submit(self, ticket: Ticket) -> None:
+        if self.broken is not None:
+            self._finished(ticket, ticket.left)
+            ticket.on_error(self.broken)
+            return
+
         def deliver(sample: Sample) -> None:
             self._finished(ticket, 1)
             ticket.deliver(sample)
@@ -136,4 +142,9 @@ class EngineThread:
             self._finished(ticket, ticket.left)
             ticket.on_error(error)
         self._live.clear()
-        self._engine = self._make_engine()
+        try:
+            self._engine = self._make_engine()
+        except Exception as again:  # noqa: BLE001 — e.g. a CUDA context lost to a device-side assert
+            self.broken = again
+            self._log(f"no fresh engine can be made ({type(again).__name__}: {again}): every request fails "
+                      "from now on — restart the server")

@@ -280,6 +280,9 @@ def create_app(server: PersonaServer) -> FastAPI:
         if server.worker is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         worker = server.worker
+        if worker.broken is not None:  # a supervisor should restart the process
+            return JSONResponse({"status": "failed", "error": f"{type(worker.broken).__name__}: {worker.broken}"},
+                                status_code=500)
         return JSONResponse({"status": "ready", "model": server.loaded.label if server.loaded else None,
                              "rows_waiting": worker.outstanding, "rows_decoding": worker.rows_decoding,
                              "most_rows_in_one_step": worker.most_rows, "requests_answered": server.answered})
