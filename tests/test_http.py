@@ -108,6 +108,18 @@ def server(tiny_llama_dir, cache_dir):
     s.stop()
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_behind(request):
+    """After each test on the shared server, its queue empties: every row was delivered or cancelled."""
+    yield
+    if "server" in request.fixturenames:
+        server = request.getfixturevalue("server")
+        deadline = time.monotonic() + 30
+        while (waiting := server.health().json()["rows_waiting"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting == 0
+
+
 def ask(client, **kwargs):
     kwargs.setdefault("model", "a")
     kwargs.setdefault("messages", HELLO)
@@ -253,7 +265,8 @@ def test_more_rows_than_the_queue_takes_get_429(server):
     client = server.client()
     # 300 rows at most: a 128-row request that runs long, then another, then a third that does not fit.
     with ThreadPoolExecutor(2) as pool:
-        long = [pool.submit(ask, client, n=128, max_tokens=200, temperature=1.0, seed=s) for s in (1, 2)]
+        long = [pool.submit(ask, client, n=128, max_tokens=200, temperature=1.0, seed=s, extra_body={"min_tokens": 200})
+                for s in (1, 2)]
         deadline = time.monotonic() + 60
         while server.health().json()["rows_waiting"] < 256 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -284,13 +297,15 @@ def test_32_concurrent_requests_are_decoded_together_and_all_answered(server):
 
 def test_a_client_that_goes_away_has_its_rows_cancelled(server):
     client = server.client()
-    stream = ask(client, n=4, seed=9, temperature=1.0, max_tokens=400, stream=True)
+    # min_tokens: the answers are long even where an end of turn would come early (and on a GPU).
+    stream = ask(client, n=4, seed=9, temperature=1.0, max_tokens=400, stream=True, extra_body={"min_tokens": 400})
     for _, _ in zip(range(3), stream):
         pass
     stream.close()
     # And one that stops waiting for a whole answer.
     with pytest.raises(openai.APITimeoutError):
-        ask(server.client(timeout=1.0), n=4, seed=10, temperature=1.0, max_tokens=450)
+        ask(server.client(timeout=0.3), n=16, seed=10, temperature=1.0, max_tokens=450,
+            extra_body={"min_tokens": 450})
     deadline = time.monotonic() + 30
     while server.health().json()["rows_waiting"] and time.monotonic() < deadline:
         time.sleep(0.1)
