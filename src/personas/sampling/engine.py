@@ -13,9 +13,13 @@
   cache holds only its own suffix (the prompt after the prefix, then its new tokens). The
   decoder (decoder.py) reads each prefix once per step for all rows that share it.
 * One step, one graph. On CUDA the decode step — forward pass, choosing, bookkeeping — is
-  captured as a CUDA graph per (prefix span, suffix span, masks) and replayed; spans grow in
-  steps of `SPAN` so a step reads at most that many unfilled positions past the longest row.
-  On the CPU the same step runs eagerly.
+  captured as a CUDA graph per (prefix span, suffix span, masks, log-probabilities, leading
+  slots) and replayed; spans grow in steps of `SPAN` so a step reads at most that many unfilled
+  positions past the longest row, and a step computes only the leading slots (a power of two)
+  that hold rows. On the CPU the same step runs eagerly, over the busy slots.
+* Listeners and cancelling. A row may have a listener told each token as it is chosen (with its
+  log-probabilities: the server's streaming and `logprobs`); rows can be cancelled, queued or
+  decoding (a client went away, a stop string was found).
 * Same rows, same semantics. Each row keeps its seed (the chooser's noise is keyed by seed, step
   and token id, so the batch around it does not matter), temperature, top-k/top-p,
   min_new_tokens and max_new_tokens.
