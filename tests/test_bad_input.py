@@ -34,7 +34,7 @@ CASES = [
     (["generate", "--file", "ok.toml", "--output", "no/dir/out.json"], 2, "does not exist"),
     (["generate", "--file", "ok.toml", "--resume", "--output", "o.jsonl"], 2, "--resume needs"),
     (["render", "zz", "--file", "ok.toml"], 2, "unknown persona 'zz'"),
-    (["serve", "--file", "ok.toml"], 2, "serve needs a transport"),
+    (["serve", "--file", "ok.toml"], 2, "serve needs one transport — pass --stdio or --http"),
 ]
 
 
