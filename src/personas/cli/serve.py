@@ -12,9 +12,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError, PipeClosed
-from ..library.load import find_library_file, load_library
+from ..library.load import Library, find_library_file, load_library
 from .feedback import Feedback
-from .loading import load_model_for, model_options
+from .loading import ModelOptions, load_model_for, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt,
                       ModelOpt, QuietOpt, TrustRemoteCodeOpt)
 
@@ -77,8 +77,9 @@ def serve(
     feedback.info(f"end of input after {count} lines")
 
 
-def serve_http(library, options, feedback: Feedback, host: str, port: int, api_key: str | None, max_queue: int,
-               seed: int | None, batch_size: int | None, fast_path: bool) -> None:
+def serve_http(library: Library, options: ModelOptions, feedback: Feedback, host: str, port: int,
+               api_key: str | None, max_queue: int, seed: int | None, batch_size: int | None, fast_path: bool) -> None:
+    """Check the address, open the socket, serve until SIGTERM; the model loads while it listens."""
     from ..generate.http_server import PersonaServer, check_exposure, listen, run_server
     from ..sampling.grid import Settings
 
