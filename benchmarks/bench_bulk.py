@@ -20,15 +20,14 @@ import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_prompts import prompts as make_prompts  # noqa: E402
+from bench_cpu_prompts import persona_rows  # noqa: E402
 from bench_gpu_grid import copy_bandwidth, log, peak_gb, quantized_bytes, reset_peak, sync_time  # noqa: E402
-from gptq_checkpoint import write_checkpoint  # noqa: E402
+from gptq_checkpoint import load_checkpoint  # noqa: E402
 
 H100_DENSE_FP16_FLOPS = 989e12  # the card's tensor-core peak; the GEMM half of the roofline
 
@@ -48,30 +47,19 @@ def main() -> None:
 
     import transformers
 
-    from personas.generate.request import Cell, Request, plan
-    from personas.library.load import find_library_file, load_library
-    from personas.model.choice import resolve_model
-    from personas.model.load import load_model
     from personas.sampling.engine import Engine
     from personas.sampling.grid import Settings
     from personas.sampling.scheduler import generate_grid
 
     results: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "transformers": transformers.__version__}
-    directory = args.checkpoint / "13b"
-    if not (directory / "model.safetensors").is_file():
-        write_checkpoint(directory, "13b", "cuda")
     bandwidth = results["bandwidth_Bps"] = copy_bandwidth(2.0)
-    model = load_model(resolve_model(str(directory)), device="cuda", gptq_backend=args.backend)
+    model = load_checkpoint(args.checkpoint / "13b", args.backend)
     results["kernel"] = model.gptq_kernel
     log(f"loaded, kernel {model.gptq_kernel}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
 
-    persona = load_library(find_library_file(None)).get("customer")
-    texts = make_prompts(args.prompts)
     fixed = Settings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    request = Request(personas=[], cells=[Cell(persona, t) for t in texts], temperatures=(1.0,), n=args.n, seed=1,
-                      settings=fixed)
-    rows = plan(request, model)
+    rows = persona_rows(model, args.prompts, 1.0, fixed, n=args.n)
     shared = len(os.path.commonprefix([r.prompt_ids for r in rows]))
     results["prompt_tokens_mean"] = sum(len(r.prompt_ids) for r in rows) / len(rows)
     results["shared_prefix_tokens"] = shared

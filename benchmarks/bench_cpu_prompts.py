@@ -37,6 +37,17 @@ def prompts(count: int) -> list[str]:
             for i in range(count)]
 
 
+def persona_rows(model, count: int, temperature: float, settings, n: int = 1, persona: str = "customer"):
+    """`count` distinct prompts (as `prompts` makes them) to one persona of the shipped library,
+    each × n at one temperature, planned on a loaded model."""
+    from personas.generate.request import Cell, Request, plan
+    from personas.library.load import find_library_file, load_library
+
+    chosen = load_library(find_library_file(None)).get(persona)
+    return plan(Request(personas=[], cells=[Cell(chosen, t) for t in prompts(count)], temperatures=(temperature,),
+                        n=n, seed=1, settings=settings), model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=100)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_prompts import prompts as make_prompts  # noqa: E402
-from gptq_checkpoint import write_checkpoint  # noqa: E402
+from bench_cpu_prompts import persona_rows  # noqa: E402
+from gptq_checkpoint import load_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -29,20 +29,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq/13b"))
     args = parser.parse_args()
 
-    from personas.generate.request import Cell, Request, plan
-    from personas.library.load import find_library_file, load_library
-    from personas.model.choice import resolve_model
-    from personas.model.load import load_model
     from personas.sampling.decoder import Decoder, Part
     from personas.sampling.engine import PrefixPool
     from personas.sampling.grid import Settings
 
-    if not (args.checkpoint / "model.safetensors").is_file():
-        write_checkpoint(args.checkpoint, "13b", "cuda")
-    model = load_model(resolve_model(str(args.checkpoint)), device="cuda", gptq_backend="marlin")
-    persona = load_library(find_library_file(None)).get("customer")
-    rows = plan(Request(personas=[], cells=[Cell(persona, t) for t in make_prompts(args.prompts)], temperatures=(0.0,),
-                        n=1, seed=1, settings=Settings()), model)
+    model = load_checkpoint(args.checkpoint, "marlin")
+    rows = persona_rows(model, args.prompts, 0.0, Settings())
     decoder = Decoder(model.model)
     shared = len(os.path.commonprefix([r.prompt_ids for r in rows]))
     prefix = rows[0].prompt_ids[:shared]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_checkpoint import write_checkpoint  # noqa: E402
+from gptq_checkpoint import load_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -29,14 +29,10 @@ def main() -> None:
 
     from personas.generate.request import Request, plan
     from personas.library.schema import Persona
-    from personas.model.choice import resolve_model
-    from personas.model.load import load_model
     from personas.sampling.grid import Settings
     from personas.sampling.scheduler import engine_for
 
-    if not (args.checkpoint / "model.safetensors").is_file():
-        write_checkpoint(args.checkpoint, "13b", "cuda")
-    model = load_model(resolve_model(str(args.checkpoint)), device="cuda")
+    model = load_checkpoint(args.checkpoint)
     words = "The shop sells mountain bikes, helmets, lights and repair kits to riders of every level. "
     system = words
     while len(model.tokenizer.encode(system)) < args.system_tokens:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_prompts import prompts as make_prompts  # noqa: E402
-from gptq_checkpoint import write_checkpoint  # noqa: E402
+from bench_cpu_prompts import persona_rows  # noqa: E402
+from gptq_checkpoint import load_checkpoint  # noqa: E402
 
 GROUPS = [  # (label, substrings of kernel names), first match wins
     ("GPTQ GEMM (Marlin)", ("marlin", "Marlin")),
@@ -37,20 +37,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq/13b"))
     args = parser.parse_args()
 
-    from personas.generate.request import Cell, Request, plan
-    from personas.library.load import find_library_file, load_library
-    from personas.model.choice import resolve_model
-    from personas.model.load import load_model
     from personas.sampling.engine import Engine
     from personas.sampling.grid import Settings
 
-    if not (args.checkpoint / "model.safetensors").is_file():
-        write_checkpoint(args.checkpoint, "13b", "cuda")
-    model = load_model(resolve_model(str(args.checkpoint)), device="cuda", gptq_backend="marlin")
-    persona = load_library(find_library_file(None)).get("customer")
+    model = load_checkpoint(args.checkpoint, "marlin")
     settings = Settings(max_new_tokens=128, min_new_tokens=128)
-    rows = plan(Request(personas=[], cells=[Cell(persona, t) for t in make_prompts(args.slots)], temperatures=(1.0,),
-                        n=1, seed=1, settings=settings), model)
+    rows = persona_rows(model, args.slots, 1.0, settings)
     engine = Engine(model, max_slots=args.slots)  # eager: the profiler sees each kernel by name
     print(f"fused own-part attention: {engine.decoder.fused}")
     engine.submit(rows, settings, lambda s: None)

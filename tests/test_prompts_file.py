@@ -102,11 +102,16 @@ def test_a_thousand_prompts_run_through_the_engine(tmp_path, tiny_llama_dir, cac
 # --- memory: out-of-memory back-off, and --truncate ---------------------------------------------
 
 
-def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
+def six_rows(tiny_llama_dir):
+    """The tiny model, and 6 rows (2 temperatures × 3 samples) for the out-of-memory tests."""
     model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
     persona = Persona(name="a", prompt="Hello there")
     request = Request(personas=[persona], temperatures=[0.0, 1.0], n=3, seed=4, settings=Settings(max_new_tokens=6))
-    rows = plan(request, model)
+    return model, request, plan(request, model)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
+    model, request, rows = six_rows(tiny_llama_dir)
 
     def collect(**kwargs):
         got = {}
@@ -134,10 +139,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
 def test_out_of_memory_in_the_engine_halves_the_slots_and_loses_nothing(tiny_llama_dir):
     from personas.sampling.scheduler import sample_rows
 
-    model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
-    persona = Persona(name="a", prompt="Hello there")
-    request = Request(personas=[persona], temperatures=[0.0, 1.0], n=3, seed=4, settings=Settings(max_new_tokens=6))
-    rows = plan(request, model)
+    model, request, rows = six_rows(tiny_llama_dir)
 
     def collect(**kwargs):
         got = {}

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import InputError, PersonasError
+from ..errors import InputError
 from ..library.load import Library
 from ..model.load import LoadedModel, fit_dialog
 from ..model.tokens import token_text

@@ -438,7 +438,7 @@ class Engine:
         for b, job in taken:
             self.jobs[b] = job
         self._refresh_prefix_bias()
-        d, device = self.decoder, self.device
+        device = self.device
         # Identical (prefix, suffix) pairs are encoded once and copied to the other slots.
         distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
         for b, job in taken:
