@@ -14,8 +14,9 @@ import torch
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
 from personas.sampling.chooser import top_k_top_p_mask
-from personas.sampling.engine import SPAN, Engine, round_up
+from personas.sampling.engine import Engine
 from personas.sampling.grid import Row, Settings
+from personas.sampling.paged_attention import PAGE
 from personas.sampling.scheduler import generate_grid
 
 SYSTEM = "You are a pirate captain who runs a tea shop by the sea. "
@@ -119,15 +120,72 @@ def test_a_shared_prefix_is_stored_once_and_slots_hold_only_suffixes(tiny):
     # The pool: that prefix, once.
     assert list(engine.pool.spans.values()) == [(0, prefix)]
     assert engine.pool.end == prefix
-    # Each slot: its own suffix plus its new tokens (rounded up to whole spans), not the prompt.
+    # Each row's table: its own suffix and the position it writes next, not the prompt.
     kv_heads, head_dim = tiny.config.num_key_value_heads, tiny.config.hidden_size // tiny.config.num_attention_heads
-    assert engine.cache_keys[0].shape == (len(rows), kv_heads, round_up(max(suffixes) + 16, SPAN), head_dim)
-    assert engine.span < prefix + 16
-    total = sum(t.numel() for t in engine.cache_keys + engine.cache_values)
-    pool = sum(t[:, :engine.pool.end].numel() for t in engine.pool.keys + engine.pool.values)
+    assert {b: len(pages) for b, pages in engine.pages_of.items()} == \
+        {b: len(job.suffix) // PAGE + 1 for b, job in engine.jobs.items()}
+    assert sorted(len(job.suffix) for job in engine.jobs.values()) == sorted(suffixes)
+    assert all(PAGE * len(engine.pages_of[b]) < len(job.row.prompt_ids) for b, job in engine.jobs.items())
+    # The pool's tensors: room for every row at the longest one's need, and one sink page.
+    assert engine.cache_keys[0].shape == (1 + len(rows) * -(-(max(suffixes) + 16) // PAGE), PAGE, kv_heads, head_dim)
     per_token = 2 * tiny.config.num_hidden_layers * kv_heads * head_dim
+    pool = sum(t[:, :engine.pool.end].numel() for t in engine.pool.keys + engine.pool.values)
     assert pool == prefix * per_token
-    assert total == len(rows) * engine.span * per_token
+    total = sum(t.numel() for t in engine.cache_keys + engine.cache_values)
+    assert total == engine.page_count * PAGE * per_token
+    # The n rows of one prompt read its prompt-only pages once; every other page is one row's.
+    by_prompt: dict = {}
+    for b, job in engine.jobs.items():
+        by_prompt.setdefault(job.row.prompt_ids, []).append(b)
+    assert all(len(slots) == 2 * 4 for slots in by_prompt.values())  # 2 temperatures × n = 4
+    shared = {}
+    for slots in by_prompt.values():
+        whole = engine.jobs[slots[0]].prompt_pages
+        assert whole >= 1
+        assert len({tuple(engine.pages_of[b][:whole]) for b in slots}) == 1
+        assert len({p for b in slots for p in engine.pages_of[b][whole:]}) == sum(
+            len(engine.pages_of[b]) - whole for b in slots)
+        shared.update(dict.fromkeys(engine.pages_of[slots[0]][:whole], len(slots)))
+    held = [p for pages in engine.pages_of.values() for p in pages]
+    assert all(engine.page_users[p] == shared.get(p, 1) for p in held)
+    assert sorted(set(held) | set(engine.free_pages)) == list(range(1, engine.page_count))
+    assert not set(held) & set(engine.free_pages)
+    assert sum(engine.own_pages.values()) == len(set(held))
+
+
+def test_rows_take_pages_as_they_grow_and_the_least_done_is_preempted_when_none_is_left(tiny):
+    """A pool too small for every row's longest cache: rows take a page each PAGE tokens, and
+    when none is left the row with the fewest tokens goes back to the queue and reruns — with
+    the same texts as an engine with room for all, and never more pages held than the pool has."""
+    rows = grid_rows(tiny, personas=("pirate",), n=3)
+    limits = [40, 9, 25, 33, 2, 17, 38, 4]
+    rows = [dataclasses.replace(r, max_new_tokens=limits[i % len(limits)]) for i, r in enumerate(rows)]
+    settings = Settings(max_new_tokens=64, min_new_tokens=64)
+    roomy, _ = run_engine(tiny, rows, settings, slots=8)
+    seen = []
+
+    def watch(engine):
+        held = {p for pages in engine.pages_of.values() for p in pages}
+        seen.append((len(held), engine.page_count - 1, len(engine.jobs)))
+        for b in engine.jobs:  # every position written so far has its page
+            assert PAGE * len(engine.pages_of[b]) >= engine.filled[b]
+
+    engine = Engine(tiny, max_slots=8, max_pages=48)
+    got, heard = {}, {}
+    engine.submit(rows, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s),
+                  on_token=lambda row, token, _: heard.setdefault(row, []).append(token))
+    with torch.inference_mode():
+        while engine.busy:
+            engine.step()
+            watch(engine)
+    assert engine.page_count == 48 and engine.preemptions > 0
+    assert all(held <= pool for held, pool, _ in seen)
+    assert max(rows_in_flight for *_, rows_in_flight in seen) == 8
+    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in roomy.items()}
+    # A listener hears each token once, rerun or not.
+    assert {r: tuple(tokens) for r, tokens in heard.items()} == {s.row: s.token_ids for s in got.values()}
+    assert engine.rows_delivered == len(rows) and not engine.pages_of and \
+        sorted(engine.free_pages) == list(range(1, engine.page_count))
 
 
 def test_several_personas_several_prefixes_and_dropped_when_done(tiny):
@@ -291,10 +349,10 @@ def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
 
 
 @cuda
-def test_graphs_are_captured_again_after_the_slots_and_the_pool_regrow(tiny_cuda):
-    """A server's engine: short rows, then rows with longer prompts (the slots are reallocated),
-    then another persona's longer prefix (the pool grows) — each time the graphs are captured
-    anew, over the leading slots only, and the texts equal the eager engine's."""
+def test_graphs_are_captured_again_after_the_pool_regrows(tiny_cuda):
+    """A server's engine: short rows, then rows with longer prompts (more pages, the same
+    graphs), then another persona's longer prefix (the pool grows: the graphs are captured
+    anew) — over the leading slots only, and the texts equal the eager engine's."""
     waves = [grid_rows(tiny_cuda, personas=("pirate",), asks=ASKS[:1], n=2),
              grid_rows(tiny_cuda, personas=("pirate",), asks=[" ".join(ASKS) * 3], n=2),
              grid_rows(tiny_cuda, personas=("grocer" + " of the sea" * 40,), asks=ASKS[:2], n=2)]
@@ -325,23 +383,36 @@ def test_float32_scores_from_half_precision_inputs_on_cuda():
 
 @cuda
 def test_out_of_memory_halves_the_slots_and_loses_nothing(tiny_cuda):
-    """A real out-of-memory: the allocator is capped below what the engine sized itself for."""
-    rows = grid_rows(tiny_cuda, n=8)
-    settings = Settings(max_new_tokens=32, min_new_tokens=32)
-    expected, _ = run_engine(tiny_cuda, rows, settings)
-    splits = []
-    engine = Engine(tiny_cuda, max_slots=len(rows), graphs=True, on_split=lambda old, new: splits.append((old, new)))
-    got = {}
-    engine.submit(rows, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
-    torch.cuda.empty_cache()
-    used = torch.cuda.memory_allocated()
-    total = torch.cuda.get_device_properties(0).total_memory
-    engine.decoder.kv_bytes_per_token = lambda: 0  # noqa: E731 — size as if slots were free ...
-    torch.cuda.set_per_process_memory_fraction((used + 6 * 2**20) / total)  # ... in 6 MiB of room
-    try:
+    """A real out-of-memory. The engine sizes its pages from the card's free memory; the
+    allocator is then capped at what a quarter of the slots took plus half of what all slots'
+    extra pages take — the engine runs out, halves its slots until they fit, and loses nothing."""
+    rows = grid_rows(tiny_cuda, n=16)
+    settings = Settings(max_new_tokens=384, min_new_tokens=384)  # long rows: their pages dominate
+
+    def run(engine):
+        got = {}
+        engine.submit(rows, settings, lambda s: got.__setitem__(s.row, s.token_ids))
         with torch.inference_mode():
             engine.run()
+        return got
+
+    run(Engine(tiny_cuda, max_slots=len(rows) // 4, graphs=True))  # warm: kernels, cuBLAS workspace
+    torch.cuda.empty_cache()
+    used = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    quarter = Engine(tiny_cuda, max_slots=len(rows) // 4, graphs=True)
+    expected = run(quarter)
+    extra_pages = 3 * (quarter.page_count - 1) * PAGE * quarter.decoder.kv_bytes_per_token()  # all slots' pages less a quarter's
+    room = torch.cuda.max_memory_allocated() - used + extra_pages // 2
+    del quarter
+    torch.cuda.empty_cache()
+    splits = []
+    engine = Engine(tiny_cuda, max_slots=len(rows), graphs=True, on_split=lambda old, new: splits.append((old, new)))
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + room) / total)
+    try:
+        got = run(engine)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    assert splits and splits[0][1] == splits[0][0] // 2
-    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in expected.items()}
+    assert splits and splits[0] == (len(rows), len(rows) // 2)
+    assert got == expected and len(got) == len(rows)

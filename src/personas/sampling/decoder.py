@@ -10,8 +10,9 @@ decomposition Hydragen uses:
   decoded, stored once). The queries of all rows are stacked into one matrix, so each prefix is
   read once per step however many rows share it; a per-row bias of 0 / -inf keeps each row to
   its own prefix;
-* the own part: each row's queries against its own keys — in a slot's cache while decoding, the
-  suffix's fresh keys while prefilling it.
+* the own part: each row's queries against its own keys — in its pages while decoding (read
+  through its page table as far as its own length, paged_attention.py), the suffix's fresh keys
+  while prefilling it.
 
 Read bottom-up: `attention_part` and `merge` are the arithmetic, `Decoder.run` the layer loop.
 """
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .paged_attention import PagedPart, paged_attention
 
 # A row with nothing visible in a part (a slot without a prefix) has max -inf there; clamping
 # it keeps exp(score - max) at 0 instead of NaN, so that part weighs nothing in the merge.
@@ -51,13 +54,16 @@ class Part:
     shared: bool
 
 
-def attention_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_part(q: torch.Tensor, part: Part | PagedPart, scale: float,
+                   queries: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-sum-exp, normalised output) of softmax attention over one part, in float32.
 
     q is (rows, kv_heads, group, head_dim) with group = query heads per kv head × `queries`
     (positions per row), ordered (head, position). A row that sees nothing here gets
     log-sum-exp -inf and output 0, so the part weighs nothing in `merge`.
     """
+    if isinstance(part, PagedPart):
+        return paged_attention(q, part, scale)
     if q.device.type == "cpu":
         return cpu_part(q, part, scale, queries)
     return matmul_part(q, part, scale, queries)
@@ -136,9 +142,9 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 
 
 # own(layer index, keys, values) -> the Part of each row's own keys for that layer. The caller
-# decides where fresh keys go: into the slots' caches (decoding, prefilling a suffix) or into
-# the prefix pool (prefilling a prefix).
-OwnKeys = Callable[[int, torch.Tensor, torch.Tensor], Part]
+# decides where fresh keys go: into the rows' pages (decoding, prefilling a suffix) or into the
+# prefix pool (prefilling a prefix).
+OwnKeys = Callable[[int, torch.Tensor, torch.Tensor], "Part | PagedPart"]
 
 
 class Decoder:

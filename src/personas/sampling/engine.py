@@ -4,19 +4,25 @@
                                  ▲                                         │
                                  └──────── a row ends: deliver, free ◄─────┘
 
-* Slots. B rows decode at once; B comes from the memory free after loading (at most
-  `CUDA_SLOTS`; the CPU's `BATCH_ROWS`; --batch-size caps it). A row that ends (its end of turn,
-  or its own max_new_tokens) frees its slot at once and the next queued row is prefilled into it
-  while the others keep decoding.
+* Slots and pages. Up to B rows decode at once (at most `CUDA_SLOTS`; the CPU's `BATCH_ROWS`;
+  --batch-size caps it). A row's own keys and values — its suffix, then its new tokens — live in
+  pages of `PAGE` positions from one pool sized from the memory free after loading. A row takes
+  the pages of its suffix when admitted and one more page each `PAGE` tokens as it grows, so
+  rows in flight hold what they use, not what they might use (rows of 16–256 new tokens each
+  reserving 256 left a third of the pool idle). When the pool runs dry the row that has done the
+  least is preempted: its pages freed, it goes back to the front of the queue and later reruns
+  (its seed makes the rerun identical). A row that ends frees its slot and its pages at once and
+  the next queued rows are prefilled while the others keep decoding.
 * Prefixes, stored once. Rows of one persona share the start of their prompts (the system
-  context and examples). That prefix's keys and values live once in the prefix pool; a slot's
-  cache holds only its own suffix (the prompt after the prefix, then its new tokens). The
-  decoder (decoder.py) reads each prefix once per step for all rows that share it.
+  context and examples). That prefix's keys and values live once in the prefix pool; a row's
+  pages hold only its own suffix. The decoder (decoder.py) reads each prefix once per step for
+  all rows that share it, and each row's pages only as far as its own length
+  (paged_attention.py).
 * One step, one graph. On CUDA the decode step — forward pass, choosing, bookkeeping — is
-  captured as a CUDA graph per (prefix span, suffix span, masks, log-probabilities, leading
-  slots) and replayed; spans grow in steps of `SPAN` so a step reads at most that many unfilled
-  positions past the longest row, and a step computes only the leading slots (a power of two)
-  that hold rows. On the CPU the same step runs eagerly, over the busy slots.
+  captured as a CUDA graph per (prefix span, masks, log-probabilities, leading slots) and
+  replayed: rows' lengths and page tables are device tensors, so growing rows need no new
+  graph, and a step computes only the leading slots (a power of two) that hold rows. On the CPU
+  the same step runs eagerly, over the busy slots.
 * Listeners and cancelling. A row may have a listener told each token as it is chosen (with its
   log-probabilities: the server's streaming and `logprobs`); rows can be cancelled, queued or
   decoding (a client went away, a stop string was found).
@@ -41,14 +47,16 @@ from ..model.load import LoadedModel
 from .chooser import choose, token_logprobs, token_salts
 from .decoder import Decoder, Part
 from .grid import BATCH_ROWS, Row, Sample, Settings, TokenLogprob
+from .paged_attention import PAGE, PagedPart, flat_positions, gather
 from .prefill import common_prefix
 
 CUDA_SLOTS = 512  # the most slots on a GPU; fewer when memory is short
-SPAN = 32  # caches are read in spans of this many positions
+SPAN = 32  # the prefix pool is read in spans of this many positions
 POOL_STEP = 256  # the prefix pool grows by at least this many positions
 PREFILL_TOKENS = {"cuda": 4096, "cpu": 2048}  # prompt tokens per prefill pass
 SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY = 56  # bytes: logits, float32 scores, noise (int64, float64)
-HEADROOM = 0.9  # the share of free memory the slots may take
+HEADROOM = 0.9  # the share of free memory the slots and pages may take
+SINK_PAGE = 0  # never given to a row: idle slots write and read it, so a step needs no branches
 REFILL_SHARE = 8  # refill when 1/REFILL_SHARE of the slots are free (see _admit)
 TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities come with (OpenAI's limit)
 
@@ -106,8 +114,24 @@ class Job:
 
     @property
     def cache_need(self) -> int:
-        """Positions its slot must hold: its suffix and its new tokens."""
+        """Positions its own cache must hold: its suffix and its new tokens."""
         return len(self.suffix) + self.max_new
+
+    @property
+    def pages(self) -> int:
+        """Pages its own cache spans at its longest."""
+        return -(-self.cache_need // PAGE)
+
+    @property
+    def first_pages(self) -> int:
+        """Pages it takes when admitted: its suffix and its first new token's position."""
+        return len(self.suffix) // PAGE + 1
+
+    @property
+    def prompt_pages(self) -> int:
+        """Its pages that hold only prompt: a row with the same prompt, admitted with it, reads
+        these instead of its own copy (the n samples of one prompt)."""
+        return len(self.suffix) // PAGE
 
 
 class PrefixPool:
@@ -216,14 +240,17 @@ class Engine:
     `run`) until `busy` is False; each row's Sample goes to its `deliver` as soon as it ends."""
 
     def __init__(self, loaded: LoadedModel, *, max_slots: int | None = None, graphs: bool = False,
-                 expect_more: bool = False, on_split: Callable[[int, int], None] = lambda _old, _new: None):
+                 expect_more: bool = False, on_split: Callable[[int, int], None] = lambda _old, _new: None,
+                 max_pages: int | None = None):
         """expect_more: rows will keep arriving (a server), so size the slots for the cap and the
-        memory, not for the rows queued when the first step runs."""
+        memory, not for the rows queued when the first step runs. max_pages: at most this many
+        pages in the pool (memory shared with something else; tests force preemption with it)."""
         self.loaded = loaded
         self.decoder = Decoder(loaded.model)
         self.device = self.decoder.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.max_slots = max_slots
+        self.max_pages = max_pages
         self.expect_more = expect_more
         self.on_split = on_split
         self.eos_ids = list(loaded.eos_ids)
@@ -233,13 +260,22 @@ class Engine:
         self.queue: deque[Job] = deque()
         self.seen: dict[str, tuple[int, ...]] = {}  # persona -> a prompt of theirs seen before
         self.slot_count = 0  # 0: not allocated
-        self.span = 0  # positions each slot's cache holds
+        self.span = 0  # the most positions one row's page table can address
+        self.page_count = 0  # pages in the pool, the sink page included
+        self.free_pages: list[int] = []
+        self.page_users: list[int] = []  # page -> rows whose tables hold it
+        self.pages_of: dict[int, list[int]] = {}  # slot -> the pages its table holds
         self.jobs: dict[int, Job] = {}  # slot -> its row
         self.filled: dict[int, int] = {}  # slot -> positions of its cache written
-        self.graphs: dict[tuple[int, int, bool, bool, int], Any] = {}  # (prefix span, own span, masks, logprobs, slots)
+        self.graphs: dict[tuple[int, bool, bool, int], Any] = {}  # (prefix span, masks, logprobs, slots)
         self.graph_pool = None
         self.steps = 0  # decode steps taken (progress)
         self.last_batch = 0  # rows the last step decoded
+        self.rows_decoded = 0  # rows summed over steps (the mean batch: rows_decoded / steps)
+        self.own_pages: dict[int, int] = {}  # slot -> pages its row took (not read from a row with its prompt)
+        self.positions_held = 0  # own pages × PAGE of each row delivered, summed (the mean cache per row)
+        self.rows_delivered = 0
+        self.preemptions = 0  # rows preempted for pages, to rerun later
 
     # --- queueing ------------------------------------------------------------------------------
 
@@ -275,8 +311,9 @@ class Engine:
                           prefix=row.prompt_ids[:shared], on_token=on_token, logprobs=logprobs)
                 self.pool.hold(job.prefix)
                 jobs.append(job)
-        # Identical prompts next to each other: one prefill serves them all.
-        self.queue.extend(sorted(jobs, key=lambda j: (j.prefix, j.suffix)))
+        # Longest rows first, so the last steps are not a few long rows decoding alone; identical
+        # prompts next to each other, so one prefill serves them all and they share its pages.
+        self.queue.extend(sorted(jobs, key=lambda j: (-j.max_new, j.prefix, j.suffix)))
         return jobs
 
     def cancel(self, jobs: Iterable[Job]) -> int:
@@ -290,8 +327,7 @@ class Engine:
                 self.pool.release(job.prefix)
         slots = [b for b, job in self.jobs.items() if job in gone]
         for b in slots:
-            self.pool.release(self.jobs.pop(b).prefix)
-            del self.filled[b]
+            self._free(b)
         with torch.inference_mode():  # the slot tensors were made in inference mode
             self._clear_slots(slots)
         return len(queued) + len(slots)
@@ -324,6 +360,8 @@ class Engine:
             self.queue.appendleft(job)
         self.jobs.clear()
         self.filled.clear()
+        self.pages_of.clear()
+        self.own_pages.clear()
         self._release_slots()
         self.max_slots = max(1, old // 2)
         if self.device.type == "cuda":
@@ -334,6 +372,7 @@ class Engine:
 
     def _release_slots(self) -> None:
         self.cache_keys = self.cache_values = []
+        self.free_pages, self.page_users, self.page_count = [], [], 0
         self._drop_graphs()
         self.slot_count = 0
 
@@ -344,38 +383,46 @@ class Engine:
         self.graphs.clear()
         self.graph_pool = None
 
-    def _slots_for(self, span: int) -> int:
-        """How many slots: the cap, the rows waiting, and on CUDA the memory free now."""
+    def _slots_and_pages(self, row_positions: int) -> tuple[int, int]:
+        """How many slots and pages: the cap, the rows waiting, each of `row_positions` at most,
+        and on CUDA the memory free now (pages then are what is left after the slots' workspace)."""
         cap = self.max_slots or (CUDA_SLOTS if self.device.type == "cuda" else BATCH_ROWS["cpu"])
         slots = cap if self.expect_more else max(1, min(cap, self.rows_waiting))
+        row_pages = -(-row_positions // PAGE)
+        pages = 1 + slots * row_pages  # every slot busy with the longest row, and the sink page
+        if self.max_pages:
+            pages = max(1 + row_pages, min(pages, self.max_pages))
         if self.device.type != "cuda":
-            return slots
+            return slots, pages
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         d = self.decoder
-        per_slot = span * d.kv_bytes_per_token() + self.vocabulary * SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY
+        per_slot = self.vocabulary * SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY + 4 * (self.span // PAGE)
         # A prefill pass: its MLP activations and its attention scores over the pool and itself.
         intermediate = getattr(self.loaded.model.config, "intermediate_size", 4 * d.heads * d.head_dim)
-        prefill = PREFILL_TOKENS["cuda"] * (6 * intermediate + 8 * d.heads * (self.pool.capacity + span))
-        budget = HEADROOM * free - prefill
-        return max(1, min(slots, int(budget // per_slot)))
+        prefill = PREFILL_TOKENS["cuda"] * (6 * intermediate + 8 * d.heads * (self.pool.capacity + row_positions))
+        budget = HEADROOM * free - prefill - slots * per_slot
+        # At least one longest row: if even that does not fit, allocating fails and backs off.
+        return slots, max(1 + row_pages, min(pages, int(budget // (PAGE * d.kv_bytes_per_token()))))
 
     def _allocate(self) -> None:
         d = self.decoder
         need = max(j.cache_need for j in self.queue)
-        if self.expect_more:
-            # Rows still to come may be longer than the first ones, and a row longer than the
-            # slots waits until every slot drains (measured on a server: 32 requests after a short
-            # warm-up ran in waves at 23% of a prompts file's speed). Room for twice the length
-            # costs memory only: a step reads each slot only as far as its longest live row.
-            need = min(2 * need, self.loaded.context_length or 2 * need)
-        self.span = round_up(need, SPAN)
+        # A page table can address the model's context: later rows longer than the first ones
+        # then need no new tables (without a known context, twice the first rows' length).
+        self.span = round_up(max(need, self.loaded.context_length or 2 * need), PAGE)
         for prefix in dict.fromkeys(j.prefix for j in self.queue if j.prefix):
             self.pool.ensure(prefix)
-        B = self.slot_count = self._slots_for(self.span)
-        shape = (B, d.kv_heads, self.span, d.head_dim)
+        # A job sizes the pool for the rows it has; a server for rows twice as long (a longer row
+        # preempts others, and one longer than the whole pool waits for the rows in flight).
+        B, pages = self._slots_and_pages(min(2 * need, self.span) if self.expect_more else need)
+        self.slot_count, self.page_count = B, pages
+        shape = (pages, PAGE, d.kv_heads, d.head_dim)
         self.cache_keys = [torch.zeros(shape, dtype=d.dtype, device=self.device) for _ in range(d.layer_count)]
         self.cache_values = [torch.zeros(shape, dtype=d.dtype, device=self.device) for _ in range(d.layer_count)]
+        self.free_pages = list(range(pages - 1, SINK_PAGE, -1))  # popped from the end: low pages first
+        self.page_users = [0] * pages
+        self.table = torch.full((B, self.span // PAGE), SINK_PAGE, dtype=torch.int32, device=self.device)
         longs = lambda: torch.zeros(B, dtype=torch.long, device=self.device)  # noqa: E731
         self.tok, self.pos, self.write_at, self.generated, self.active = (longs() for _ in range(5))
         self.seeds, self.top_k, self.min_new = longs(), longs(), longs()
@@ -385,13 +432,9 @@ class Engine:
         self.chosen_logprob = torch.zeros(B, device=self.device)
         self.top_logprobs = torch.zeros((B, k), device=self.device)
         self.top_logprob_ids = torch.zeros((B, k), dtype=torch.long, device=self.device)
-        self.own_bias = torch.full((B, self.span), float("-inf"), device=self.device)
-        self.own_bias[:, 0] = 0.0
         self.prefix_bias = self.pool.bias([()] * B)
         self.prefix_version = self.pool.version
-        self.slot_index = torch.arange(B, device=self.device)
         self.first_row = torch.zeros(B, dtype=torch.long, device=self.device)
-        self.zero = torch.zeros((), device=self.device)
         self.salts = token_salts(self.vocabulary, self.device)
         self.eos = torch.tensor(self.eos_ids, device=self.device)
         self.tok.fill_(self.pad_id)
@@ -401,23 +444,32 @@ class Engine:
             return
         if not self.slot_count:
             self._allocate()
+        if self.queue[0].cache_need > self.span or self.queue[0].pages > self.page_count - 1:
+            if self.jobs:
+                return  # a longer row waits until the rows in flight end, then the pool grows
+            self._release_slots()
+            self._allocate()
+            if self.queue[0].pages > self.page_count - 1:
+                raise torch.OutOfMemoryError(f"one row needs {self.queue[0].cache_need} cache positions; "
+                                             f"the memory free holds {PAGE * (self.page_count - 1)}")
         free = [b for b in range(self.slot_count) if b not in self.jobs]
+        # Pages kept for the rows in flight to grow into (each crosses into a new page every
+        # PAGE steps): admitting into those would only preempt someone at the next step.
+        budget = len(self.free_pages) - -(-len(self.jobs) // PAGE)
+        fits, previous = 0, None
+        for job in self.queue:
+            prompt = (job.prefix, job.suffix)
+            cost = job.first_pages - (job.prompt_pages if prompt == previous else 0)
+            if fits == len(free) or cost > budget or job.cache_need > self.span:
+                break
+            fits, budget, previous = fits + 1, budget - cost, prompt
         # A prefill pass reads every weight, as a decode step does: refilling one slot per step
         # would nearly double the cost of each step. While rows decode, wait until an eighth of
         # the slots (or the whole queue) can be refilled in one pass.
-        if self.jobs and len(free) < min(len(self.queue), max(1, self.slot_count // REFILL_SHARE)):
+        if self.jobs and fits < min(len(self.queue), max(1, self.slot_count // REFILL_SHARE)):
             return
-        taken: list[tuple[int, Job]] = []
-        while free and self.queue:
-            if self.queue[0].cache_need > self.span:
-                if self.jobs or taken:
-                    break  # a longer row waits until the slots drain, then the caches grow
-                self._release_slots()
-                self._allocate()
-                free = list(range(self.slot_count))
-            taken.append((free.pop(0), self.queue.popleft()))
-        if taken:
-            self._prefill(taken)
+        if fits:
+            self._prefill([(free.pop(0), self.queue.popleft()) for _ in range(fits)])
 
     def _refresh_prefix_bias(self) -> None:
         """Rebuild the slots' prefix masks after the pool changed (a prefix added, moved, dropped)."""
@@ -435,10 +487,24 @@ class Engine:
         """Encode the new rows' suffixes into their slots and choose their first tokens."""
         for _, job in taken:
             self.pool.ensure(job.prefix)
-        for b, job in taken:
-            self.jobs[b] = job
-        self._refresh_prefix_bias()
         device = self.device
+        table = torch.full((len(taken), self.table.shape[1]), SINK_PAGE, dtype=torch.int32)
+        previous, holder = None, []
+        for i, (b, job) in enumerate(taken):
+            self.jobs[b] = job
+            prompt = (job.prefix, job.suffix)
+            # The same prompt as the row before it: its prompt-only pages are read, not copied.
+            shared = holder[:job.prompt_pages] if prompt == previous else []
+            own = [self.free_pages.pop() for _ in range(job.first_pages - len(shared))]
+            pages = self.pages_of[b] = shared + own
+            self.own_pages[b] = len(own)
+            for page in pages:
+                self.page_users[page] += 1
+            if prompt != previous:
+                previous, holder = prompt, pages
+            table[i, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.table[torch.tensor([b for b, _ in taken], device=device)] = table.to(device)
+        self._refresh_prefix_bias()
         # Identical (prefix, suffix) pairs are encoded once and copied to the other slots.
         distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
         for b, job in taken:
@@ -480,8 +546,6 @@ class Engine:
         self.generated[index] = 1
         self.active[index] = 1
         self.prefix_bias[index] = self.pool.bias([j.prefix for j in jobs])
-        visible = torch.arange(self.span, device=device)[None, :] <= self.write_at[index][:, None]
-        self.own_bias[index] = torch.zeros_like(self.own_bias[index]).masked_fill_(~visible, float("-inf"))
         for b, length in zip(slots, lengths):
             self.filled[b] = length
         self._take(dict(zip(slots, first)), logprobs)
@@ -500,21 +564,29 @@ class Engine:
         firsts = torch.tensor([slots[0] for _, slots in chunk], device=device)
         # Causal within the suffix; a padded query sees garbage, and nothing reads its output.
         causal = torch.full((width, width), float("-inf"), device=device).triu_(1)[None]
+        # Where each suffix position goes in its first slot's pages; padding goes nowhere (a
+        # short row's pages may end before the longest suffix does).
+        lengths = torch.tensor([len(s) for s in suffixes], device=device)
+        written = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        at = flat_positions(self.table[firsts], torch.arange(width, device=device).expand(len(chunk), width))[written]
 
         def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
-            self.cache_keys[layer][firsts, :, :width] = k
-            self.cache_values[layer][firsts, :, :width] = v
+            for pool, fresh in ((self.cache_keys[layer], k), (self.cache_values[layer], v)):
+                pool.view(-1, *pool.shape[2:])[at] = fresh.transpose(1, 2)[written]
             return Part(k, v, causal, shared=False)
 
         bias = self.pool.bias([prefix for (prefix, _), _ in chunk])
         logits = d.run(ids.to(device), positions.to(device), own, self.pool.parts(bias, self.pool.read_length()),
                        torch.tensor([len(s) - 1 for s in suffixes], device=device))
-        copies = [(slots[0], b) for _, slots in chunk for b in slots[1:]]
+        copies = [(slots[0], b, len(suffix)) for ((_, suffix), slots) in chunk for b in slots[1:]]
         if copies:
-            source = torch.tensor([a for a, _ in copies], device=device)
-            target = torch.tensor([b for _, b in copies], device=device)
-            for tensor in self.cache_keys + self.cache_values:
-                tensor[target, :, :width] = tensor[source, :, :width]
+            source = torch.cat([flat_positions(self.table[a:a + 1], torch.arange(n, device=device)[None])[0]
+                                for a, _, n in copies])
+            target = torch.cat([flat_positions(self.table[b:b + 1], torch.arange(n, device=device)[None])[0]
+                                for _, b, n in copies])
+            for pool in self.cache_keys + self.cache_values:
+                flat = pool.view(-1, *pool.shape[2:])
+                flat[target] = flat[source]
         return logits
 
     def _choose(self, logits: torch.Tensor, slots: Rows = None, masks: bool | None = None) -> torch.Tensor:
@@ -549,22 +621,36 @@ class Engine:
 
     # --- one decode step -----------------------------------------------------------------------
 
-    def _decode(self, prefix_span: int, own_span: int, masks: bool, logprobs: bool, rows: Rows = None) -> None:
+    def _decode(self, prefix_span: int, masks: bool, logprobs: bool, rows: Rows = None, own_span: int = 0) -> None:
         """The next token of every slot, or of `rows` (the first N slots; or, eagerly only, a
-        tensor of slot indices), written to `tok`; all state advanced on the device."""
-        pick = picker(rows)
-        slots = pick(self.slot_index)
-        write_at = pick(self.write_at)
-        own_bias = pick(self.own_bias)[:, None, :own_span]
+        tensor of slot indices), written to `tok`; all state advanced on the device.
 
-        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
+        On CUDA each row's own part is read through its pages by the paged kernel; on the CPU
+        the rows' first `own_span` positions are gathered for the ordinary attention."""
+        pick = picker(rows)
+        table, write_at = pick(self.table), pick(self.write_at)
+        lengths = write_at + 1  # the new token's own position included
+        write = flat_positions(table, write_at)
+        if self.device.type == "cuda":
+            def part(keys: torch.Tensor, values: torch.Tensor) -> Any:
+                return PagedPart(keys, values, table, lengths)
+        else:
+            positions = torch.arange(own_span, device=self.device)
+            at = flat_positions(table, positions.expand(len(write), own_span))  # once for every layer
+            bias = torch.zeros(at.shape, device=self.device).masked_fill_(
+                positions[None, :] >= lengths[:, None], float("-inf"))[:, None]
+
+            def part(keys: torch.Tensor, values: torch.Tensor) -> Any:
+                return Part(gather(keys, at), gather(values, at), bias, shared=False)
+
+        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Any:
             keys, values = self.cache_keys[layer], self.cache_values[layer]
-            keys[slots, :, write_at] = k[:, :, 0]
-            values[slots, :, write_at] = v[:, :, 0]
-            return Part(pick(keys)[:, :, :own_span], pick(values)[:, :, :own_span], own_bias, shared=False)
+            keys.view(-1, *keys.shape[2:])[write] = k[:, :, 0]
+            values.view(-1, *values.shape[2:])[write] = v[:, :, 0]
+            return part(keys, values)
 
         logits = self.decoder.run(pick(self.tok)[:, None], pick(self.pos)[:, None], own,
-                                  self.pool.parts(pick(self.prefix_bias), prefix_span), self.first_row[:len(slots)])
+                                  self.pool.parts(pick(self.prefix_bias), prefix_span), self.first_row[:len(write)])
         chosen = self._choose(logits, rows, masks=masks)
         if logprobs:
             self._keep_logprobs(logits, chosen, rows)
@@ -572,22 +658,52 @@ class Engine:
         self.pos.add_(self.active)
         self.write_at.add_(self.active)
         self.generated.add_(self.active)
-        # index_put_ with a device zero: a Python 0.0 would be a host copy, which capture forbids.
-        self.own_bias.index_put_((self.slot_index, self.write_at.clamp(max=self.span - 1)), self.zero)
+
+    def _grow(self) -> None:
+        """A new page for each row about to write past its last one; when none is left, the
+        row that has done the least is preempted (possibly the one asking)."""
+        added = []
+        for b in [b for b in self.jobs if self.filled[b] >= PAGE * len(self.pages_of[b])]:
+            while not self.free_pages and b in self.jobs:
+                self._preempt(min(self.jobs, key=lambda slot: (len(self.jobs[slot].tokens), -slot)))
+            if b not in self.jobs:
+                continue
+            page = self.free_pages.pop()
+            self.page_users[page] += 1
+            self.pages_of[b].append(page)
+            self.own_pages[b] += 1
+            added.append((b, len(self.pages_of[b]) - 1, page))
+        if added:
+            slots, columns, pages = (torch.tensor(values, device=self.device) for values in zip(*added))
+            self.table[slots, columns] = pages.to(torch.int32)
+
+    def _preempt(self, b: int) -> None:
+        """Back to the front of the queue, its pages freed; it reruns from its prompt later (its
+        seed makes the rerun identical, and a listener is not told its tokens twice)."""
+        job = self.jobs[b]
+        self.pool.hold(job.prefix)  # still waiting: its prefix stays in the pool
+        self._free(b)
+        job.tokens.clear()
+        self.queue.appendleft(job)
+        self._clear_slots([b])
+        self.preemptions += 1
 
     def _decode_step(self) -> None:
+        self._grow()
+        if not self.jobs:
+            return
         self.last_batch = len(self.jobs)
+        self.rows_decoded += len(self.jobs)
         self._refresh_prefix_bias()
-        own_span = min(self.span, round_up(max(self.filled[b] for b in self.jobs) + 1, SPAN))
         # Rows take the lowest free slots, so the busy ones sit near the front: a graph computes
         # the first `leading` slots only (a server's 512 slots with 128 rows busy computed all 512,
         # at 46% of a prompts file's speed). Powers of two keep the graphs few.
         leading = min(self.slot_count, max(16, 1 << max(self.jobs).bit_length()))
-        key = (self.pool.read_length(), own_span, self._masks_needed(), self._logprobs_needed(), leading)
+        key = (self.pool.read_length(), self._masks_needed(), self._logprobs_needed(), leading)
         if not self.graphs_enabled:
-            # Eagerly, only the slots in use are computed.
+            # Eagerly, only the slots in use are computed, each read as far as the longest of them.
             busy = None if len(self.jobs) == self.slot_count else torch.tensor(sorted(self.jobs), device=self.device)
-            self._decode(*key[:4], rows=busy)
+            self._decode(*key[:3], rows=busy, own_span=max(self.filled.values()) + 1)
         elif key in self.graphs:
             self.graphs[key].replay()
         else:
@@ -600,13 +716,13 @@ class Engine:
                 with torch.cuda.graph(graph, pool=self.graph_pool):
                     self._decode(*key)  # recorded, not run
                 if not first:
-                    graph.replay()  # later spans: capture, then run it
+                    graph.replay()  # later keys: capture, then run it
             self.graphs[key] = graph
         self.steps += 1
         chosen = self.tok.tolist()
         for b in self.jobs:
             self.filled[b] += 1
-        self._take({b: chosen[b] for b in self.jobs}, self._read_logprobs(self.jobs) if key[3] else None)
+        self._take({b: chosen[b] for b in self.jobs}, self._read_logprobs(self.jobs) if key[2] else None)
 
     def _take(self, chosen: dict[int, int],
               logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] | None = None) -> None:
@@ -629,11 +745,22 @@ class Engine:
         if not ended:
             return
         for b, reason in ended:
-            job = self.jobs.pop(b)
-            del self.filled[b]
-            self.pool.release(job.prefix)
+            self.positions_held += PAGE * self.own_pages[b]
+            self.rows_delivered += 1
+            job = self._free(b)
             job.deliver(Sample(job.row, tuple(job.tokens), reason))
         self._clear_slots([b for b, _ in ended])
+
+    def _free(self, b: int) -> Job:
+        """Take slot b's row out: its pages back to the pool, its prefix released."""
+        job = self.jobs.pop(b)
+        del self.filled[b], self.own_pages[b]
+        for page in self.pages_of.pop(b):
+            self.page_users[page] -= 1
+            if not self.page_users[page]:
+                self.free_pages.append(page)
+        self.pool.release(job.prefix)
+        return job
 
     def _clear_slots(self, slots: list[int]) -> None:
         """Reset freed slots' state so the next step computes nothing that reaches a row."""
@@ -643,6 +770,5 @@ class Engine:
         for tensor in (self.active, self.write_at, self.pos, self.generated):
             tensor[index] = 0
         self.tok[index] = self.pad_id
-        self.own_bias[index] = float("-inf")
-        self.own_bias[index, 0] = 0.0
+        self.table[index] = SINK_PAGE
         self.prefix_bias[index] = float("-inf")
