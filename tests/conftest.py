@@ -90,14 +90,16 @@ def tiny_chatml_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gptq_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    """The tiny Llama quantized to 4 bits by optimum + gptqmodel, on the CPU, and saved."""
+    """The tiny Llama quantized to 4 bits by optimum + gptqmodel, on the CPU, and saved as
+    TheBloke's Llama-2 GPTQ files are: GPTQ v1 format, no act-order (so its projections fuse)."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     # group_size must divide every in_features (64 and 128 here).
-    config = GPTQConfig(bits=4, group_size=32, dataset=CORPUS * 2, tokenizer=tokenizer, backend="gptq_torch")
+    config = GPTQConfig(bits=4, group_size=32, dataset=CORPUS * 2, tokenizer=tokenizer, backend="gptq_torch",
+                        desc_act=False, act_group_aware=False, sym=True, format="gptq")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config, device_map="cpu")
     out = tmp_path_factory.mktemp("tiny-gptq")
     model.save_pretrained(out)

@@ -39,6 +39,7 @@ class LoadedModel:
     device: Any
     load_seconds: float
     gptq_kernel: str | None = None  # the GPTQ kernel class (e.g. MarlinLinear); None: not GPTQ
+    gptq_fused: int = 0  # q/k/v and gate/up groups fused into one GPTQ layer each (fused_gptq.py)
     config: Any = None  # the model's configuration, also when only the tokenizer was loaded
 
     def _encode_text(self, text: str) -> list[int]:
@@ -83,11 +84,12 @@ def _quiet_libraries() -> None:
 
 def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: str = "auto",
                status: Status = lambda _: None, tokenizer_only: bool = False,
-               allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, trust_remote_code: bool = False, fuse_gptq: bool = True) -> LoadedModel:
     """Load `choice` once, on `device` (default: CUDA when present, else CPU).
 
     Safe by default: weights only from safetensors (pickle files can run code when loaded)
     unless `allow_pickle`, and a model's own Python code never runs unless `trust_remote_code`.
+    A GPTQ Llama's q/k/v and gate/up projections are fused unless `fuse_gptq` is False.
     """
     started = time.perf_counter()
     _quiet_libraries()
@@ -114,6 +116,12 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     model, kernel = (None, None) if tokenizer_only else _load_weights(
         directory, gguf_file, choice, torch_device, gptq_backend, status,
         {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
+    fused = 0
+    if kernel is not None and fuse_gptq:
+        from .fused_gptq import fuse_gptq_projections
+
+        status("fusing the GPTQ projections")
+        fused = fuse_gptq_projections(model, directory, gptq_config_of(directory) or {})
 
     config = model.config if model is not None else _load_config(directory, gguf_file, trust_remote_code)
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
@@ -122,7 +130,8 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     return LoadedModel(label=choice.label, model=model, tokenizer=tokenizer, template=template,
                        eos_ids=eos_ids, pad_id=pad_id, device=torch_device,
-                       load_seconds=time.perf_counter() - started, gptq_kernel=kernel, config=config)
+                       load_seconds=time.perf_counter() - started, gptq_kernel=kernel, gptq_fused=fused,
+                       config=config)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
