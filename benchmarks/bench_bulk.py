@@ -8,7 +8,11 @@ GPTQ's layout), Marlin. Then the same prompts with max_new_tokens drawn per row 
 ("ragged"), and a greedy check: the engine's first 64 tokens against transformers' `generate`.
 
     python benchmarks/bench_bulk.py [--prompts 512] [--n 2] [--new-tokens 128] [--skip-old]
-                                    [--hf-prompts 64] [--out DIR]
+                                    [--hf-prompts 64] [--compare-unfused] [--out DIR]
+
+--compare-unfused runs the fixed job at 256 slots on the fused checkpoint and, at the end, on the
+checkpoint loaded without fused q/k/v and gate/up layers (model/fused_gptq.py): the difference
+they make at the same rows per step (at 512 slots the second model finds less memory free).
 
 Prints a table; writes bulk.json to --out ($OUT on the device).
 """
@@ -16,6 +20,7 @@ Prints a table; writes bulk.json to --out ($OUT on the device).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -42,6 +47,8 @@ def main() -> None:
     parser.add_argument("--skip-old", action="store_true", help="skip the old chunked path")
     parser.add_argument("--hf-prompts", type=int, default=64,
                         help="prompts (× n) for transformers' generate_batch; 0 skips it (it is slow)")
+    parser.add_argument("--compare-unfused", action="store_true",
+                        help="also run the fixed job on the checkpoint loaded without fused projections")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
@@ -55,8 +62,9 @@ def main() -> None:
                      "transformers": transformers.__version__}
     bandwidth = results["bandwidth_Bps"] = copy_bandwidth(2.0)
     model = load_checkpoint(args.checkpoint / "13b", args.backend)
-    results["kernel"] = model.gptq_kernel
-    log(f"loaded, kernel {model.gptq_kernel}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    results["kernel"], results["fused_groups"] = model.gptq_kernel, model.gptq_fused
+    log(f"loaded in {model.load_seconds:.1f} s, kernel {model.gptq_kernel}, {model.gptq_fused} fused groups; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
 
     fixed = Settings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     rows = persona_rows(model, args.prompts, 1.0, fixed, n=args.n)
@@ -65,25 +73,34 @@ def main() -> None:
     results["shared_prefix_tokens"] = shared
     log(f"{len(rows)} rows, prompts {results['prompt_tokens_mean']:.0f} tokens on average, {shared} shared")
 
-    def run_engine(run_rows, settings, label) -> dict:
-        engine = Engine(model, max_slots=settings.max_batch, graphs=True)
+    def run_engine(run_rows, settings, label, on=None) -> dict:
+        engine = Engine(on or model, max_slots=settings.max_batch, graphs=True)
         samples = []
         engine.submit(run_rows, settings, samples.append)
         reset_peak()
         with torch.inference_mode():
             seconds = sync_time(engine.run)
         tokens = sum(len(s.token_ids) for s in samples)
+        # A row's own cache: the pages it held at its end (its suffix and new tokens, whole pages;
+        # the prompt pages an identical prompt's row holds are counted once).
+        positions = engine.positions_held / engine.rows_delivered
         out = {"s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "slots": engine.slot_count,
-               "slot_positions": engine.span, "slot_bytes": engine.span * engine.decoder.kv_bytes_per_token(),
+               "mean_rows_per_step": engine.rows_decoded / engine.steps, "pages": engine.page_count,
+               "preemptions": engine.preemptions,
+               "row_positions": positions, "row_bytes": positions * engine.decoder.kv_bytes_per_token(),
                "peak_GB": peak_gb(), "steps": engine.steps, "graphs": len(engine.graphs)}
         log(f"{label}: {tokens} tokens in {seconds:.1f} s = {out['tokens_per_s']:.0f} tokens/s, B={engine.slot_count}, "
-            f"{engine.steps} steps, peak {out['peak_GB']:.1f} GB")
+            f"{out['mean_rows_per_step']:.0f} rows per step, {out['row_bytes'] / 1e6:.0f} MB per row, "
+            f"{engine.preemptions} preempted, "
+            f"{engine.steps} steps, {len(engine.graphs)} graphs, peak {out['peak_GB']:.1f} GB")
         out["texts"] = {(s.row.prompt, s.row.sample): s.token_ids for s in samples}
         return out
 
     # Warm-up (kernels, Marlin workspaces, allocator), not timed.
     run_engine(rows[:16], Settings(max_new_tokens=8), "warm-up")
     engine_fixed = run_engine(rows, fixed, "engine, fixed length")
+    at_256 = Settings(**{**fixed.__dict__, "max_batch": 256})
+    fused_256 = run_engine(rows, at_256, "engine, fixed length, 256 slots") if args.compare_unfused else None
 
     rng = random.Random(12)
     ragged_rows = [r.__class__(**{**r.__dict__, "max_new_tokens": rng.randint(16, 256)}) for r in rows]
@@ -167,12 +184,13 @@ def main() -> None:
     results["greedy_partings"] = partings
     log(f"greedy engine == transformers generate (64 tokens): {results['greedy_equal']}")
 
-    # The roofline of the fixed job at the engine's B: per step the weights once, each slot's own
-    # suffix (half its length on average over the steps), each prefix once; plus the GEMMs.
+    # The roofline of the fixed job at the engine's mean batch: per step the weights once, each
+    # row's own suffix (half its new tokens on average over the steps), each prefix once; plus
+    # the GEMMs.
     weights = quantized_bytes(model.model)
     cfg = model.model.config
-    kv = engine_fixed["slot_bytes"] // engine_fixed["slot_positions"]
-    B = engine_fixed["slots"]
+    kv = engine_fixed["row_bytes"] / engine_fixed["row_positions"]  # cache bytes per position
+    B = round(engine_fixed["mean_rows_per_step"])
     suffix = results["prompt_tokens_mean"] - shared + args.new_tokens / 2
     step_bytes = weights + B * suffix * kv + shared * kv
     linear_flops = 2 * (4 * cfg.hidden_size ** 2 + 3 * cfg.hidden_size * cfg.intermediate_size) * cfg.num_hidden_layers \
@@ -180,20 +198,37 @@ def main() -> None:
     memory_s, gemm_s = step_bytes / bandwidth, linear_flops * B / H100_DENSE_FP16_FLOPS
     results["roofline_tokens_per_s"] = {"memory_only": B / memory_s, "memory_plus_gemm": B / (memory_s + gemm_s)}
 
-    for key, value in (("engine_fixed", engine_fixed), ("engine_ragged", engine_ragged)):
-        value.pop("texts", None)
+    unfused = None
+    if args.compare_unfused:
+        # The fused model goes first, so both runs have the same memory for pages.
+        del engine, model
+        gc.collect()  # transformers' modules hold reference cycles
+        torch.cuda.empty_cache()
+        plain = load_checkpoint(args.checkpoint / "13b", args.backend, fuse=False)
+        unfused = run_engine(rows, at_256, "engine, fixed length, 256 slots, unfused projections", on=plain)
+        unfused["same_texts"] = sum(unfused["texts"][k] == v for k, v in engine_fixed["texts"].items())
+        unfused.pop("texts")
+        del plain
+
+    for key, value in (("engine_fixed", engine_fixed), ("engine_ragged", engine_ragged), ("engine_fixed_256", fused_256)):
+        if value:
+            value.pop("texts", None)
         results[key] = value
-    results["old"], results["generate_batch"] = old, hf
+    results["old"], results["generate_batch"], results["engine_fixed_unfused"] = old, hf, unfused
     (args.out / "bulk.json").write_text(json.dumps(results, indent=2, default=str))
 
     print(f"\ncard: {results['card']}, torch {results['torch']}, transformers {results['transformers']}, "
           f"kernel {results['kernel']}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"job: {args.prompts} prompts × n={args.n} × T=1.0, {args.new_tokens} new tokens; prompts "
           f"{results['prompt_tokens_mean']:.0f} tokens on average, {shared} of them shared\n")
-    print("| how | tokens/s | slots (B) | cache per slot (MB) | peak GPU memory (GB) |")
+    print("| how | tokens/s | slots (B) / mean rows per step | cache per row (MB) | peak GPU memory (GB) |")
     print("|---|---:|---:|---:|---:|")
-    for label, r in (("engine, fixed 128 tokens", engine_fixed), ("engine, ragged 16–256 tokens", engine_ragged)):
-        print(f"| {label} | {r['tokens_per_s']:,.0f} | {r['slots']} | {r['slot_bytes'] / 1e6:.0f} | {r['peak_GB']:.1f} |")
+    engines = [("engine, fixed 128 tokens", engine_fixed), ("engine, ragged 16–256 tokens", engine_ragged)]
+    if unfused:
+        engines += [("engine, fixed, 256 slots", fused_256), ("engine, fixed, 256 slots, q/k/v and gate/up unfused", unfused)]
+    for label, r in engines:
+        print(f"| {label} | {r['tokens_per_s']:,.0f} | {r['slots']} / {r['mean_rows_per_step']:.0f} | "
+              f"{r['row_bytes'] / 1e6:.0f} | {r['peak_GB']:.1f} |")
     if old:
         print(f"| old chunked path, chunks of 256 (same run) | {old['tokens_per_s']:,.0f} | 256 | "
               f"{(results['prompt_tokens_mean'] + args.new_tokens) * kv / 1e6:.0f} | {old['peak_GB']:.1f} |")
@@ -202,14 +237,17 @@ def main() -> None:
     elif hf:
         print(f"| transformers generate_batch | failed: {hf['error']} | | | |")
     roof = results["roofline_tokens_per_s"]
-    print(f"| roofline at B={B}: memory {step_bytes / 1e9:.1f} GB/step; + GEMMs at {H100_DENSE_FP16_FLOPS / 1e12:.0f} TFLOP/s "
-          f"| {roof['memory_only']:,.0f} / {roof['memory_plus_gemm']:,.0f} | | | |")
+    print(f"| roofline at {B} rows: memory {step_bytes / 1e9:.1f} GB/step; + GEMMs at {H100_DENSE_FP16_FLOPS / 1e12:.0f} "
+          f"TFLOP/s | {roof['memory_only']:,.0f} / {roof['memory_plus_gemm']:,.0f} | | | |")
     print(f"\nragged vs fixed: {engine_ragged['tokens_per_s'] / engine_fixed['tokens_per_s']:.0%}; "
           f"greedy == transformers generate: {results['greedy_equal']}; where not: {partings}; "
           f"transformers alone == transformers batched: {results['hf_alone_equals_hf_batched']}")
     if old:
         print(f"engine vs old path: {engine_fixed['tokens_per_s'] / old['tokens_per_s']:.2f}×; "
               f"texts equal: {old['same_texts']} of {len(rows)}")
+    if unfused:
+        print(f"fused vs unfused projections (256 slots each): {fused_256['tokens_per_s'] / unfused['tokens_per_s']:.2f}×; "
+              f"texts equal: {unfused['same_texts']} of {len(rows)}")
 
 
 if __name__ == "__main__":

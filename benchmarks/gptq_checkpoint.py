@@ -117,14 +117,15 @@ def write_tokenizer(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_checkpoint(directory: Path, gptq_backend: str = "auto", device: str = "cuda"):
-    """The 13B checkpoint at `directory`, written first if it is not there, loaded by personas."""
+def load_checkpoint(directory: Path, gptq_backend: str = "auto", device: str = "cuda", fuse: bool = True):
+    """The 13B checkpoint at `directory`, written first if it is not there, loaded by personas
+    (with q/k/v and gate/up fused unless `fuse` is False)."""
     from personas.model.choice import resolve_model
     from personas.model.load import load_model
 
     if not (directory / "model.safetensors").is_file():
         write_checkpoint(directory, "13b", device)
-    return load_model(resolve_model(str(directory)), device=device, gptq_backend=gptq_backend)
+    return load_model(resolve_model(str(directory)), device=device, gptq_backend=gptq_backend, fuse_gptq=fuse)
 
 
 def main() -> None:

@@ -47,12 +47,14 @@ def main() -> None:
     engine.submit(rows, settings, samples.append)
     engine.run()
     torch.cuda.synchronize()
-    seen = dict(slots=engine.slot_count, span=engine.span, prefix=len(rows[0].prompt_ids) - 1)  # one prompt: all of it but its last token
+    # One prompt: all of it but its last token is the shared prefix.
+    seen = dict(slots=engine.slot_count, row=engine.positions_held // engine.rows_delivered,
+                prefix=len(rows[0].prompt_ids) - 1)
     seconds = time.perf_counter() - started
     tokens = sum(len(s.token_ids) for s in samples)
     print(f"card: {torch.cuda.get_device_name()}; prompt {len(rows[0].prompt_ids)} tokens, n={args.n}, "
           f"{args.new_tokens} new tokens, default settings")
-    print(f"slots {seen['slots']}, prefix stored once: {seen['prefix']} tokens (all but the last prompt token), slot span {seen['span']} positions; "
+    print(f"slots {seen['slots']}, prefix stored once: {seen['prefix']} tokens (all but the last prompt token), own cache {seen['row']} positions per row; "
           f"{len(samples)} samples, {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s); "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB of "
           f"{torch.cuda.get_device_properties(0).total_memory / 1e9:.1f}")

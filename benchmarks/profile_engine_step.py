@@ -23,6 +23,7 @@ from gptq_checkpoint import load_checkpoint  # noqa: E402
 
 GROUPS = [  # (label, substrings of kernel names), first match wins
     ("GPTQ GEMM (Marlin)", ("marlin", "Marlin")),
+    ("own-part attention (paged Triton kernel)", ("paged_decode",)),
     ("other GEMM / matmul (attention, lm_head)", ("gemm", "gemv", "cutlass", "sm90", "sm80", "xmma", "cublas", "Kernel2")),
     ("softmax / exp / reductions", ("reduce", "softmax", "exp", "max", "sum")),
     ("copies, indexing, cat", ("copy", "index", "gather", "scatter", "cat", "Memcpy", "Memset", "fill")),
@@ -44,7 +45,6 @@ def main() -> None:
     settings = Settings(max_new_tokens=128, min_new_tokens=128)
     rows = persona_rows(model, args.slots, 1.0, settings)
     engine = Engine(model, max_slots=args.slots)  # eager: the profiler sees each kernel by name
-    print(f"fused own-part attention: {engine.decoder.fused}")
     engine.submit(rows, settings, lambda s: None)
     with torch.inference_mode():
         for _ in range(64):
@@ -64,7 +64,8 @@ def main() -> None:
         totals[group] += cuda_us
         names[group][event.key[:90]] += cuda_us
     total = sum(totals.values())
-    print(f"card: {torch.cuda.get_device_name()}, B={engine.slot_count}, span {engine.span}, "
+    print(f"card: {torch.cuda.get_device_name()}, B={engine.slot_count}, {engine.last_batch} rows decoding, "
+          f"{model.gptq_fused} fused GPTQ groups, "
           f"{args.steps} steps profiled, kernel time {total / args.steps / 1e3:.2f} ms per step\n")
     print("| kernels | ms per step | share |")
     print("|---|---:|---:|")
