@@ -90,8 +90,10 @@ def tiny_chatml_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gptq_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    """The tiny Llama quantized to 4 bits by optimum + gptqmodel, on the CPU, and saved as
-    TheBloke's Llama-2 GPTQ files are: GPTQ v1 format, no act-order (so its projections fuse)."""
+    """The tiny Llama quantized to 4 bits by optimum + gptqmodel, on the CPU, and saved: no
+    act-order, symmetric, as TheBloke's Llama-2 GPTQ files are (so its projections fuse).
+    optimum writes the GPTQ v2 layout even when asked for "gptq"; test_fused_gptq.py makes the v1
+    copy itself."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
