@@ -81,8 +81,8 @@ FastPathOpt = Annotated[
                  "CUDA graph (much faster; off: transformers' plain generate)."),
 ]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
-    "--batch-size", help="Most rows decoding at once (default: as many as the GPU memory free after loading "
-    "holds, up to 512; 64 on the CPU).", min=1, show_default=False)]
+    "--batch-size", help="Most rows decoding at once (default: 512 on a GPU, where the cache pages the "
+    "memory free after loading holds may allow fewer; 64 on the CPU).", min=1, show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", "-s", help="Base seed; the same seed repeats the same run (default: \\[defaults].seed, else "

@@ -144,7 +144,8 @@ def plan_request(request: ChatRequest, library: Library, seed_default: int | Non
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not stop for stop in stops):
         raise ApiError(400, "stop: a stop string must not be empty", param="stop")
-    max_tokens = library.defaults.pick("max_new_tokens", request.max_completion_tokens or request.max_tokens)
+    defaults = library.defaults
+    max_tokens = defaults.pick("max_new_tokens", request.max_completion_tokens or request.max_tokens)
     if request.min_tokens > max_tokens:
         raise ApiError(400, f"min_tokens ({request.min_tokens}) is more than max_tokens ({max_tokens})",
                        param="min_tokens")
@@ -155,11 +156,11 @@ def plan_request(request: ChatRequest, library: Library, seed_default: int | Non
         temperature = persona.temperature if persona.temperature is not None else DEFAULT_TEMPERATURE
     seed = request.seed if request.seed is not None else (
         seed_default if seed_default is not None else secrets.randbelow(2**31))
-    defaults = library.defaults
     top_k = defaults.pick("top_k", request.top_k)
     return ChatPlan(
         persona=persona, dialog=conversation(persona, request.messages), n=request.n, temperature=temperature,
-        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, top_p=defaults.pick("top_p", request.top_p), top_k=top_k if top_k and top_k > 0 else None, stops=stops,
+        seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, top_p=defaults.pick("top_p", request.top_p),
+        top_k=top_k if top_k and top_k > 0 else None, stops=stops,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None, stream=request.stream,
         include_usage=bool(request.stream and request.stream_options and request.stream_options.include_usage))
 

@@ -123,7 +123,11 @@ class EngineThread:
 
     def _cancel(self, ticket: Ticket, rows: Sequence[Row] | None) -> None:
         # The inbox keeps order, so a ticket's submission was taken before its cancellation.
-        jobs = ticket.jobs if rows is None else [job for job in ticket.jobs if job.row in set(rows)]
+        if rows is None:
+            jobs = ticket.jobs
+        else:
+            wanted = set(rows)
+            jobs = [job for job in ticket.jobs if job.row in wanted]
         self._finished(ticket, self._engine.cancel(jobs))
 
     def _finished(self, ticket: Ticket, rows: int) -> None:

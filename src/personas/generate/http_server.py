@@ -33,6 +33,7 @@ from ..errors import InputError
 from ..library.load import Library
 from ..model.load import LoadedModel, fit_dialog
 from ..model.tokens import token_text
+from ..sampling.decoder import supports
 from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid
 from ..sampling.scheduler import engine_for
 from .chat_api import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion,
@@ -71,7 +72,7 @@ class PersonaServer:
     def _load(self) -> None:
         try:
             loaded = self.load()
-            if engine_for(loaded, self.settings) is None:
+            if not supports(loaded.model):
                 raise InputError(f"serve --http runs on the decode engine, which runs Llama-architecture models; "
                                  f"{loaded.label} is '{getattr(loaded.model.config, 'model_type', '?')}'",
                                  "serve it with --stdio, or choose a Llama-architecture model")
