@@ -8,11 +8,16 @@ GPTQ's layout), Marlin. Then the same prompts with max_new_tokens drawn per row 
 ("ragged"), and a greedy check: the engine's first 64 tokens against transformers' `generate`.
 
     python benchmarks/bench_bulk.py [--prompts 512] [--n 2] [--new-tokens 128] [--skip-old]
-                                    [--hf-prompts 64] [--compare-unfused] [--out DIR]
+                                    [--hf-prompts 64] [--compare-unfused] [--compare-layer-kernels]
+                                    [--out DIR]
 
 --compare-unfused runs the fixed job at 256 slots on the fused checkpoint and, at the end, on the
 checkpoint loaded without fused q/k/v and gate/up layers (model/fused_gptq.py): the difference
 they make at the same rows per step (at 512 slots the second model finds less memory free).
+
+--compare-layer-kernels runs the fixed job once more with the engine's fused layer kernels off
+(decoder.py: transformers' modules for norms, rotary and SiLU, matrix products for the prefix
+part and the merge).
 
 Prints a table; writes bulk.json to --out ($OUT on the device).
 """
@@ -49,6 +54,8 @@ def main() -> None:
                         help="prompts (× n) for transformers' generate_batch; 0 skips it (it is slow)")
     parser.add_argument("--compare-unfused", action="store_true",
                         help="also run the fixed job on the checkpoint loaded without fused projections")
+    parser.add_argument("--compare-layer-kernels", action="store_true",
+                        help="also run the fixed job with the engine's fused layer kernels off")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
@@ -73,8 +80,8 @@ def main() -> None:
     results["shared_prefix_tokens"] = shared
     log(f"{len(rows)} rows, prompts {results['prompt_tokens_mean']:.0f} tokens on average, {shared} shared")
 
-    def run_engine(run_rows, settings, label, on=None) -> dict:
-        engine = Engine(on or model, max_slots=settings.max_batch, graphs=True)
+    def run_engine(run_rows, settings, label, on=None, layer_kernels=True) -> dict:
+        engine = Engine(on or model, max_slots=settings.max_batch, graphs=True, layer_kernels=layer_kernels)
         samples = []
         engine.submit(run_rows, settings, samples.append)
         reset_peak()
@@ -99,6 +106,10 @@ def main() -> None:
     # Warm-up (kernels, Marlin workspaces, allocator), not timed.
     run_engine(rows[:16], Settings(max_new_tokens=8), "warm-up")
     engine_fixed = run_engine(rows, fixed, "engine, fixed length")
+    modules = None
+    if args.compare_layer_kernels:
+        modules = run_engine(rows, fixed, "engine, fixed length, layer kernels off", layer_kernels=False)
+        modules["same_texts"] = sum(modules["texts"][k] == v for k, v in engine_fixed["texts"].items())
     at_256 = Settings(**{**fixed.__dict__, "max_batch": 256})
     fused_256 = run_engine(rows, at_256, "engine, fixed length, 256 slots") if args.compare_unfused else None
 
@@ -210,7 +221,8 @@ def main() -> None:
         unfused.pop("texts")
         del plain
 
-    for key, value in (("engine_fixed", engine_fixed), ("engine_ragged", engine_ragged), ("engine_fixed_256", fused_256)):
+    for key, value in (("engine_fixed", engine_fixed), ("engine_ragged", engine_ragged), ("engine_fixed_256", fused_256),
+                       ("engine_fixed_layer_kernels_off", modules)):
         if value:
             value.pop("texts", None)
         results[key] = value
@@ -224,6 +236,8 @@ def main() -> None:
     print("| how | tokens/s | slots (B) / mean rows per step | cache per row (MB) | peak GPU memory (GB) |")
     print("|---|---:|---:|---:|---:|")
     engines = [("engine, fixed 128 tokens", engine_fixed), ("engine, ragged 16–256 tokens", engine_ragged)]
+    if modules:
+        engines += [("engine, fixed, layer kernels off", modules)]
     if unfused:
         engines += [("engine, fixed, 256 slots", fused_256), ("engine, fixed, 256 slots, q/k/v and gate/up unfused", unfused)]
     for label, r in engines:
@@ -245,6 +259,9 @@ def main() -> None:
     if old:
         print(f"engine vs old path: {engine_fixed['tokens_per_s'] / old['tokens_per_s']:.2f}×; "
               f"texts equal: {old['same_texts']} of {len(rows)}")
+    if modules:
+        print(f"layer kernels on vs off: {engine_fixed['tokens_per_s'] / modules['tokens_per_s']:.2f}×; "
+              f"texts equal: {modules['same_texts']} of {len(rows)}")
     if unfused:
         print(f"fused vs unfused projections (256 slots each): {fused_256['tokens_per_s'] / unfused['tokens_per_s']:.2f}×; "
               f"texts equal: {unfused['same_texts']} of {len(rows)}")

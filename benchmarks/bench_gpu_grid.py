@@ -7,7 +7,9 @@ random weights, since the GPU machine reaches no hub), loaded through personas' 
 
   a. notebook: a text-generation pipeline, one call per sample, sequential (24 calls)
   b. one generate per temperature with num_return_sequences=8 (3 calls)
-  c. personas' grid: one call, as `personas generate` runs it
+  c. personas' grid: one call, as `personas generate` runs it; and the engine alone on the same
+     rows with and without its fused layer kernels (norms, rotary, SiLU, prefix attention and
+     the merge; off: transformers' modules and matrix products), alternating
   d. the floor: bytes one decode step must read (quantized weights + KV cache, the shared
      prompt counted once) / measured device-to-device bandwidth, × 128 steps
 
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq"))
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating engine runs, kernels on / off")
     parser.add_argument("--deadline-s", type=float, default=540, help="stop the notebook loop before this")
     args = parser.parse_args()
     new = args.new_tokens
@@ -164,6 +167,28 @@ def main() -> None:
         assert len(records) == rows and all(r.new_tokens == new for r in records), [r.new_tokens for r in records]
         log(f"{key}. grid: {results[f'{key}_s']:.2f} s ({results[f'{key}_s'] / new * 1e3:.1f} ms/step)")
 
+    # The engine alone on the grid's rows, fused layer kernels on and off, alternating: the same
+    # work as c (a fresh engine each time, its graphs captured inside the timing).
+    from personas.sampling.engine import Engine
+
+    def engine_run(layer_kernels: bool) -> float:
+        settings = Settings(max_new_tokens=new, min_new_tokens=new)
+        rows_planned = plan(Request(personas=[persona], temperatures=TEMPERATURES, n=N, seed=1, settings=settings),
+                            model)
+        engine = Engine(model, graphs=True, layer_kernels=layer_kernels)
+        engine.submit(rows_planned, settings, lambda s: None)
+        with torch.inference_mode():
+            return sync_time(engine.run)
+
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.repeats):
+        for layer_kernels in (True, False):
+            timings[layer_kernels].append(engine_run(layer_kernels))
+    for layer_kernels, key in ((True, "engine_kernels"), (False, "engine_modules")):
+        results[f"{key}_s"] = statistics.median(timings[layer_kernels][1:] or timings[layer_kernels])
+        log(f"engine, layer kernels {'on' if layer_kernels else 'off'}: "
+            f"{', '.join(f'{t:.2f}' for t in timings[layer_kernels])} s (first run compiles and warms)")
+
     # Correctness: greedy rows of the fast path equal the plain path token for token.
     check = {}
     for fast in (True, False):
@@ -218,6 +243,9 @@ def main() -> None:
           f"{results['a_s'] / results['c_plain_s']:.1f}× |")
     print(f"| c. personas grid, 1 call, fast path (default) | {results['c_s']:.2f} | {results['c_s'] / new * 1e3:.1f} | "
           f"{results['c_peak_GB']:.1f} | {results['a_s'] / results['c_s']:.1f}× |")
+    for key, label in (("engine_kernels", "layer kernels on (default)"), ("engine_modules", "layer kernels off")):
+        print(f"| c. the engine alone, {label}, median of runs 2–{args.repeats} | {results[f'{key}_s']:.2f} | "
+              f"{results[f'{key}_s'] / new * 1e3:.1f} | | {results['a_s'] / results[f'{key}_s']:.1f}× |")
     print(f"| d. floor: {step_bytes / 1e9:.2f} GB/step at {results['bandwidth_Bps'] / 1e12:.2f} TB/s | "
           f"{floor:.2f} | {results['floor_step_s'] * 1e3:.2f} | | {results['a_s'] / floor:.0f}× |")
     print(f"\nfast path vs floor: {results['c_s'] / floor:.1f}× (ms/step incl. prefill); greedy fast == plain: "

@@ -5,7 +5,7 @@ Marlin, B slots of the customer persona's rows mid-way through 128 new tokens. R
 then profiles `--steps` eager decode steps (the same kernels a replayed graph launches) and prints
 the kernels grouped by what they do, in ms per step.
 
-    python benchmarks/profile_engine_step.py [--slots 512] [--steps 5]
+    python benchmarks/profile_engine_step.py [--slots 512] [--steps 5] [--warm-steps 64] [--modules]
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from gptq_checkpoint import load_checkpoint  # noqa: E402
 GROUPS = [  # (label, substrings of kernel names), first match wins
     ("GPTQ GEMM (Marlin)", ("marlin", "Marlin")),
     ("own-part attention (paged Triton kernel)", ("paged_decode",)),
+    ("prefix attention (Triton)", ("prefix_decode",)),
+    ("norms, rotary, SiLU (fused Triton kernels)", ("_add_rms_norm", "_rotary", "_silu_mul")),
     ("other GEMM / matmul (attention, lm_head)", ("gemm", "gemv", "cutlass", "sm90", "sm80", "xmma", "cublas", "Kernel2")),
     ("softmax / exp / reductions", ("reduce", "softmax", "exp", "max", "sum")),
     ("copies, indexing, cat", ("copy", "index", "gather", "scatter", "cat", "Memcpy", "Memset", "fill")),
@@ -35,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warm-steps", type=int, default=64, help="steps before the profiled ones")
+    parser.add_argument("--modules", action="store_true", help="the engine's fused layer kernels off")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq/13b"))
     args = parser.parse_args()
 
@@ -44,10 +48,10 @@ def main() -> None:
     model = load_checkpoint(args.checkpoint, "marlin")
     settings = Settings(max_new_tokens=128, min_new_tokens=128)
     rows = persona_rows(model, args.slots, 1.0, settings)
-    engine = Engine(model, max_slots=args.slots)  # eager: the profiler sees each kernel by name
+    engine = Engine(model, max_slots=args.slots, layer_kernels=not args.modules)  # eager: the profiler sees each kernel by name
     engine.submit(rows, settings, lambda s: None)
     with torch.inference_mode():
-        for _ in range(64):
+        for _ in range(args.warm_steps):
             engine.step()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -65,7 +69,7 @@ def main() -> None:
         names[group][event.key[:90]] += cuda_us
     total = sum(totals.values())
     print(f"card: {torch.cuda.get_device_name()}, B={engine.slot_count}, {engine.last_batch} rows decoding, "
-          f"{model.gptq_fused} fused GPTQ groups, "
+          f"{model.gptq_fused} fused GPTQ groups, layer kernels {'off' if args.modules else 'on'}, "
           f"{args.steps} steps profiled, kernel time {total / args.steps / 1e3:.2f} ms per step\n")
     print("| kernels | ms per step | share |")
     print("|---|---:|---:|")

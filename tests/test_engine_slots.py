@@ -349,6 +349,24 @@ def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
 
 
 @cuda
+def test_fused_layer_kernels_give_the_modules_texts(tiny_cuda):
+    """The CUDA decoder's fused kernels (norms, rotary, SiLU, the prefix kernel and the merge in
+    the paged kernel) against transformers' modules and the matrix-product parts: the same texts,
+    greedy and seeded, with two personas' prefixes in the pool."""
+    rows = grid_rows(tiny_cuda, n=3)
+    settings = Settings(max_new_tokens=40)
+    texts = {}
+    for fused in (True, False):
+        engine = Engine(tiny_cuda, max_slots=8, graphs=True, layer_kernels=fused)
+        assert engine.decoder.fused == fused
+        engine.submit(rows, settings, lambda s, f=fused: texts.__setitem__((f, s.row), s.token_ids))
+        with torch.inference_mode():
+            engine.run()
+    assert len(texts) == 2 * len(rows)
+    assert {r: t for (f, r), t in texts.items() if f} == {r: t for (f, r), t in texts.items() if not f}
+
+
+@cuda
 def test_graphs_are_captured_again_after_the_pool_regrows(tiny_cuda):
     """A server's engine: short rows, then rows with longer prompts (more pages, the same
     graphs), then another persona's longer prefix (the pool grows: the graphs are captured

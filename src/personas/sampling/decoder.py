@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .paged_attention import PagedPart, paged_attention
+from .paged_attention import PagedPart, paged_attention, paged_attention_after
+from .prefix_attention import PrefixPart, prefix_attention
 
 # A row with nothing visible in a part (a slot without a prefix) has max -inf there; clamping
 # it keeps exp(score - max) at 0 instead of NaN, so that part weighs nothing in the merge.
@@ -54,7 +55,7 @@ class Part:
     shared: bool
 
 
-def attention_part(q: torch.Tensor, part: Part | PagedPart, scale: float,
+def attention_part(q: torch.Tensor, part: Part | PagedPart | PrefixPart, scale: float,
                    queries: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-sum-exp, normalised output) of softmax attention over one part, in float32.
 
@@ -64,6 +65,8 @@ def attention_part(q: torch.Tensor, part: Part | PagedPart, scale: float,
     """
     if isinstance(part, PagedPart):
         return paged_attention(q, part, scale)
+    if isinstance(part, PrefixPart):
+        return prefix_attention(q, part, scale)
     if q.device.type == "cpu":
         return cpu_part(q, part, scale, queries)
     return matmul_part(q, part, scale, queries)
@@ -148,9 +151,14 @@ OwnKeys = Callable[[int, torch.Tensor, torch.Tensor], "Part | PagedPart"]
 
 
 class Decoder:
-    """A Llama model's modules, run by `run` over the shared and own parts."""
+    """A Llama model's modules, run by `run` over the shared and own parts.
 
-    def __init__(self, model: Any):
+    layer_kernels: on CUDA, run the layers' small steps — residual add and RMSNorm, rotary
+    embedding, the MLP's activation, the merge of the two attention parts — as the fused Triton
+    kernels of layer_kernels.py and paged_attention.py (about 12 kernels a layer instead of 60);
+    off, transformers' own modules (the CPU always)."""
+
+    def __init__(self, model: Any, *, layer_kernels: bool = True):
         inner = model.model
         config = model.config
         self.model = model
@@ -163,37 +171,84 @@ class Decoder:
         self.scale = attention.scaling
         self.layer_count = len(self.layers)
         self.device, self.dtype = model.device, model.dtype
+        self.fused = layer_kernels and self.device.type == "cuda"
+        # SiLU(gate) × up as one kernel needs the activation to be SiLU and gate/up one product.
+        mlp = self.layers[0].mlp
+        self.fused_mlp = (self.fused and getattr(config, "hidden_act", None) == "silu"
+                          and getattr(mlp.gate_proj, "fused", None) is not None
+                          and mlp.gate_proj.fused is getattr(mlp.up_proj, "fused", None))
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers (keys and values)."""
         return 2 * self.layer_count * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, own: OwnKeys,
-            shared: list[Part] | None, last: torch.Tensor) -> torch.Tensor:
+            shared: list[Part] | list[PrefixPart] | None, last: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocabulary) in float32 at each row's `last` position.
 
         ids, positions: (rows, queries). `shared`: the prefix pool's Part per layer, or None.
         """
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+        if self.fused:
+            from . import layer_kernels as kernels
+            add_norm, rope = kernels.add_rms_norm, kernels.rotary
+        else:
+            add_norm, rope = add_rms_norm_modules, rotary_modules
         rows, queries = ids.shape
         hidden = self.embed(ids)
         cos, sin = self.rotary(hidden, positions)
         group = self.heads // self.kv_heads * queries
+        delta = None
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(rows, queries, self.heads, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(rows, queries, self.kv_heads, self.head_dim).transpose(1, 2)
+            hidden, x = add_norm(hidden, delta, layer.input_layernorm)
+            q = attention.q_proj(x).view(rows, queries, self.heads, self.head_dim)
+            k = attention.k_proj(x).view(rows, queries, self.kv_heads, self.head_dim)
             v = attention.v_proj(x).view(rows, queries, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = rope(q, k, cos, sin)  # (rows, heads, queries, head_dim), (rows, kv_heads, queries, head_dim)
             # Query head h reads kv head h // (heads / kv_heads), as transformers' repeat_kv does.
             q = q.reshape(rows, self.kv_heads, group, self.head_dim)
-            parts = [attention_part(q, own(index, k, v), self.scale, queries)]
-            if shared is not None:
-                parts.append(attention_part(q, shared[index], self.scale, queries))
-            out = merge(parts).to(hidden.dtype).view(rows, self.heads, queries, self.head_dim)
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, queries, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            out = self.attend(q, own(index, k, v), shared[index] if shared is not None else None, queries)
+            delta = attention.o_proj(out.view(rows, self.heads, queries, self.head_dim).transpose(1, 2)
+                                     .reshape(rows, queries, -1))
+            hidden, x = add_norm(hidden, delta, layer.post_attention_layernorm)
+            delta = self.mlp(layer.mlp, x)
+        hidden = hidden + delta
         picked = hidden[torch.arange(rows, device=hidden.device), last]
         return self.head(self.norm(picked)).float()
+
+    def attend(self, q: torch.Tensor, mine: Part | PagedPart, theirs: Part | PrefixPart | None,
+               queries: int) -> torch.Tensor:
+        """Softmax attention over a row's own part and its prefix, in the model's dtype,
+        (rows, kv_heads, group, head_dim)."""
+        if self.fused and isinstance(mine, PagedPart):
+            # The own part's kernel starts from the prefix part's state: the merge is free.
+            if theirs is None:
+                return paged_attention(q, mine, self.scale)[1].to(self.dtype)
+            return paged_attention_after(q, mine, self.scale, attention_part(q, theirs, self.scale, queries))
+        parts = [attention_part(q, mine, self.scale, queries)]
+        if theirs is not None:
+            parts.append(attention_part(q, theirs, self.scale, queries))
+        return merge(parts).to(self.dtype)
+
+    def mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused_mlp:
+            return mlp(x)
+        from .layer_kernels import silu_mul
+
+        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+
+def add_rms_norm_modules(hidden: torch.Tensor, delta: torch.Tensor | None,
+                         norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, norm(that)) through transformers' RMSNorm module."""
+    if delta is not None:
+        hidden = hidden + delta
+    return hidden, norm(hidden)
+
+
+def rotary_modules(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb over q (rows, queries, heads, dim) and k."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)

@@ -4,7 +4,7 @@
                                  ▲                                         │
                                  └──────── a row ends: deliver, free ◄─────┘
 
-* Slots and pages. Up to B rows decode at once (at most `CUDA_SLOTS`; the CPU's `BATCH_ROWS`;
+* Slots and pages. Up to B rows decode at once (at most `CUDA_SLOTS`, or `CPU_SLOTS`;
   --batch-size caps it). A row's own keys and values — its suffix, then its new tokens — live in
   pages of `PAGE` positions from one pool sized from the memory free after loading. A row takes
   the pages of its suffix when admitted and one more page each `PAGE` tokens as it grows, so
@@ -46,11 +46,15 @@ import torch
 from ..model.load import LoadedModel
 from .chooser import choose, token_logprobs, token_salts
 from .decoder import Decoder, Part
-from .grid import BATCH_ROWS, Row, Sample, Settings, TokenLogprob
+from .grid import Row, Sample, Settings, TokenLogprob
 from .paged_attention import PAGE, PagedPart, flat_positions, gather
+from .prefix_attention import PrefixPart
 from .prefill import common_prefix
 
 CUDA_SLOTS = 512  # the most slots on a GPU; fewer when memory is short
+# The most slots on the CPU. The CPU is bound by the linear layers' products, which two cores run
+# faster with more rows at once (docs/performance.md: 256 slots against 64, 1.14× on a prompts file).
+CPU_SLOTS = 256
 SPAN = 32  # the prefix pool is read in spans of this many positions
 POOL_STEP = 256  # the prefix pool grows by at least this many positions
 PREFILL_TOKENS = {"cuda": 4096, "cpu": 2048}  # prompt tokens per prefill pass
@@ -192,11 +196,24 @@ class PrefixPool:
                 bias[row, start:start + length] = 0.0
         return bias
 
+    def spans_of(self, prefixes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, lengths), int32 (len(prefixes),): each row's prefix span (length 0: none)."""
+        spans = [self.spans[prefix] if prefix else (0, 0) for prefix in prefixes]
+        starts, lengths = zip(*spans) if spans else ((), ())
+        return (torch.tensor(starts, dtype=torch.int32, device=self.decoder.device),
+                torch.tensor(lengths, dtype=torch.int32, device=self.decoder.device))
+
     def parts(self, bias: torch.Tensor, length: int) -> list[Part] | None:
+        """Per layer, the pool as the matrix-product attention reads it: its first `length`
+        positions and each row's 0 / -inf bias."""
         if not length:
             return None
         return [Part(k[:, :length], v[:, :length], bias[:, :length], shared=True)
                 for k, v in zip(self.keys, self.values)]
+
+    def prefix_parts(self, starts: torch.Tensor, lengths: torch.Tensor) -> list[PrefixPart]:
+        """Per layer, the pool as the prefix kernel reads it: each row's span (CUDA decode)."""
+        return [PrefixPart(k, v, starts, lengths) for k, v in zip(self.keys, self.values)]
 
     def _grow(self, capacity: int) -> None:
         d = self.decoder
@@ -241,12 +258,14 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, max_slots: int | None = None, graphs: bool = False,
                  expect_more: bool = False, on_split: Callable[[int, int], None] = lambda _old, _new: None,
-                 max_pages: int | None = None):
+                 max_pages: int | None = None, layer_kernels: bool = True):
         """expect_more: rows will keep arriving (a server), so size the slots for the cap and the
         memory, not for the rows queued when the first step runs. max_pages: at most this many
-        pages in the pool (memory shared with something else; tests force preemption with it)."""
+        pages in the pool (memory shared with something else; tests force preemption with it).
+        layer_kernels: on CUDA, the fused Triton kernels for the layers' small steps (off: the
+        modules' own, for comparisons)."""
         self.loaded = loaded
-        self.decoder = Decoder(loaded.model)
+        self.decoder = Decoder(loaded.model, layer_kernels=layer_kernels)
         self.device = self.decoder.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.max_slots = max_slots
@@ -386,7 +405,7 @@ class Engine:
     def _slots_and_pages(self, row_positions: int) -> tuple[int, int]:
         """How many slots and pages: the cap, the rows waiting, each of `row_positions` at most,
         and on CUDA the memory free now (pages then are what is left after the slots' workspace)."""
-        cap = self.max_slots or (CUDA_SLOTS if self.device.type == "cuda" else BATCH_ROWS["cpu"])
+        cap = self.max_slots or (CUDA_SLOTS if self.device.type == "cuda" else CPU_SLOTS)
         slots = cap if self.expect_more else max(1, min(cap, self.rows_waiting))
         row_pages = -(-row_positions // PAGE)
         pages = 1 + slots * row_pages  # every slot busy with the longest row, and the sink page
@@ -433,6 +452,7 @@ class Engine:
         self.top_logprobs = torch.zeros((B, k), device=self.device)
         self.top_logprob_ids = torch.zeros((B, k), dtype=torch.long, device=self.device)
         self.prefix_bias = self.pool.bias([()] * B)
+        self.prefix_starts, self.prefix_lengths = self.pool.spans_of([()] * B)
         self.prefix_version = self.pool.version
         self.first_row = torch.zeros(B, dtype=torch.long, device=self.device)
         self.salts = token_salts(self.vocabulary, self.device)
@@ -472,12 +492,16 @@ class Engine:
             self._prefill([(free.pop(0), self.queue.popleft()) for _ in range(fits)])
 
     def _refresh_prefix_bias(self) -> None:
-        """Rebuild the slots' prefix masks after the pool changed (a prefix added, moved, dropped)."""
+        """Rebuild the slots' prefix masks and spans after the pool changed (a prefix added,
+        moved, dropped)."""
         if self.pool.version == self.prefix_version:
             return
-        bias = self.pool.bias([self.jobs[b].prefix if b in self.jobs else () for b in range(self.slot_count)])
+        prefixes = [self.jobs[b].prefix if b in self.jobs else () for b in range(self.slot_count)]
+        bias = self.pool.bias(prefixes)
+        for held, new in zip((self.prefix_starts, self.prefix_lengths), self.pool.spans_of(prefixes)):
+            held.copy_(new)  # in place: captured graphs read these tensors
         if bias.shape == self.prefix_bias.shape:
-            self.prefix_bias.copy_(bias)  # in place: captured graphs read this tensor
+            self.prefix_bias.copy_(bias)
         else:
             self._drop_graphs()  # new pool tensors: the captured graphs read the old ones
             self.prefix_bias = bias
@@ -546,6 +570,7 @@ class Engine:
         self.generated[index] = 1
         self.active[index] = 1
         self.prefix_bias[index] = self.pool.bias([j.prefix for j in jobs])
+        self.prefix_starts[index], self.prefix_lengths[index] = self.pool.spans_of([j.prefix for j in jobs])
         for b, length in zip(slots, lengths):
             self.filled[b] = length
         self._take(dict(zip(slots, first)), logprobs)
@@ -649,8 +674,14 @@ class Engine:
             values.view(-1, *values.shape[2:])[write] = v[:, :, 0]
             return part(keys, values)
 
-        logits = self.decoder.run(pick(self.tok)[:, None], pick(self.pos)[:, None], own,
-                                  self.pool.parts(pick(self.prefix_bias), prefix_span), self.first_row[:len(write)])
+        if not prefix_span:
+            shared = None
+        elif self.decoder.fused:
+            shared = self.pool.prefix_parts(pick(self.prefix_starts), pick(self.prefix_lengths))
+        else:
+            shared = self.pool.parts(pick(self.prefix_bias), prefix_span)
+        logits = self.decoder.run(pick(self.tok)[:, None], pick(self.pos)[:, None], own, shared,
+                                  self.first_row[:len(write)])
         chosen = self._choose(logits, rows, masks=masks)
         if logprobs:
             self._keep_logprobs(logits, chosen, rows)
@@ -772,3 +803,5 @@ class Engine:
         self.tok[index] = self.pad_id
         self.table[index] = SINK_PAGE
         self.prefix_bias[index] = float("-inf")
+        self.prefix_starts[index] = 0
+        self.prefix_lengths[index] = 0

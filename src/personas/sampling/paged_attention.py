@@ -64,22 +64,39 @@ def gather_positions(pool: torch.Tensor, table: torch.Tensor, span: int) -> torc
 def paged_attention(q: torch.Tensor, part: PagedPart, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-sum-exp (rows, kv_heads, group, 1), output (rows, kv_heads, group, head_dim)), float32,
     of one query per row (q: (rows, kv_heads, group, head_dim)) against its own pages."""
-    import triton
-
     rows, kv_heads, group, head_dim = q.shape
     out = torch.empty((rows, kv_heads, group, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((rows, kv_heads, group, 1), dtype=torch.float32, device=q.device)
+    _launch(q, part, scale, out, lse, None)
+    return lse, out
+
+
+def paged_attention_after(q: torch.Tensor, part: PagedPart, scale: float,
+                          earlier: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Attention over the union of an earlier part — its (log-sum-exp, output), such as the
+    prefix's — and each row's own pages, in q's dtype: the online softmax starts from the earlier
+    part's state, so merging costs no kernels of its own."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch(q, part, scale, out, earlier[0], earlier[1])
+    return out
+
+
+def _launch(q: torch.Tensor, part: PagedPart, scale: float, out: torch.Tensor, lse: torch.Tensor,
+            earlier_out: torch.Tensor | None) -> None:
+    import triton
+
+    rows, kv_heads, group, head_dim = q.shape
     if rows == 0:
-        return lse, out
-    kernel = _kernel()
-    kernel[(rows, kv_heads)](
-        q, part.keys, part.values, part.table, part.lengths, out, lse, scale,
+        return
+    earlier = earlier_out is not None
+    _kernel()[(rows, kv_heads)](
+        q, part.keys, part.values, part.table, part.lengths, out, lse, earlier_out if earlier else out, scale,
         q.stride(0), q.stride(1), q.stride(2),
         part.keys.stride(0), part.keys.stride(1), part.keys.stride(2),
         part.table.stride(0), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=PAGE, BLOCK_N=64, num_warps=4)
-    return lse, out
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=PAGE, BLOCK_N=64, EARLIER=earlier,
+        num_warps=4)
 
 
 _compiled = None
@@ -95,11 +112,11 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_decode(Q, K, V, Table, Lengths, Out, Lse, scale,
+    def paged_decode(Q, K, V, Table, Lengths, Out, Lse, EarlierOut, scale,
                      stride_qr, stride_qh, stride_qg, stride_kp, stride_kt, stride_kh, stride_tr,
                      stride_or, stride_oh, stride_og, stride_lr, stride_lh,
                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, EARLIER: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
@@ -109,9 +126,18 @@ def _kernel():
         q = tl.load(Q + row * stride_qr + head * stride_qh + g[:, None] * stride_qg + d[None, :],
                     mask=in_group[:, None] & in_dim[None, :], other=0.0)
         length = tl.load(Lengths + row)
-        top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        in_out = in_group[:, None] & in_dim[None, :]
+        o = row * stride_or + head * stride_oh + g[:, None] * stride_og + d[None, :]
+        if EARLIER:
+            # Start from the earlier part's state: its maximum is its log-sum-exp and its
+            # normalised output weighs 1 (0 where it saw nothing, log-sum-exp -inf).
+            top = tl.load(Lse + row * stride_lr + head * stride_lh + g, mask=in_group, other=float("-inf"))
+            total = tl.where(top == float("-inf"), 0.0, 1.0)
+            acc = tl.load(EarlierOut + o, mask=in_out, other=0.0)
+        else:
+            top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for start in range(0, length, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             seen = n < length
@@ -129,9 +155,9 @@ def _kernel():
             # Weights in [0, 1] in half precision, the product summed in float32: as matmul_part.
             acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
             top = new_top
-        o = Out + row * stride_or + head * stride_oh + g[:, None] * stride_og + d[None, :]
-        tl.store(o, acc / total[:, None], mask=in_group[:, None] & in_dim[None, :])
-        tl.store(Lse + row * stride_lr + head * stride_lh + g, top + tl.log(total), mask=in_group)
+        tl.store(Out + o, (acc / total[:, None]).to(Out.dtype.element_ty), mask=in_out)
+        if not EARLIER:
+            tl.store(Lse + row * stride_lr + head * stride_lh + g, top + tl.log(total), mask=in_group)
 
     _compiled = paged_decode
     return _compiled
