@@ -603,12 +603,16 @@ class Engine:
         bias = self.pool.bias([prefix for (prefix, _), _ in chunk])
         logits = d.run(ids.to(device), positions.to(device), own, self.pool.parts(bias, self.pool.read_length()),
                        torch.tensor([len(s) - 1 for s in suffixes], device=device))
-        copies = [(slots[0], b, len(suffix)) for ((_, suffix), slots) in chunk for b in slots[1:]]
+        # The other slots with the same prompt read the first slot's prompt-only pages as their
+        # own (see _prefill): they take copies of the positions after those only.
+        copies = [(slots[0], b, PAGE * (len(self.pages_of[b]) - self.own_pages[b]), len(suffix))
+                  for ((_, suffix), slots) in chunk for b in slots[1:]]
+        copies = [(a, b, start, n) for a, b, start, n in copies if start < n]
         if copies:
-            source = torch.cat([flat_positions(self.table[a:a + 1], torch.arange(n, device=device)[None])[0]
-                                for a, _, n in copies])
-            target = torch.cat([flat_positions(self.table[b:b + 1], torch.arange(n, device=device)[None])[0]
-                                for _, b, n in copies])
+            source = torch.cat([flat_positions(self.table[a:a + 1], torch.arange(start, n, device=device)[None])[0]
+                                for a, _, start, n in copies])
+            target = torch.cat([flat_positions(self.table[b:b + 1], torch.arange(start, n, device=device)[None])[0]
+                                for _, b, start, n in copies])
             for pool in self.cache_keys + self.cache_values:
                 flat = pool.view(-1, *pool.shape[2:])
                 flat[target] = flat[source]
