@@ -358,7 +358,7 @@ def test_fused_layer_kernels_give_the_modules_texts(tiny_cuda):
     texts = {}
     for fused in (True, False):
         engine = Engine(tiny_cuda, max_slots=8, graphs=True, layer_kernels=fused)
-        assert engine.decoder.fused == fused
+        assert engine.decoder.layer_kernels == fused
         engine.submit(rows, settings, lambda s, f=fused: texts.__setitem__((f, s.row), s.token_ids))
         with torch.inference_mode():
             engine.run()

@@ -9,10 +9,15 @@ decomposition Hydragen uses:
 * the shared part: every row's queries against the prefix pool (the prefixes of the rows being
   decoded, stored once). The queries of all rows are stacked into one matrix, so each prefix is
   read once per step however many rows share it; a per-row bias of 0 / -inf keeps each row to
-  its own prefix;
+  its own prefix (a CUDA decode step runs this as one kernel reading each row's span,
+  prefix_attention.py);
 * the own part: each row's queries against its own keys — in its pages while decoding (read
   through its page table as far as its own length, paged_attention.py), the suffix's fresh keys
   while prefilling it.
+
+On CUDA the layers' small steps — residual add and RMSNorm, rotary, SiLU × up, the merge — run
+as fused Triton kernels (layer_kernels.py; the merge inside the paged kernel), rounding as the
+modules do; `Decoder(model, layer_kernels=False)` and the CPU use the modules.
 
 Read bottom-up: `attention_part` and `merge` are the arithmetic, `Decoder.run` the layer loop.
 """
@@ -171,12 +176,12 @@ class Decoder:
         self.scale = attention.scaling
         self.layer_count = len(self.layers)
         self.device, self.dtype = model.device, model.dtype
-        self.fused = layer_kernels and self.device.type == "cuda"
+        self.layer_kernels = layer_kernels and self.device.type == "cuda"
         # SiLU(gate) × up as one kernel needs the activation to be SiLU and gate/up one product.
         mlp = self.layers[0].mlp
-        self.fused_mlp = (self.fused and getattr(config, "hidden_act", None) == "silu"
-                          and getattr(mlp.gate_proj, "fused", None) is not None
-                          and mlp.gate_proj.fused is getattr(mlp.up_proj, "fused", None))
+        self.kernel_mlp = (self.layer_kernels and getattr(config, "hidden_act", None) == "silu"
+                           and getattr(mlp.gate_proj, "fused", None) is not None
+                           and mlp.gate_proj.fused is getattr(mlp.up_proj, "fused", None))
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers (keys and values)."""
@@ -188,7 +193,7 @@ class Decoder:
 
         ids, positions: (rows, queries). `shared`: the prefix pool's Part per layer, or None.
         """
-        if self.fused:
+        if self.layer_kernels:
             from . import layer_kernels as kernels
             add_norm, rope = kernels.add_rms_norm, kernels.rotary
         else:
@@ -220,7 +225,7 @@ class Decoder:
                queries: int) -> torch.Tensor:
         """Softmax attention over a row's own part and its prefix, in the model's dtype,
         (rows, kv_heads, group, head_dim)."""
-        if self.fused and isinstance(mine, PagedPart):
+        if self.layer_kernels and isinstance(mine, PagedPart):
             # The own part's kernel starts from the prefix part's state: the merge is free.
             if theirs is None:
                 return paged_attention(q, mine, self.scale)[1].to(self.dtype)
@@ -231,7 +236,7 @@ class Decoder:
         return merge(parts).to(self.dtype)
 
     def mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused_mlp:
+        if not self.kernel_mlp:
             return mlp(x)
         from .layer_kernels import silu_mul
 

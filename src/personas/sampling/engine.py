@@ -680,7 +680,7 @@ class Engine:
 
         if not prefix_span:
             shared = None
-        elif self.decoder.fused:
+        elif self.decoder.layer_kernels:
             shared = self.pool.prefix_parts(pick(self.prefix_starts), pick(self.prefix_lengths))
         else:
             shared = self.pool.parts(pick(self.prefix_bias), prefix_span)
