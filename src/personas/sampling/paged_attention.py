@@ -77,6 +77,8 @@ def paged_attention_after(q: torch.Tensor, part: PagedPart, scale: float,
     prefix's — and each row's own pages, in q's dtype: the online softmax starts from the earlier
     part's state, so merging costs no kernels of its own."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # The kernel reads the earlier output with this output's strides: both contiguous, q's shape.
+    assert earlier[1].shape == q.shape and earlier[1].is_contiguous()
     _launch(q, part, scale, out, earlier[0], earlier[1])
     return out
 
