@@ -95,8 +95,11 @@ def test_sigterm_exits_143_and_keeps_the_finished_rows(tmp_path, embedded_ready)
 
 
 def test_a_closed_pipe_ends_quietly_with_141(tiny_llama_dir, cache_dir):
+    # 800 lines (~170 KB): more than the pipe holds, so personas is still writing when `head`
+    # has gone. With 120 lines (26 KB) everything could fit in the pipe first and exit 0 — as
+    # happened once the CPU decoded all rows in one wave.
     command = (f"{sys.executable} -m personas generate a b --file {PERSONA_FILE} --model {tiny_llama_dir} "
-               "-n 60 -t 1 --seed 1 --max-new-tokens 3 -f jsonl | head -1; exit ${PIPESTATUS[0]}")
+               "-n 400 -t 1 --seed 1 --max-new-tokens 3 -f jsonl | head -1; exit ${PIPESTATUS[0]}")
     result = subprocess.run(["bash", "-c", command], env=cli_env(cache_dir), cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 141, result.stderr
