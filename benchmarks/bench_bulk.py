@@ -9,7 +9,13 @@ GPTQ's layout), Marlin. Then the same prompts with max_new_tokens drawn per row 
 
     python benchmarks/bench_bulk.py [--prompts 512] [--n 2] [--new-tokens 128] [--skip-old]
                                     [--hf-prompts 64] [--compare-unfused] [--compare-layer-kernels]
-                                    [--out DIR]
+                                    [--compare-dense] [--out DIR]
+
+The engine decides by itself whether to keep dense half-precision copies of the GPTQ weights for
+its products of many rows (model/dense_gptq.py: when the memory left still holds 256 rows);
+--compare-dense runs the fixed job once more with the copies refused (Marlin alone, every page
+the memory allows). The copies are dropped before the old path, transformers' `generate_batch`
+and the greedy check, which measure the model as loaded.
 
 --compare-unfused runs the fixed job at 256 slots on the fused checkpoint and, at the end, on the
 checkpoint loaded without fused q/k/v and gate/up layers (model/fused_gptq.py): the difference
@@ -56,11 +62,14 @@ def main() -> None:
                         help="also run the fixed job on the checkpoint loaded without fused projections")
     parser.add_argument("--compare-layer-kernels", action="store_true",
                         help="also run the fixed job with the engine's fused layer kernels off")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="also run the fixed job with the dense copies of the GPTQ weights refused")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
     import transformers
 
+    from personas.model.dense_gptq import drop_dense, has_dense
     from personas.sampling.engine import Engine
     from personas.sampling.grid import Settings
     from personas.sampling.scheduler import generate_grid
@@ -80,8 +89,9 @@ def main() -> None:
     results["shared_prefix_tokens"] = shared
     log(f"{len(rows)} rows, prompts {results['prompt_tokens_mean']:.0f} tokens on average, {shared} shared")
 
-    def run_engine(run_rows, settings, label, on=None, layer_kernels=True) -> dict:
-        engine = Engine(on or model, max_slots=settings.max_batch, graphs=True, layer_kernels=layer_kernels)
+    def run_engine(run_rows, settings, label, on=None, layer_kernels=True, dense=None) -> dict:
+        engine = Engine(on or model, max_slots=settings.max_batch, graphs=True, layer_kernels=layer_kernels,
+                        dense_weights=dense)
         samples = []
         engine.submit(run_rows, settings, samples.append)
         reset_peak()
@@ -95,8 +105,10 @@ def main() -> None:
                "mean_rows_per_step": engine.rows_decoded / engine.steps, "pages": engine.page_count,
                "preemptions": engine.preemptions,
                "row_positions": positions, "row_bytes": positions * engine.decoder.kv_bytes_per_token(),
-               "peak_GB": peak_gb(), "steps": engine.steps, "graphs": len(engine.graphs)}
+               "peak_GB": peak_gb(), "steps": engine.steps, "graphs": len(engine.graphs),
+               "dense": has_dense((on or model).model)}
         log(f"{label}: {tokens} tokens in {seconds:.1f} s = {out['tokens_per_s']:.0f} tokens/s, B={engine.slot_count}, "
+            f"dense copies {'yes' if out['dense'] else 'no'}, "
             f"{out['mean_rows_per_step']:.0f} rows per step, {out['row_bytes'] / 1e6:.0f} MB per row, "
             f"{engine.preemptions} preempted, "
             f"{engine.steps} steps, {len(engine.graphs)} graphs, peak {out['peak_GB']:.1f} GB")
@@ -106,6 +118,10 @@ def main() -> None:
     # Warm-up (kernels, Marlin workspaces, allocator), not timed.
     run_engine(rows[:16], Settings(max_new_tokens=8), "warm-up")
     engine_fixed = run_engine(rows, fixed, "engine, fixed length")
+    marlin_only = None
+    if args.compare_dense:
+        marlin_only = run_engine(rows, fixed, "engine, fixed length, dense copies refused", dense=False)
+        marlin_only["same_texts"] = sum(marlin_only["texts"][k] == v for k, v in engine_fixed["texts"].items())
     modules = None
     if args.compare_layer_kernels:
         modules = run_engine(rows, fixed, "engine, fixed length, layer kernels off", layer_kernels=False)
@@ -119,6 +135,7 @@ def main() -> None:
     engine_ragged = run_engine(ragged_rows, ragged_settings, "engine, ragged 16-256")
     assert engine_ragged["tokens"] == sum(r.max_new_tokens for r in ragged_rows)
 
+    drop_dense(model.model)  # the baselines and the greedy check run the model as loaded
     old = None
     if not args.skip_old:
         samples = []
@@ -222,7 +239,7 @@ def main() -> None:
         del plain
 
     for key, value in (("engine_fixed", engine_fixed), ("engine_ragged", engine_ragged), ("engine_fixed_256", fused_256),
-                       ("engine_fixed_layer_kernels_off", modules)):
+                       ("engine_fixed_layer_kernels_off", modules), ("engine_fixed_dense_refused", marlin_only)):
         if value:
             value.pop("texts", None)
         results[key] = value
@@ -233,32 +250,37 @@ def main() -> None:
           f"kernel {results['kernel']}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"job: {args.prompts} prompts × n={args.n} × T=1.0, {args.new_tokens} new tokens; prompts "
           f"{results['prompt_tokens_mean']:.0f} tokens on average, {shared} of them shared\n")
-    print("| how | tokens/s | slots (B) / mean rows per step | cache per row (MB) | peak GPU memory (GB) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| how | tokens/s | slots (B) / mean rows per step | dense copies | cache per row (MB) | peak GPU memory (GB) |")
+    print("|---|---:|---:|---|---:|---:|")
     engines = [("engine, fixed 128 tokens", engine_fixed), ("engine, ragged 16–256 tokens", engine_ragged)]
+    if marlin_only:
+        engines += [("engine, fixed, dense copies refused (Marlin alone)", marlin_only)]
     if modules:
         engines += [("engine, fixed, layer kernels off", modules)]
     if unfused:
         engines += [("engine, fixed, 256 slots", fused_256), ("engine, fixed, 256 slots, q/k/v and gate/up unfused", unfused)]
     for label, r in engines:
         print(f"| {label} | {r['tokens_per_s']:,.0f} | {r['slots']} / {r['mean_rows_per_step']:.0f} | "
-              f"{r['row_bytes'] / 1e6:.0f} | {r['peak_GB']:.1f} |")
+              f"{'yes' if r['dense'] else 'no'} | {r['row_bytes'] / 1e6:.0f} | {r['peak_GB']:.1f} |")
     if old:
-        print(f"| old chunked path, chunks of 256 (same run) | {old['tokens_per_s']:,.0f} | 256 | "
+        print(f"| old chunked path, chunks of 256 (same run) | {old['tokens_per_s']:,.0f} | 256 | no | "
               f"{(results['prompt_tokens_mean'] + args.new_tokens) * kv / 1e6:.0f} | {old['peak_GB']:.1f} |")
     if hf and "error" not in hf:
-        print(f"| transformers generate_batch, first {hf['rows']} rows | {hf['tokens_per_s']:,.0f} | | | {hf['peak_GB']:.1f} |")
+        print(f"| transformers generate_batch, first {hf['rows']} rows | {hf['tokens_per_s']:,.0f} | | no | | {hf['peak_GB']:.1f} |")
     elif hf:
-        print(f"| transformers generate_batch | failed: {hf['error']} | | | |")
+        print(f"| transformers generate_batch | failed: {hf['error']} | | | | |")
     roof = results["roofline_tokens_per_s"]
     print(f"| roofline at {B} rows: memory {step_bytes / 1e9:.1f} GB/step; + GEMMs at {H100_DENSE_FP16_FLOPS / 1e12:.0f} "
-          f"TFLOP/s | {roof['memory_only']:,.0f} / {roof['memory_plus_gemm']:,.0f} | | | |")
+          f"TFLOP/s | {roof['memory_only']:,.0f} / {roof['memory_plus_gemm']:,.0f} | | | | |")
     print(f"\nragged vs fixed: {engine_ragged['tokens_per_s'] / engine_fixed['tokens_per_s']:.0%}; "
           f"greedy == transformers generate: {results['greedy_equal']}; where not: {partings}; "
           f"transformers alone == transformers batched: {results['hf_alone_equals_hf_batched']}")
     if old:
         print(f"engine vs old path: {engine_fixed['tokens_per_s'] / old['tokens_per_s']:.2f}×; "
               f"texts equal: {old['same_texts']} of {len(rows)}")
+    if marlin_only:
+        print(f"dense copies vs Marlin alone: {engine_fixed['tokens_per_s'] / marlin_only['tokens_per_s']:.2f}×; "
+              f"texts equal: {marlin_only['same_texts']} of {len(rows)}")
     if modules:
         print(f"layer kernels on vs off: {engine_fixed['tokens_per_s'] / modules['tokens_per_s']:.2f}×; "
               f"texts equal: {modules['same_texts']} of {len(rows)}")

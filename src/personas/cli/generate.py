@@ -17,7 +17,7 @@ from ..output.records import SampleFormat, make_writer
 from .diagnostics import Diagnostics
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from .options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
+from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
                       SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, sampling_settings,
                       seed_in_force)
 
@@ -60,6 +60,7 @@ def generate(
         "--truncate", help="Drop examples (oldest first) from a prompt too long for the model's "
         "context, and say so, instead of refusing it.")] = False,
     fast_path: FastPathOpt = True,
+    gptq_dense: DenseWeightsOpt = None,
     stats_file: Annotated[Optional[Path], typer.Option(
         "--stats-file", help="Write each persona × prompt × temperature's diversity (distinct-1/-2, "
         "unique samples, mean tokens) to this file as a JSON array.", dir_okay=False,
@@ -117,7 +118,8 @@ def generate(
         n=defaults.pick("n", n),
         seed=base_seed.value,
         settings=sampling_settings(defaults, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
-                                   min_new_tokens=min_new_tokens, batch_size=batch_size, fast_path=fast_path),
+                                   min_new_tokens=min_new_tokens, batch_size=batch_size, fast_path=fast_path,
+                                   dense_weights=gptq_dense),
         template=template.for_model(),
         truncate=truncate,
         on_truncate=lambda name, dropped, length: feedback.warn(

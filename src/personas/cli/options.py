@@ -80,6 +80,11 @@ FastPathOpt = Annotated[
     typer.Option("--fast-path/--no-fast-path", help="On CUDA: decode with a static KV cache and a captured "
                  "CUDA graph (much faster; off: transformers' plain generate)."),
 ]
+DenseWeightsOpt = Annotated[Optional[bool], typer.Option(
+    "--gptq-dense/--no-gptq-dense", help="GPTQ on CUDA: steps of 256 rows or more (large prompts files, "
+    "prefill) multiply through a half-precision copy of the weights with cuBLAS, faster there than the 4-bit "
+    "kernel; the copy takes 2 bytes a weight (25 GB for a 13B). Default: when the memory left still holds "
+    "256 rows.", show_default=False)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Most rows decoding at once (default: 512 on a GPU, where the cache pages the "
     "memory free after loading holds may allow fewer; 256 on the CPU, 64 for a model that is not "
@@ -104,11 +109,11 @@ TopKOpt = Annotated[Optional[int], typer.Option(
 
 def sampling_settings(defaults: Defaults, *, max_new_tokens: int | None, top_p: float | None,
                       top_k: int | None, min_new_tokens: int = 0, batch_size: int | None = None,
-                      fast_path: bool = True) -> Settings:
+                      fast_path: bool = True, dense_weights: bool | None = None) -> Settings:
     """The sampling settings in force: each flag, else `[defaults]`, else personas' built-in value."""
     return Settings(max_new_tokens=defaults.pick("max_new_tokens", max_new_tokens), min_new_tokens=min_new_tokens,
                     top_p=defaults.pick("top_p", top_p), top_k=defaults.pick("top_k", top_k),
-                    max_batch=batch_size, fast_path=fast_path)
+                    max_batch=batch_size, fast_path=fast_path, dense_weights=dense_weights)
 
 
 @dataclass(frozen=True)

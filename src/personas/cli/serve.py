@@ -15,8 +15,9 @@ from ..errors import InputError, PipeClosed
 from ..library.load import Library, find_library_file, load_library
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from .options import (AllowPickleOpt, BatchSizeOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt,
-                      ModelOpt, QuietOpt, TrustRemoteCodeOpt)
+from ..sampling.grid import Settings
+from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend,
+                      GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt)
 
 
 def serve(
@@ -43,6 +44,7 @@ def serve(
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = None,
     fast_path: FastPathOpt = True,
+    gptq_dense: DenseWeightsOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
@@ -54,9 +56,9 @@ def serve(
     library = load_library(find_library_file(file))
     options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
     if http:
-        return serve_http(library, options, feedback, host, port, api_key, max_queue, seed, batch_size, fast_path)
+        return serve_http(library, options, feedback, host, port, api_key, max_queue, seed,
+                          Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense))
     from ..generate.serve import serve as serve_lines
-    from ..sampling.grid import Settings
 
     base_seed = seed if seed is not None else secrets.randbelow(2**31)
     out = sys.stdout
@@ -71,22 +73,21 @@ def serve(
                       "without one; one JSON request per line on stdin")
         try:
             count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write,
-                                Settings(max_batch=batch_size, fast_path=fast_path))
+                                Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense))
         except BrokenPipeError:
             raise PipeClosed() from None
     feedback.info(f"end of input after {count} lines")
 
 
 def serve_http(library: Library, options: ModelOptions, feedback: Feedback, host: str, port: int,
-               api_key: str | None, max_queue: int, seed: int | None, batch_size: int | None, fast_path: bool) -> None:
+               api_key: str | None, max_queue: int, seed: int | None, settings: Settings) -> None:
     """Check the address, open the socket, serve until SIGTERM; the model loads while it listens."""
     from ..generate.http_server import PersonaServer, check_exposure, listen, run_server
-    from ..sampling.grid import Settings
 
     check_exposure(host, api_key)
     sock = listen(host, port)
     server = PersonaServer(library, lambda: load_model_for(options, feedback),
-                           settings=Settings(max_batch=batch_size, fast_path=fast_path), api_key=api_key,
+                           settings=settings, api_key=api_key,
                            max_queue=max_queue, seed=seed, log=feedback.info, alert=feedback.warn)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]

@@ -179,7 +179,8 @@ def serve_in_batches(lines: Iterable[bytes], library: Library, model: LoadedMode
                 write({"error": str(e), "line": number})
         # One grid per max_new_tokens value among the requests that came together.
         for max_new in sorted({a.max_new_tokens for a in accepted}):
-            grid = Settings(max_new_tokens=max_new, max_batch=settings.max_batch, fast_path=settings.fast_path)
+            grid = Settings(max_new_tokens=max_new, max_batch=settings.max_batch, fast_path=settings.fast_path,
+                            dense_weights=settings.dense_weights)
             rows = []
             for a in (a for a in accepted if a.max_new_tokens == max_new):
                 try:

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ..model.dense_gptq import DENSE_MIN_ROWS, dense_bytes, drop_dense, has_dense, make_dense
 from ..model.load import LoadedModel
 from .chooser import choose, token_logprobs, token_salts
 from .decoder import Decoder, Part
@@ -258,18 +259,22 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, max_slots: int | None = None, graphs: bool = False,
                  expect_more: bool = False, on_split: Callable[[int, int], None] = lambda _old, _new: None,
-                 max_pages: int | None = None, layer_kernels: bool = True):
+                 max_pages: int | None = None, layer_kernels: bool = True, dense_weights: bool | None = None):
         """expect_more: rows will keep arriving (a server), so size the slots for the cap and the
         memory, not for the rows queued when the first step runs. max_pages: at most this many
         pages in the pool (memory shared with something else; tests force preemption with it).
         layer_kernels: on CUDA, the fused Triton kernels for the layers' small steps (off: the
-        modules' own, for comparisons)."""
+        modules' own, for comparisons). dense_weights: products of many rows through dense
+        copies of a GPTQ model's weights (model/dense_gptq.py) — None: on CUDA when the slots
+        are many and the memory left after the copies still holds them (`_choose_dense`)."""
         self.loaded = loaded
         self.decoder = Decoder(loaded.model, layer_kernels=layer_kernels)
         self.device = self.decoder.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.max_slots = max_slots
         self.max_pages = max_pages
+        self.dense_weights = dense_weights
+        self.dense_made = False  # this engine made the model's dense copies (it drops them before any slot)
         self.expect_more = expect_more
         self.on_split = on_split
         self.eos_ids = list(loaded.eos_ids)
@@ -382,6 +387,12 @@ class Engine:
         self.pages_of.clear()
         self.own_pages.clear()
         self._release_slots()
+        if self.dense_made:
+            # The dense copies this engine made go before any slot does: a slower step with every
+            # slot beats a fast one with half of them.
+            drop_dense(self.loaded.model)
+            self.dense_made, self.dense_weights = False, False
+            return
         self.max_slots = max(1, old // 2)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -402,17 +413,14 @@ class Engine:
         self.graphs.clear()
         self.graph_pool = None
 
-    def _slots_and_pages(self, row_positions: int) -> tuple[int, int]:
-        """How many slots and pages: the cap, the rows waiting, each of `row_positions` at most,
-        and on CUDA the memory free now (pages then are what is left after the slots' workspace)."""
+    def _slots_wanted(self) -> int:
+        """The cap (--batch-size, else the device's), or fewer when fewer rows wait (a job)."""
         cap = self.max_slots or (CUDA_SLOTS if self.device.type == "cuda" else CPU_SLOTS)
-        slots = cap if self.expect_more else max(1, min(cap, self.rows_waiting))
-        row_pages = -(-row_positions // PAGE)
-        pages = 1 + slots * row_pages  # every slot busy with the longest row, and the sink page
-        if self.max_pages:
-            pages = max(1 + row_pages, min(pages, self.max_pages))
-        if self.device.type != "cuda":
-            return slots, pages
+        return cap if self.expect_more else max(1, min(cap, self.rows_waiting))
+
+    def _memory_pages(self, slots: int, row_positions: int) -> int:
+        """CUDA: the pages the memory free now holds beside `slots` slots' workspace and one
+        prefill pass."""
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         d = self.decoder
@@ -421,8 +429,46 @@ class Engine:
         intermediate = getattr(self.loaded.model.config, "intermediate_size", 4 * d.heads * d.head_dim)
         prefill = PREFILL_TOKENS["cuda"] * (6 * intermediate + 8 * d.heads * (self.pool.capacity + row_positions))
         budget = HEADROOM * free - prefill - slots * per_slot
+        return max(0, int(budget // (PAGE * d.kv_bytes_per_token())))
+
+    def _slots_and_pages(self, row_positions: int) -> tuple[int, int]:
+        """How many slots and pages: the cap, the rows waiting, each of `row_positions` at most,
+        and on CUDA the memory free now (pages then are what is left after the slots' workspace)."""
+        slots = self._slots_wanted()
+        row_pages = -(-row_positions // PAGE)
+        pages = 1 + slots * row_pages  # every slot busy with the longest row, and the sink page
+        if self.max_pages:
+            pages = max(1 + row_pages, min(pages, self.max_pages))
+        if self.device.type != "cuda":
+            return slots, pages
         # At least one longest row: if even that does not fit, allocating fails and backs off.
-        return slots, max(1 + row_pages, min(pages, int(budget // (PAGE * d.kv_bytes_per_token()))))
+        return slots, max(1 + row_pages, min(pages, self._memory_pages(slots, row_positions)))
+
+    def _choose_dense(self, row_positions: int) -> None:
+        """Whether products of many rows go through dense copies of the GPTQ weights.
+
+        Asked for (True) or refused (False) by the caller; by default (None) on CUDA when the
+        slots are at least DENSE_MIN_ROWS — fewer rows per step never reach the copies — and the
+        memory left after the copies still holds that many rows of `row_positions`: on an H100
+        a 13B's copies (25 GB) leave room for about 380 rows of the bulk job, whose step then
+        still runs faster than 512 rows through Marlin (docs/performance.md)."""
+        model = self.loaded.model
+        if self.dense_weights is False:
+            if has_dense(model):
+                drop_dense(model)
+            return
+        cost = dense_bytes(model)
+        if not cost:
+            return  # not GPTQ, or the copies are there
+        if self.dense_weights is None:
+            if self.device.type != "cuda" or self._slots_wanted() < DENSE_MIN_ROWS:
+                return
+            pages_after = self._memory_pages(self._slots_wanted(), row_positions) \
+                - cost // (PAGE * self.decoder.kv_bytes_per_token())
+            if pages_after < DENSE_MIN_ROWS * -(-row_positions // PAGE):
+                return
+        make_dense(model)
+        self.dense_made = True
 
     def _allocate(self) -> None:
         d = self.decoder
@@ -434,7 +480,9 @@ class Engine:
             self.pool.ensure(prefix)
         # A job sizes the pool for the rows it has; a server for rows twice as long (a longer row
         # preempts others, and one longer than the whole pool waits for the rows in flight).
-        B, pages = self._slots_and_pages(min(2 * need, self.span) if self.expect_more else need)
+        row_positions = min(2 * need, self.span) if self.expect_more else need
+        self._choose_dense(row_positions)
+        B, pages = self._slots_and_pages(row_positions)
         self.slot_count, self.page_count = B, pages
         shape = (pages, PAGE, d.kv_heads, d.head_dim)
         self.cache_keys = [torch.zeros(shape, dtype=d.dtype, device=self.device) for _ in range(d.layer_count)]

@@ -50,6 +50,9 @@ class Settings:
     top_k: int | None = None
     max_batch: int | None = None  # rows per decode batch; None: BATCH_ROWS for the device
     fast_path: bool = True  # on CUDA: static cache + CUDA graph decoding (graphed.py)
+    # GPTQ products of many rows through dense half-precision copies of the weights
+    # (model/dense_gptq.py); None: the engine decides from the rows and the memory.
+    dense_weights: bool | None = None
 
 
 @dataclass(frozen=True)

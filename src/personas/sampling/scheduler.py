@@ -80,7 +80,8 @@ def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False
     if not supports(model.model):
         return None
     graphs = settings.fast_path and graphed.graph_safe(model.model, model.gptq_kernel)
-    return Engine(model, max_slots=settings.max_batch, graphs=graphs, expect_more=expect_more)
+    return Engine(model, max_slots=settings.max_batch, graphs=graphs, expect_more=expect_more,
+                  dense_weights=settings.dense_weights)
 
 
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
