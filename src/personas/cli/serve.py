@@ -13,9 +13,9 @@ import typer
 
 from ..errors import InputError, PipeClosed
 from ..library.load import Library, find_library_file, load_library
+from ..sampling.grid import Settings
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from ..sampling.grid import Settings
 from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend,
                       GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt)
 

@@ -3,9 +3,9 @@
 A GPTQ kernel such as Marlin reads the 4-bit codes and dequantizes them in registers: at one to a
 few dozen rows a product is bound by the bytes it reads, and 4 bits a weight is the fewest. At
 hundreds of rows (a bulk job's decode step, every prefill pass) the product is bound by
-arithmetic instead, and there Marlin's tensor-core code runs at about 380 TFLOP/s on an H100,
-where cuBLAS's half-precision GEMM on Hopper's own instructions runs much faster
-(docs/performance.md measures both). `make_dense` keeps a half-precision copy of every quantized
+arithmetic instead, and there Marlin (written for Ampere's tensor-core instructions) runs at
+about half the rate of cuBLAS's half-precision GEMM on Hopper (docs/performance.md,
+benchmarks/gemm_crossover.py). `make_dense` keeps a half-precision copy of every quantized
 weight beside the quantized layer; `DenseWhenMany` sends a product of at least `DENSE_MIN_ROWS`
 rows to cuBLAS through that copy and a smaller one to the kernel, so a step of 24 rows still
 reads 4 bits a weight. The copy costs 2 bytes a weight, about 25 GB for a 13B: whoever asks for
@@ -108,4 +108,3 @@ def drop_dense(model: nn.Module) -> None:
                 setattr(parent, name, child.quantized)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-

@@ -449,9 +449,9 @@ class Engine:
 
         Asked for (True) or refused (False) by the caller; by default (None) on CUDA when the
         slots are at least DENSE_MIN_ROWS — fewer rows per step never reach the copies — and the
-        memory left after the copies still holds that many rows of `row_positions`: on an H100
-        a 13B's copies (25 GB) leave room for about 380 rows of the bulk job, whose step then
-        still runs faster than 512 rows through Marlin (docs/performance.md)."""
+        memory left after the copies still holds that many rows of `row_positions` — the copies
+        may cost rows (a 13B's take 25 GB), never so many that steps stop reaching them; at 256
+        rows a product through the copy runs about twice as fast (docs/performance.md)."""
         model = self.loaded.model
         if self.dense_weights is False:
             if has_dense(model):
