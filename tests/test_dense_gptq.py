@@ -119,13 +119,16 @@ def test_out_of_memory_drops_the_copies_before_any_slot(model, monkeypatch):
         return original(self, x)
 
     monkeypatch.setattr(DenseWhenMany, "forward", out_of_memory_once)
-    splits = []
+    splits, told = [], []
     got = {}
-    engine = Engine(model, dense_weights=True, on_split=lambda old, new: splits.append((old, new)))
+    expected = dense_bytes(model.model)
+    engine = Engine(model, dense_weights=True, on_split=lambda old, new: splits.append((old, new)),
+                    on_dense=told.append)
     engine.submit(rows, Settings(max_new_tokens=12), lambda s: got.__setitem__(s.row, s.token_ids))
     with torch.inference_mode():
         engine.run()
     assert raised and not splits and not has_dense(model.model) and not engine.dense_made
+    assert told == [expected, 0]  # made, then dropped
     assert got == plain
 
 
@@ -174,5 +177,6 @@ def test_the_cli_flag_gives_the_same_samples(tiny_gptq_dir, cache_dir, tmp_path)
                           str(tiny_gptq_dir), "--prompts-file", str(prompts), "-t", "0", "-t", "1.0", "-n", "3",
                           "--max-new-tokens", "8", "--seed", "5", "--gptq-backend", "torch", flag], cache_dir)
         assert result.returncode == 0, result.stderr
+        assert ("copies of the GPTQ weights" in result.stderr) == (flag == "--gptq-dense"), result.stderr
         outputs.append(sorted(result.stdout.splitlines()))
     assert len(outputs[0]) == 300 and outputs[0] == outputs[1]

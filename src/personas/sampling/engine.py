@@ -259,14 +259,16 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, max_slots: int | None = None, graphs: bool = False,
                  expect_more: bool = False, on_split: Callable[[int, int], None] = lambda _old, _new: None,
-                 max_pages: int | None = None, layer_kernels: bool = True, dense_weights: bool | None = None):
+                 max_pages: int | None = None, layer_kernels: bool = True, dense_weights: bool | None = None,
+                 on_dense: Callable[[int], None] = lambda _bytes: None):
         """expect_more: rows will keep arriving (a server), so size the slots for the cap and the
         memory, not for the rows queued when the first step runs. max_pages: at most this many
         pages in the pool (memory shared with something else; tests force preemption with it).
         layer_kernels: on CUDA, the fused Triton kernels for the layers' small steps (off: the
         modules' own, for comparisons). dense_weights: products of many rows through dense
         copies of a GPTQ model's weights (model/dense_gptq.py) — None: on CUDA when the slots
-        are many and the memory left after the copies still holds them (`_choose_dense`)."""
+        are many and the memory left after the copies still holds them (`_choose_dense`);
+        on_dense is told the bytes when this engine makes them, and 0 when it drops them."""
         self.loaded = loaded
         self.decoder = Decoder(loaded.model, layer_kernels=layer_kernels)
         self.device = self.decoder.device
@@ -275,6 +277,7 @@ class Engine:
         self.max_pages = max_pages
         self.dense_weights = dense_weights
         self.dense_made = False  # this engine made the model's dense copies (it drops them before any slot)
+        self.on_dense = on_dense
         self.expect_more = expect_more
         self.on_split = on_split
         self.eos_ids = list(loaded.eos_ids)
@@ -392,6 +395,7 @@ class Engine:
             # slot beats a fast one with half of them.
             drop_dense(self.loaded.model)
             self.dense_made, self.dense_weights = False, False
+            self.on_dense(0)
             return
         self.max_slots = max(1, old // 2)
         if self.device.type == "cuda":
@@ -467,7 +471,7 @@ class Engine:
                 - cost // (PAGE * self.decoder.kv_bytes_per_token())
             if pages_after < DENSE_MIN_ROWS * -(-row_positions // PAGE):
                 return
-        make_dense(model)
+        self.on_dense(make_dense(model))
         self.dense_made = True
 
     def _allocate(self) -> None:

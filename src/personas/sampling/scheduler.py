@@ -87,12 +87,13 @@ def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                 on_sample: Callable[[Sample], None],
                 on_step: Callable[[int], None] = lambda _: None,
-                on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
+                on_split: Callable[[int, int], None] = lambda _a, _b: None,
+                on_dense: Callable[[int], None] = lambda _bytes: None) -> None:
     """Sample `rows` on a loaded model: the engine where its decoder runs the model (CUDA graphs
-    where the GPTQ kernel survives capture), else the chunked loops."""
+    where the GPTQ kernel survives capture), else the chunked loops. on_dense: see Engine."""
     engine = engine_for(model, settings)
     if engine is not None:
-        engine.on_split = on_split
+        engine.on_split, engine.on_dense = on_split, on_dense
         engine.submit(rows, settings, on_sample)
         engine.run(on_step)
         return
