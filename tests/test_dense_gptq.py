@@ -10,7 +10,8 @@ import torch
 
 from personas.model.choice import resolve_model
 from personas.model.dense_gptq import (DENSE_MIN_ROWS, DenseWhenMany, dense_bytes, dense_weight, drop_dense,
-                                       has_dense, is_quantized, make_dense)
+                                       has_dense, make_dense)
+from personas.model.gptq import is_quantized
 from personas.model.load import load_model
 from personas.sampling.engine import Engine
 from personas.sampling.grid import Row, Settings

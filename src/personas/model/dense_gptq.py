@@ -24,15 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .gptq import is_quantized
+
 # Rows from which a product goes to the dense copy. Decode steps capture powers of two of rows,
 # so this picks 256 and 512 rows (and every prefill pass of that many tokens).
 DENSE_MIN_ROWS = 256
 IDENTITY_ROWS = 4096  # the identity is multiplied in blocks of this many rows (bounded memory)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """A gptqmodel quantized linear layer (any kernel)."""
-    return type(module).__module__.startswith("gptqmodel.nn_modules.qlinear")
 
 
 class DenseWhenMany(nn.Module):

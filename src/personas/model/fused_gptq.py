@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .gptq import is_quantized
+
 # Modules of one Llama layer that read the same input: (owner attribute, projections, fused name).
 FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                 ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
@@ -114,7 +116,7 @@ def fuse_gptq_projections(model: Any, directory: str, stored: dict) -> int:
 def _fusable(parts: list[nn.Module]) -> bool:
     first = parts[0]
     same = ("in_features", "bits", "group_size", "sym", "pack_dtype")
-    return (type(first).__module__.startswith("gptqmodel.nn_modules.qlinear")
+    return (is_quantized(first)
             and all(type(p) is type(first) and getattr(p, "bias", None) is None for p in parts)
             and all(getattr(p, attr, None) == getattr(first, attr, None) for p in parts for attr in same))
 

@@ -82,8 +82,13 @@ def _quiet_gptqmodel() -> None:
         pass
 
 
+def is_quantized(module: Any) -> bool:
+    """A gptqmodel quantized linear layer, whatever its kernel."""
+    return type(module).__module__.startswith("gptqmodel.nn_modules.qlinear")
+
+
 def kernel_name(model: Any) -> str | None:
     for module in model.modules():
-        if type(module).__module__.startswith("gptqmodel.nn_modules.qlinear"):
+        if is_quantized(module):
             return type(module).__name__
     return None

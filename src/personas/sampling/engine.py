@@ -465,10 +465,10 @@ class Engine:
         if not cost:
             return  # not GPTQ, or the copies are there
         if self.dense_weights is None:
-            if self.device.type != "cuda" or self._slots_wanted() < DENSE_MIN_ROWS:
+            slots = self._slots_wanted()
+            if self.device.type != "cuda" or slots < DENSE_MIN_ROWS:
                 return
-            pages_after = self._memory_pages(self._slots_wanted(), row_positions) \
-                - cost // (PAGE * self.decoder.kv_bytes_per_token())
+            pages_after = self._memory_pages(slots, row_positions) - cost // (PAGE * self.decoder.kv_bytes_per_token())
             if pages_after < DENSE_MIN_ROWS * -(-row_positions // PAGE):
                 return
         self.on_dense(make_dense(model))
