@@ -188,6 +188,24 @@ def test_rows_take_pages_as_they_grow_and_the_least_done_is_preempted_when_none_
         sorted(engine.free_pages) == list(range(1, engine.page_count))
 
 
+def test_a_job_takes_no_more_slots_than_its_pages_hold_rows_of_its_mean_length(tiny):
+    """Pages for six rows of the job's length and 24 slots asked for: six slots, nothing
+    preempted (more slots would only preempt each other), texts as an engine with room for all."""
+    rows = grid_rows(tiny, personas=("pirate",), n=3)
+    settings = Settings(max_new_tokens=24, min_new_tokens=24)
+    roomy, _ = run_engine(tiny, rows, settings, slots=24)
+    engine = Engine(tiny, max_slots=24)
+    engine.submit(rows, settings, lambda s: None)
+    mean_pages = -(-sum(job.pages for job in engine.queue) // len(engine.queue))
+    engine = Engine(tiny, max_slots=24, max_pages=1 + 6 * mean_pages)
+    got = {}
+    engine.submit(rows, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
+    with torch.inference_mode():
+        engine.run()
+    assert engine.slot_count == 6 and engine.preemptions == 0
+    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in roomy.items()}
+
+
 def test_several_personas_several_prefixes_and_dropped_when_done(tiny):
     rows = grid_rows(tiny, personas=("pirate", "grocer", "baker"), n=1, temperatures=(1.0,))
     seen_spans = []
@@ -224,6 +242,61 @@ def test_a_request_arriving_mid_run_joins_the_running_batch(tiny):
     alone, _ = run_engine(tiny, second, Settings(max_new_tokens=20, min_new_tokens=20))
     for (persona, line, t, k), sample in alone.items():
         assert got[(line, k)].token_ids == sample.token_ids
+
+
+def test_rows_whose_suffix_is_one_token_start_in_the_decode_step(tiny):
+    """A persona with one prompt (a grid) leaves each row one token after its prefix: those rows
+    take no prefill pass — the decode step writes that token and chooses their first — beside a
+    persona whose rows are encoded as usual. Texts as the chunked path's, greedy and seeded, and
+    greedy as transformers' generate."""
+    rows = grid_rows(tiny, personas=("pirate",), asks=ASKS[:1], n=3) + grid_rows(tiny, personas=("grocer",), n=1)
+    settings = Settings(max_new_tokens=20)
+    engine = Engine(tiny)
+    engine.submit(rows, settings, lambda s: None)
+    assert {len(j.suffix) for j in engine.queue if j.row.persona == "pirate"} == {1}
+    assert min(len(j.suffix) for j in engine.queue if j.row.persona == "grocer") > 1
+    with torch.inference_mode():
+        engine.step()
+    folded = [b for b, j in engine.jobs.items() if j.row.persona == "pirate"]
+    # After one step the folded rows have their first token, the encoded ones their second.
+    assert {len(engine.jobs[b].tokens) for b in folded} == {1}
+    assert {len(j.tokens) for j in engine.jobs.values() if j.row.persona == "grocer"} == {2}
+    expected = chunked(tiny, rows, settings)
+    got, _ = run_engine(tiny, rows, settings)
+    assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in expected.items()}
+    fixed = Settings(max_new_tokens=12, min_new_tokens=12)
+    pirates = rows[:6]
+    got, engine = run_engine(tiny, pirates, fixed)
+    assert engine.steps == 12  # every token from a decode step: no prefill pass chose the first
+    for row in pirates:
+        if row.temperature == 0.0:
+            ids = torch.tensor([row.prompt_ids])
+            out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                                      do_sample=False, pad_token_id=tiny.pad_id)[0, ids.shape[1]:].tolist()
+            assert list(got[(row.persona, row.id, 0.0, row.sample)].token_ids) == out
+
+
+def test_one_token_suffixes_refill_at_once_while_others_wait_for_a_pass(tiny):
+    """Mid-run refill waits until an eighth of the slots can be refilled in one prefill pass —
+    except rows that need no pass: one free slot takes a one-token row at once."""
+    settings = Settings(max_new_tokens=10, min_new_tokens=10)
+    running = grid_rows(tiny, personas=("pirate",), asks=ASKS[:1], temperatures=(1.0,), n=15)
+    same_prompt = grid_rows(tiny, personas=("pirate",), asks=ASKS[:1], temperatures=(1.0,), n=18)[15:]
+    other_prompt = grid_rows(tiny, personas=("pirate",), asks=ASKS[1:2], temperatures=(1.0,), n=3)
+    for late, joins_at_once in ((same_prompt, True), (other_prompt, False)):
+        engine = Engine(tiny, max_slots=16, expect_more=True)
+        got = {}
+        deliver = lambda s: got.__setitem__(s.row, s.token_ids)  # noqa: E731
+        engine.submit(running, settings, deliver)
+        with torch.inference_mode():
+            engine.step()
+            jobs = engine.submit(late, settings, deliver)
+            assert (len(jobs[0].suffix) == 1) == joins_at_once
+            engine.step()
+            assert len(engine.jobs) == (16 if joins_at_once else 15)
+            engine.run()
+        alone, _ = run_engine(tiny, late, settings)
+        assert {s.row: s.token_ids for s in alone.values()} == {row: got[row] for row in late}
 
 
 def test_per_row_masks_match_transformers_warpers():

@@ -83,8 +83,8 @@ FastPathOpt = Annotated[
 DenseWeightsOpt = Annotated[Optional[bool], typer.Option(
     "--gptq-dense/--no-gptq-dense", help="GPTQ on CUDA: steps of 256 rows or more (large prompts files, "
     "prefill) multiply through a half-precision copy of the weights with cuBLAS, faster there than the 4-bit "
-    "kernel; the copy takes 2 bytes a weight (25 GB for a 13B). Default: when the memory left still holds "
-    "256 rows.", show_default=False)]
+    "kernel; the copy takes 2 bytes a weight (25 GB for a 13B). Default: when the slots are 256 or more "
+    "and the memory left still holds a row for each.", show_default=False)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Most rows decoding at once (default: 512 on a GPU, where the cache pages the "
     "memory free after loading holds may allow fewer; 256 on the CPU, 64 for a model that is not "

@@ -12,7 +12,9 @@
   reserving 256 left a third of the pool idle). When the pool runs dry the row that has done the
   least is preempted: its pages freed, it goes back to the front of the queue and later reruns
   (its seed makes the rerun identical). A row that ends frees its slot and its pages at once and
-  the next queued rows are prefilled while the others keep decoding.
+  the next queued rows are prefilled while the others keep decoding. A row whose prompt is one
+  token past its prefix (a grid's rows) needs no prefill: it enters the next decode step with
+  that token.
 * Prefixes, stored once. Rows of one persona share the start of their prompts (the system
   context and examples). That prefix's keys and values live once in the prefix pool; a row's
   pages hold only its own suffix. The decoder (decoder.py) reads each prefix once per step for
@@ -435,27 +437,42 @@ class Engine:
         budget = HEADROOM * free - prefill - slots * per_slot
         return max(0, int(budget // (PAGE * d.kv_bytes_per_token())))
 
+    def _pages_per_row(self, row_positions: int) -> int:
+        """The pages a row is expected to hold: a job's rows are known — their mean length; a
+        server's are not — `row_positions`."""
+        if self.expect_more:
+            return -(-row_positions // PAGE)
+        return -(-sum(job.pages for job in self.queue) // len(self.queue))
+
     def _slots_and_pages(self, row_positions: int) -> tuple[int, int]:
         """How many slots and pages: the cap, the rows waiting, each of `row_positions` at most,
-        and on CUDA the memory free now (pages then are what is left after the slots' workspace)."""
+        and on CUDA the memory free now (pages then are what is left after the slots' workspace);
+        a job takes no more slots than its pages hold rows of its mean length."""
         slots = self._slots_wanted()
         row_pages = -(-row_positions // PAGE)
         pages = 1 + slots * row_pages  # every slot busy with the longest row, and the sink page
         if self.max_pages:
             pages = max(1 + row_pages, min(pages, self.max_pages))
-        if self.device.type != "cuda":
-            return slots, pages
-        # At least one longest row: if even that does not fit, allocating fails and backs off.
-        return slots, max(1 + row_pages, min(pages, self._memory_pages(slots, row_positions)))
+        if self.device.type == "cuda":
+            # At least one longest row: if even that does not fit, allocating fails and backs off.
+            pages = max(1 + row_pages, min(pages, self._memory_pages(slots, row_positions)))
+        if not self.expect_more:
+            # More slots than the pages hold rows of the job's mean length only preempt each
+            # other, and a preempted row reruns from its prompt (the fixed bulk job in an 80 GB
+            # card's memory with the dense copies forced: docs/performance.md). Rows shorter than
+            # the mean leave room, so a ragged job may still preempt a few.
+            slots = max(1, min(slots, (pages - 1) // self._pages_per_row(row_positions)))
+        return slots, pages
 
     def _choose_dense(self, row_positions: int) -> None:
         """Whether products of many rows go through dense copies of the GPTQ weights.
 
         Asked for (True) or refused (False) by the caller; by default (None) on CUDA when the
         slots are at least DENSE_MIN_ROWS — fewer rows per step never reach the copies — and the
-        memory left after the copies still holds that many rows of `row_positions` — the copies
-        may cost rows (a 13B's take 25 GB), never so many that steps stop reaching them; at 256
-        rows a product through the copy runs about twice as fast (docs/performance.md)."""
+        memory left after the copies (2 bytes a weight: 25 GB for a 13B) still holds a row for
+        every slot. Copies that cost rows ran out of memory at the first refill in two runs of
+        three in an 80 GB card's memory (docs/performance.md); where memory is plenty, a product
+        of 512 rows through the copy runs about twice as fast as through Marlin."""
         model = self.loaded.model
         if self.dense_weights is False:
             if has_dense(model):
@@ -469,7 +486,7 @@ class Engine:
             if self.device.type != "cuda" or slots < DENSE_MIN_ROWS:
                 return
             pages_after = self._memory_pages(slots, row_positions) - cost // (PAGE * self.decoder.kv_bytes_per_token())
-            if pages_after < DENSE_MIN_ROWS * -(-row_positions // PAGE):
+            if pages_after < 1 + slots * self._pages_per_row(row_positions):
                 return
         self.on_dense(make_dense(model))
         self.dense_made = True
@@ -537,9 +554,10 @@ class Engine:
             fits, budget, previous = fits + 1, budget - cost, prompt
         # A prefill pass reads every weight, as a decode step does: refilling one slot per step
         # would nearly double the cost of each step. While rows decode, wait until an eighth of
-        # the slots (or the whole queue) can be refilled in one pass.
+        # the slots (or the whole queue) can be refilled in one pass — but rows whose suffix is
+        # one token need no pass (see _prefill): those at the front join the next step at once.
         if self.jobs and fits < min(len(self.queue), max(1, self.slot_count // REFILL_SHARE)):
-            return
+            fits = next((k for k in range(fits) if len(self.queue[k].suffix) != 1), fits)
         if fits:
             self._prefill([(free.pop(0), self.queue.popleft()) for _ in range(fits)])
 
@@ -560,7 +578,15 @@ class Engine:
         self.prefix_version = self.pool.version
 
     def _prefill(self, taken: list[tuple[int, Job]]) -> None:
-        """Encode the new rows' suffixes into their slots and choose their first tokens."""
+        """Give the new rows their slots and pages; encode their suffixes and choose their first
+        tokens — except rows whose suffix is one token, which the next decode step takes as it is.
+
+        A one-token suffix (every row of a grid, where a persona's rows share all of their prompt
+        but its last token) needs no pass of its own: written at its slot's first position, that
+        token is exactly what a decode step computes, so such rows enter the step with it as
+        their current token and the step chooses their first token. On a GPU that step is mostly
+        a replayed graph, many times cheaper than an eager prefill pass (docs/performance.md), and
+        rows refilled mid-run wait for no pass."""
         for _, job in taken:
             self.pool.ensure(job.prefix)
         device = self.device
@@ -579,9 +605,36 @@ class Engine:
             if prompt != previous:
                 previous, holder = prompt, pages
             table[i, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.table[torch.tensor([b for b, _ in taken], device=device)] = table.to(device)
+        slots = [b for b, _ in taken]
+        jobs = [job for _, job in taken]
+        index = torch.tensor(slots, device=device)
+        self.table[index] = table.to(device)
         self._refresh_prefix_bias()
-        # Identical (prefix, suffix) pairs are encoded once and copied to the other slots.
+        self.temperatures[index] = torch.tensor([j.row.temperature for j in jobs], dtype=torch.float32, device=device)
+        self.seeds[index] = torch.tensor([j.row.seed for j in jobs], device=device)
+        self.top_k[index] = torch.tensor([j.top_k for j in jobs], device=device)
+        self.top_p[index] = torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device)
+        self.min_new[index] = torch.tensor([j.min_new for j in jobs], device=device)
+        self.generated[index] = 0
+        self.active[index] = 1
+        self.prefix_bias[index] = self.pool.bias([j.prefix for j in jobs])
+        self.prefix_starts[index], self.prefix_lengths[index] = self.pool.spans_of([j.prefix for j in jobs])
+        # Where the next step writes and reads: a one-token suffix at its first position, as its
+        # current token; other rows after their encoded suffix, with their first token.
+        one_token = [len(j.suffix) == 1 for j in jobs]
+        self.tok[index] = torch.tensor([j.suffix[0] if one else self.pad_id for j, one in zip(jobs, one_token)],
+                                       device=device)
+        self.pos[index] = torch.tensor([len(j.row.prompt_ids) - one for j, one in zip(jobs, one_token)], device=device)
+        self.write_at[index] = torch.tensor([len(j.suffix) - one for j, one in zip(jobs, one_token)], device=device)
+        for b, job, one in zip(slots, jobs, one_token):
+            self.filled[b] = len(job.suffix) - one
+        encoded = [(b, job) for (b, job), one in zip(taken, one_token) if not one]
+        if encoded:
+            self._encode_and_choose(encoded)
+
+    def _encode_and_choose(self, taken: list[tuple[int, Job]]) -> None:
+        """Encode the rows' suffixes (identical prompts once) and choose their first tokens."""
+        device = self.device
         distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
         for b, job in taken:
             distinct.setdefault((job.prefix, job.suffix), []).append(b)
@@ -601,30 +654,15 @@ class Engine:
             start = end
         slots = [b for b, _ in taken]
         index = torch.tensor(slots, device=device)
-        jobs = [job for _, job in taken]
-        self.temperatures[index] = torch.tensor([j.row.temperature for j in jobs], dtype=torch.float32, device=device)
-        self.seeds[index] = torch.tensor([j.row.seed for j in jobs], device=device)
-        self.top_k[index] = torch.tensor([j.top_k for j in jobs], device=device)
-        self.top_p[index] = torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device)
-        self.min_new[index] = torch.tensor([j.min_new for j in jobs], device=device)
-        self.generated[index] = 0
         logits = torch.stack([logits_of[b] for b in slots])
         chosen = self._choose(logits, index)
         logprobs = None
-        if any(j.logprobs for j in jobs):
+        if any(job.logprobs for _, job in taken):
             self._keep_logprobs(logits, chosen, index)
             logprobs = self._read_logprobs(slots)
         first = chosen.tolist()
-        lengths = [len(j.suffix) for j in jobs]
         self.tok[index] = torch.tensor(first, device=device)
-        self.pos[index] = torch.tensor([len(j.row.prompt_ids) for j in jobs], device=device)
-        self.write_at[index] = torch.tensor(lengths, device=device)
         self.generated[index] = 1
-        self.active[index] = 1
-        self.prefix_bias[index] = self.pool.bias([j.prefix for j in jobs])
-        self.prefix_starts[index], self.prefix_lengths[index] = self.pool.spans_of([j.prefix for j in jobs])
-        for b, length in zip(slots, lengths):
-            self.filled[b] = length
         self._take(dict(zip(slots, first)), logprobs)
 
     def _encode_suffixes(self, chunk: list[tuple[tuple[tuple[int, ...], tuple[int, ...]], list[int]]]) -> torch.Tensor:
