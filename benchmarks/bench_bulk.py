@@ -9,13 +9,18 @@ GPTQ's layout), Marlin. Then the same prompts with max_new_tokens drawn per row 
 
     python benchmarks/bench_bulk.py [--prompts 512] [--n 2] [--new-tokens 128] [--skip-old]
                                     [--hf-prompts 64] [--compare-unfused] [--compare-layer-kernels]
-                                    [--compare-dense] [--out DIR]
+                                    [--compare-dense] [--memory-gb GB] [--out DIR]
 
 The engine decides by itself whether to keep dense half-precision copies of the GPTQ weights for
-its products of many rows (model/dense_gptq.py: when the memory left still holds 256 rows);
+its products of many rows (model/dense_gptq.py: when the memory left holds a row for each slot);
 --compare-dense runs the fixed job once more with the copies refused (Marlin alone, every page
 the memory allows). The copies are dropped before the old path, transformers' `generate_batch`
 and the greedy check, which measure the model as loaded.
+
+--memory-gb GB holds back all of the card's memory but GB (one allocation made before the model
+loads, left untouched), so the engine sizes its slots, pages and dense copies as on a card of GB:
+an H100 80GB holds 85.5 GB. Only the capacity is the smaller card's; bandwidth and clocks stay
+this card's. Peak memory is printed without the held-back part.
 
 --compare-unfused runs the fixed job at 256 slots on the fused checkpoint and, at the end, on the
 checkpoint loaded without fused q/k/v and gate/up layers (model/fused_gptq.py): the difference
@@ -64,6 +69,8 @@ def main() -> None:
                         help="also run the fixed job with the engine's fused layer kernels off")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also run the fixed job with the dense copies of the GPTQ weights refused")
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="leave the engine only this much of the card's memory (85.5: an H100 80GB)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
 
@@ -77,6 +84,14 @@ def main() -> None:
     results: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "transformers": transformers.__version__}
     bandwidth = results["bandwidth_Bps"] = copy_bandwidth(2.0)
+    _, total = torch.cuda.mem_get_info()
+    held_back = 0
+    if args.memory_gb:
+        held_back = max(0, total - int(args.memory_gb * 1e9))
+        ballast = torch.empty(held_back, dtype=torch.uint8, device="cuda")  # noqa: F841 (held, never read)
+        results["memory_gb"] = args.memory_gb
+        log(f"the card holds {total / 1e9:.1f} GB; {held_back / 1e9:.1f} GB held back, {args.memory_gb:.1f} GB left")
+    results["card_memory_GB"] = (total - held_back) / 1e9
     model = load_checkpoint(args.checkpoint / "13b", args.backend)
     results["kernel"], results["fused_groups"] = model.gptq_kernel, model.gptq_fused
     log(f"loaded in {model.load_seconds:.1f} s, kernel {model.gptq_kernel}, {model.gptq_fused} fused groups; "
@@ -92,11 +107,16 @@ def main() -> None:
     def run_engine(run_rows, settings, label, on=None, layer_kernels=True, dense=None) -> dict:
         engine = Engine(on or model, max_slots=settings.max_batch, graphs=True, layer_kernels=layer_kernels,
                         dense_weights=dense)
-        samples = []
+        samples, events = [], []
+        engine.on_dense = lambda size: events.append(f"step {engine.steps}: dense copies {size / 1e9:.1f} GB")
+        engine.on_split = lambda old, new: events.append(f"step {engine.steps}: slots {old} -> {new}")
         engine.submit(run_rows, settings, samples.append)
         reset_peak()
         with torch.inference_mode():
             seconds = sync_time(engine.run)
+        # The hooks refer to the engine: without this cycle broken, its pages and graphs would
+        # outlive it and starve the next run of memory.
+        engine.on_dense = engine.on_split = lambda *_: None
         tokens = sum(len(s.token_ids) for s in samples)
         # A row's own cache: the pages it held at its end (its suffix and new tokens, whole pages;
         # the prompt pages an identical prompt's row holds are counted once).
@@ -105,13 +125,14 @@ def main() -> None:
                "mean_rows_per_step": engine.rows_decoded / engine.steps, "pages": engine.page_count,
                "preemptions": engine.preemptions,
                "row_positions": positions, "row_bytes": positions * engine.decoder.kv_bytes_per_token(),
-               "peak_GB": peak_gb(), "steps": engine.steps, "graphs": len(engine.graphs),
-               "dense": has_dense((on or model).model)}
+               "peak_GB": peak_gb() - held_back / 1e9, "steps": engine.steps, "graphs": len(engine.graphs),
+               "dense": has_dense((on or model).model), "events": events}
         log(f"{label}: {tokens} tokens in {seconds:.1f} s = {out['tokens_per_s']:.0f} tokens/s, B={engine.slot_count}, "
             f"dense copies {'yes' if out['dense'] else 'no'}, "
             f"{out['mean_rows_per_step']:.0f} rows per step, {out['row_bytes'] / 1e6:.0f} MB per row, "
             f"{engine.preemptions} preempted, "
-            f"{engine.steps} steps, {len(engine.graphs)} graphs, peak {out['peak_GB']:.1f} GB")
+            f"{engine.steps} steps, {len(engine.graphs)} graphs, peak {out['peak_GB']:.1f} GB; "
+            f"events: {'; '.join(events) or 'none'}")
         out["texts"] = {(s.row.prompt, s.row.sample): s.token_ids for s in samples}
         return out
 
@@ -145,7 +166,7 @@ def main() -> None:
                                                       eos_ids=model.eos_ids, pad_id=model.pad_id,
                                                       on_sample=samples.append, graph_safe=True))
         tokens = sum(len(s.token_ids) for s in samples)
-        old = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb()}
+        old = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb() - held_back / 1e9}
         old_texts = {(s.row.prompt, s.row.sample): s.token_ids for s in samples}
         old["same_texts"] = sum(old_texts[k] == v for k, v in engine_fixed["texts"].items())
         log(f"old chunked path: {tokens / seconds:.0f} tokens/s, peak {old['peak_GB']:.1f} GB, "
@@ -164,7 +185,8 @@ def main() -> None:
             outputs = {}
             seconds = sync_time(lambda: outputs.update(model.model.generate_batch(subset, generation_config=config)))
             tokens = sum(len(o.generated_tokens) for o in outputs.values())
-            hf = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb(), "rows": len(subset)}
+            hf = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb() - held_back / 1e9,
+                  "rows": len(subset)}
             log(f"generate_batch: {tokens / seconds:.0f} tokens/s on {len(subset)} rows")
         except Exception as error:  # report, keep the engine's numbers
             hf = {"error": f"{type(error).__name__}: {error}"[:300]}
@@ -247,7 +269,9 @@ def main() -> None:
     (args.out / "bulk.json").write_text(json.dumps(results, indent=2, default=str))
 
     print(f"\ncard: {results['card']}, torch {results['torch']}, transformers {results['transformers']}, "
-          f"kernel {results['kernel']}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"kernel {results['kernel']}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; memory "
+          f"{results['card_memory_GB']:.1f} GB" + (f" (--memory-gb: {held_back / 1e9:.1f} GB of {total / 1e9:.1f} held back)"
+                                                    if held_back else ""))
     print(f"job: {args.prompts} prompts × n={args.n} × T=1.0, {args.new_tokens} new tokens; prompts "
           f"{results['prompt_tokens_mean']:.0f} tokens on average, {shared} of them shared\n")
     print("| how | tokens/s | slots (B) / mean rows per step | dense copies | cache per row (MB) | peak GPU memory (GB) |")
