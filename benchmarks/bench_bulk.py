@@ -92,6 +92,11 @@ def main() -> None:
         results["memory_gb"] = args.memory_gb
         log(f"the card holds {total / 1e9:.1f} GB; {held_back / 1e9:.1f} GB held back, {args.memory_gb:.1f} GB left")
     results["card_memory_GB"] = (total - held_back) / 1e9
+
+    def peak_engine_gb() -> float:
+        """Peak memory allocated since reset_peak(), the held-back part left out."""
+        return peak_gb() - held_back / 1e9
+
     model = load_checkpoint(args.checkpoint / "13b", args.backend)
     results["kernel"], results["fused_groups"] = model.gptq_kernel, model.gptq_fused
     log(f"loaded in {model.load_seconds:.1f} s, kernel {model.gptq_kernel}, {model.gptq_fused} fused groups; "
@@ -125,7 +130,7 @@ def main() -> None:
                "mean_rows_per_step": engine.rows_decoded / engine.steps, "pages": engine.page_count,
                "preemptions": engine.preemptions,
                "row_positions": positions, "row_bytes": positions * engine.decoder.kv_bytes_per_token(),
-               "peak_GB": peak_gb() - held_back / 1e9, "steps": engine.steps, "graphs": len(engine.graphs),
+               "peak_GB": peak_engine_gb(), "steps": engine.steps, "graphs": len(engine.graphs),
                "dense": has_dense((on or model).model), "events": events}
         log(f"{label}: {tokens} tokens in {seconds:.1f} s = {out['tokens_per_s']:.0f} tokens/s, B={engine.slot_count}, "
             f"dense copies {'yes' if out['dense'] else 'no'}, "
@@ -166,7 +171,7 @@ def main() -> None:
                                                       eos_ids=model.eos_ids, pad_id=model.pad_id,
                                                       on_sample=samples.append, graph_safe=True))
         tokens = sum(len(s.token_ids) for s in samples)
-        old = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb() - held_back / 1e9}
+        old = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_engine_gb()}
         old_texts = {(s.row.prompt, s.row.sample): s.token_ids for s in samples}
         old["same_texts"] = sum(old_texts[k] == v for k, v in engine_fixed["texts"].items())
         log(f"old chunked path: {tokens / seconds:.0f} tokens/s, peak {old['peak_GB']:.1f} GB, "
@@ -185,7 +190,7 @@ def main() -> None:
             outputs = {}
             seconds = sync_time(lambda: outputs.update(model.model.generate_batch(subset, generation_config=config)))
             tokens = sum(len(o.generated_tokens) for o in outputs.values())
-            hf = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_gb() - held_back / 1e9,
+            hf = {"s": seconds, "tokens_per_s": tokens / seconds, "peak_GB": peak_engine_gb(),
                   "rows": len(subset)}
             log(f"generate_batch: {tokens / seconds:.0f} tokens/s on {len(subset)} rows")
         except Exception as error:  # report, keep the engine's numbers

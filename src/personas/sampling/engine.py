@@ -120,6 +120,12 @@ class Job:
         return self.row.prompt_ids[len(self.prefix):]
 
     @property
+    def starts_in_decode(self) -> bool:
+        """Its suffix is one token: no prefill pass, the first decode step takes it (see
+        Engine._prefill)."""
+        return len(self.row.prompt_ids) - len(self.prefix) == 1
+
+    @property
     def cache_need(self) -> int:
         """Positions its own cache must hold: its suffix and its new tokens."""
         return len(self.suffix) + self.max_new
@@ -557,7 +563,7 @@ class Engine:
         # the slots (or the whole queue) can be refilled in one pass — but rows whose suffix is
         # one token need no pass (see _prefill): those at the front join the next step at once.
         if self.jobs and fits < min(len(self.queue), max(1, self.slot_count // REFILL_SHARE)):
-            fits = next((k for k in range(fits) if len(self.queue[k].suffix) != 1), fits)
+            fits = next((k for k in range(fits) if not self.queue[k].starts_in_decode), fits)
         if fits:
             self._prefill([(free.pop(0), self.queue.popleft()) for _ in range(fits)])
 
@@ -621,7 +627,7 @@ class Engine:
         self.prefix_starts[index], self.prefix_lengths[index] = self.pool.spans_of([j.prefix for j in jobs])
         # Where the next step writes and reads: a one-token suffix at its first position, as its
         # current token; other rows after their encoded suffix, with their first token.
-        one_token = [len(j.suffix) == 1 for j in jobs]
+        one_token = [j.starts_in_decode for j in jobs]
         self.tok[index] = torch.tensor([j.suffix[0] if one else self.pad_id for j, one in zip(jobs, one_token)],
                                        device=device)
         self.pos[index] = torch.tensor([len(j.row.prompt_ids) - one for j, one in zip(jobs, one_token)], device=device)
