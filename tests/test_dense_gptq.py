@@ -13,7 +13,7 @@ from personas.model.dense_gptq import (DENSE_MIN_ROWS, DenseWhenMany, dense_byte
                                        has_dense, make_dense)
 from personas.model.gptq import is_quantized
 from personas.model.load import load_model
-from personas.sampling.engine import Engine
+from personas.engine.engine import Engine, EngineConfig
 from personas.sampling.grid import Row, Settings
 
 
@@ -38,7 +38,7 @@ def rows_for(loaded, count):
 
 def texts(loaded, rows, dense, max_new=12):
     got = {}
-    engine = Engine(loaded, dense_weights=dense)
+    engine = Engine(loaded, EngineConfig(dense_weights=dense))
     engine.submit(rows, Settings(max_new_tokens=max_new), lambda s: got.__setitem__(s.row, s.token_ids))
     with torch.inference_mode():
         engine.run()
@@ -123,7 +123,7 @@ def test_out_of_memory_drops_the_copies_before_any_slot(model, monkeypatch):
     splits, told = [], []
     got = {}
     expected = dense_bytes(model.model)
-    engine = Engine(model, dense_weights=True, on_split=lambda old, new: splits.append((old, new)),
+    engine = Engine(model, EngineConfig(dense_weights=True), on_split=lambda old, new: splits.append((old, new)),
                     on_dense=told.append)
     engine.submit(rows, Settings(max_new_tokens=12), lambda s: got.__setitem__(s.row, s.token_ids))
     with torch.inference_mode():

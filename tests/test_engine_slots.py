@@ -1,4 +1,4 @@
-"""The decode engine (sampling/engine.py): slots refilled from a queue, prefixes stored once.
+"""The decode engine (engine/): slots refilled from a queue, prefixes stored once.
 
 Real tiny Llama models throughout; CUDA tests run on the device and are skipped (not faked)
 without a GPU.
@@ -13,11 +13,11 @@ import torch
 
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
-from personas.sampling.chooser import top_k_top_p_mask
-from personas.sampling.engine import Engine
+from personas.sampling.rules import top_k_top_p_mask
+from personas.engine.engine import Engine, EngineConfig
 from personas.sampling.grid import Row, Settings
-from personas.sampling.paged_attention import PAGE
-from personas.sampling.scheduler import generate_grid
+from personas.engine.pages import PAGE
+from personas.engine.loop import generate_grid
 
 SYSTEM = "You are a pirate captain who runs a tea shop by the sea. "
 ASKS = ["Hello there, how are you today?", "Recall a memorable day out with your bike.",
@@ -44,7 +44,7 @@ def grid_rows(model, personas=("pirate", "grocer"), temperatures=(0.0, 1.0), n=2
 
 
 def run_engine(model, rows, settings, slots=None, on_step=None):
-    engine = Engine(model, max_slots=slots)
+    engine = Engine(model, EngineConfig(max_slots=slots))
     samples = {}
     engine.submit(rows, settings, lambda s: samples.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
     with torch.inference_mode():
@@ -91,7 +91,7 @@ def test_refill_keeps_every_slot_busy_until_the_queue_empties(tiny):
     in_flight = []
 
     def watch(engine):
-        in_flight.append((engine.last_batch, len(engine.queue)))
+        in_flight.append((engine.stats.last_batch, len(engine.scheduler.queue)))
 
     got, engine = run_engine(tiny, rows, Settings(max_new_tokens=64, min_new_tokens=64), slots=4, on_step=watch)
     assert engine.slot_count == 4
@@ -105,7 +105,7 @@ def test_refill_keeps_every_slot_busy_until_the_queue_empties(tiny):
     assert in_flight[-1][0] < 4  # the last rows end at different steps
     # Fewer decode steps than running the rows in chunks of four, each as long as its longest.
     chunks = [max(r.max_new_tokens for r in rows[i:i + 4]) for i in range(0, len(rows), 4)]
-    assert engine.steps < sum(chunks) - len(chunks)
+    assert engine.stats.steps < sum(chunks) - len(chunks)
 
 
 def test_a_shared_prefix_is_stored_once_and_slots_hold_only_suffixes(tiny):
@@ -122,17 +122,17 @@ def test_a_shared_prefix_is_stored_once_and_slots_hold_only_suffixes(tiny):
     assert engine.pool.end == prefix
     # Each row's table: its own suffix and the position it writes next, not the prompt.
     kv_heads, head_dim = tiny.config.num_key_value_heads, tiny.config.hidden_size // tiny.config.num_attention_heads
-    assert {b: len(pages) for b, pages in engine.pages_of.items()} == \
+    assert {b: len(pages) for b, pages in engine.pages.of.items()} == \
         {b: len(job.suffix) // PAGE + 1 for b, job in engine.jobs.items()}
     assert sorted(len(job.suffix) for job in engine.jobs.values()) == sorted(suffixes)
-    assert all(PAGE * len(engine.pages_of[b]) < len(job.row.prompt_ids) for b, job in engine.jobs.items())
+    assert all(PAGE * len(engine.pages.of[b]) < len(job.row.prompt_ids) for b, job in engine.jobs.items())
     # The pool's tensors: room for every row at the longest one's need, and one sink page.
-    assert engine.cache_keys[0].shape == (1 + len(rows) * -(-(max(suffixes) + 16) // PAGE), PAGE, kv_heads, head_dim)
+    assert engine.runner.cache_keys[0].shape == (1 + len(rows) * -(-(max(suffixes) + 16) // PAGE), PAGE, kv_heads, head_dim)
     per_token = 2 * tiny.config.num_hidden_layers * kv_heads * head_dim
     pool = sum(t[:, :engine.pool.end].numel() for t in engine.pool.keys + engine.pool.values)
     assert pool == prefix * per_token
-    total = sum(t.numel() for t in engine.cache_keys + engine.cache_values)
-    assert total == engine.page_count * PAGE * per_token
+    total = sum(t.numel() for t in engine.runner.cache_keys + engine.runner.cache_values)
+    assert total == engine.pages.count * PAGE * per_token
     # The n rows of one prompt read its prompt-only pages once; every other page is one row's.
     by_prompt: dict = {}
     for b, job in engine.jobs.items():
@@ -142,15 +142,15 @@ def test_a_shared_prefix_is_stored_once_and_slots_hold_only_suffixes(tiny):
     for slots in by_prompt.values():
         whole = engine.jobs[slots[0]].prompt_pages
         assert whole >= 1
-        assert len({tuple(engine.pages_of[b][:whole]) for b in slots}) == 1
-        assert len({p for b in slots for p in engine.pages_of[b][whole:]}) == sum(
-            len(engine.pages_of[b]) - whole for b in slots)
-        shared.update(dict.fromkeys(engine.pages_of[slots[0]][:whole], len(slots)))
-    held = [p for pages in engine.pages_of.values() for p in pages]
-    assert all(engine.page_users[p] == shared.get(p, 1) for p in held)
-    assert sorted(set(held) | set(engine.free_pages)) == list(range(1, engine.page_count))
-    assert not set(held) & set(engine.free_pages)
-    assert sum(engine.own_pages.values()) == len(set(held))
+        assert len({tuple(engine.pages.of[b][:whole]) for b in slots}) == 1
+        assert len({p for b in slots for p in engine.pages.of[b][whole:]}) == sum(
+            len(engine.pages.of[b]) - whole for b in slots)
+        shared.update(dict.fromkeys(engine.pages.of[slots[0]][:whole], len(slots)))
+    held = [p for pages in engine.pages.of.values() for p in pages]
+    assert all(engine.pages.holders[p] == shared.get(p, 1) for p in held)
+    assert sorted(set(held) | set(engine.pages.free)) == list(range(1, engine.pages.count))
+    assert not set(held) & set(engine.pages.free)
+    assert sum(engine.pages.own.values()) == len(set(held))
 
 
 def test_rows_take_pages_as_they_grow_and_the_least_done_is_preempted_when_none_is_left(tiny):
@@ -165,12 +165,12 @@ def test_rows_take_pages_as_they_grow_and_the_least_done_is_preempted_when_none_
     seen = []
 
     def watch(engine):
-        held = {p for pages in engine.pages_of.values() for p in pages}
-        seen.append((len(held), engine.page_count - 1, len(engine.jobs)))
+        held = {p for pages in engine.pages.of.values() for p in pages}
+        seen.append((len(held), engine.pages.count - 1, len(engine.jobs)))
         for b in engine.jobs:  # every position written so far has its page
-            assert PAGE * len(engine.pages_of[b]) >= engine.filled[b]
+            assert PAGE * len(engine.pages.of[b]) >= engine.pages.written[b]
 
-    engine = Engine(tiny, max_slots=8, max_pages=48)
+    engine = Engine(tiny, EngineConfig(max_slots=8, max_pages=48))
     got, heard = {}, {}
     engine.submit(rows, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s),
                   on_token=lambda row, token, _: heard.setdefault(row, []).append(token))
@@ -178,14 +178,14 @@ def test_rows_take_pages_as_they_grow_and_the_least_done_is_preempted_when_none_
         while engine.busy:
             engine.step()
             watch(engine)
-    assert engine.page_count == 48 and engine.preemptions > 0
+    assert engine.pages.count == 48 and engine.stats.preemptions > 0
     assert all(held <= pool for held, pool, _ in seen)
     assert max(rows_in_flight for *_, rows_in_flight in seen) == 8
     assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in roomy.items()}
     # A listener hears each token once, rerun or not.
     assert {r: tuple(tokens) for r, tokens in heard.items()} == {s.row: s.token_ids for s in got.values()}
-    assert engine.rows_delivered == len(rows) and not engine.pages_of and \
-        sorted(engine.free_pages) == list(range(1, engine.page_count))
+    assert engine.stats.rows_delivered == len(rows) and not engine.pages.of and \
+        sorted(engine.pages.free) == list(range(1, engine.pages.count))
 
 
 def test_a_job_takes_no_more_slots_than_its_pages_hold_rows_of_its_mean_length(tiny):
@@ -194,15 +194,15 @@ def test_a_job_takes_no_more_slots_than_its_pages_hold_rows_of_its_mean_length(t
     rows = grid_rows(tiny, personas=("pirate",), n=3)
     settings = Settings(max_new_tokens=24, min_new_tokens=24)
     roomy, _ = run_engine(tiny, rows, settings, slots=24)
-    engine = Engine(tiny, max_slots=24)
+    engine = Engine(tiny, EngineConfig(max_slots=24))
     engine.submit(rows, settings, lambda s: None)
-    mean_pages = -(-sum(job.pages for job in engine.queue) // len(engine.queue))
-    engine = Engine(tiny, max_slots=24, max_pages=1 + 6 * mean_pages)
+    mean_pages = -(-sum(job.pages for job in engine.scheduler.queue) // len(engine.scheduler.queue))
+    engine = Engine(tiny, EngineConfig(max_slots=24, max_pages=1 + 6 * mean_pages))
     got = {}
     engine.submit(rows, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
     with torch.inference_mode():
         engine.run()
-    assert engine.slot_count == 6 and engine.preemptions == 0
+    assert engine.slot_count == 6 and engine.stats.preemptions == 0
     assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in roomy.items()}
 
 
@@ -226,7 +226,7 @@ def test_same_seed_same_text_whatever_shares_the_batch(tiny):
 
 def test_a_request_arriving_mid_run_joins_the_running_batch(tiny):
     rows = grid_rows(tiny, personas=("pirate",), temperatures=(1.0,), n=2)
-    engine = Engine(tiny, max_slots=8, expect_more=True)
+    engine = Engine(tiny, EngineConfig(max_slots=8, expect_more=True))
     first, second = rows[:4], rows[4:]
     got = {}
     deliver = lambda s: got.__setitem__((s.row.id, s.row.sample), s)  # noqa: E731
@@ -253,8 +253,8 @@ def test_rows_whose_suffix_is_one_token_start_in_the_decode_step(tiny):
     settings = Settings(max_new_tokens=20)
     engine = Engine(tiny)
     engine.submit(rows, settings, lambda s: None)
-    assert {len(j.suffix) for j in engine.queue if j.row.persona == "pirate"} == {1}
-    assert min(len(j.suffix) for j in engine.queue if j.row.persona == "grocer") > 1
+    assert {len(j.suffix) for j in engine.scheduler.queue if j.row.persona == "pirate"} == {1}
+    assert min(len(j.suffix) for j in engine.scheduler.queue if j.row.persona == "grocer") > 1
     with torch.inference_mode():
         engine.step()
     folded = [b for b, j in engine.jobs.items() if j.row.persona == "pirate"]
@@ -267,7 +267,7 @@ def test_rows_whose_suffix_is_one_token_start_in_the_decode_step(tiny):
     fixed = Settings(max_new_tokens=12, min_new_tokens=12)
     pirates = rows[:6]
     got, engine = run_engine(tiny, pirates, fixed)
-    assert engine.steps == 12  # every token from a decode step: no prefill pass chose the first
+    assert engine.stats.steps == 12  # every token from a decode step: no prefill pass chose the first
     for row in pirates:
         if row.temperature == 0.0:
             ids = torch.tensor([row.prompt_ids])
@@ -284,7 +284,7 @@ def test_one_token_suffixes_refill_at_once_while_others_wait_for_a_pass(tiny):
     same_prompt = grid_rows(tiny, personas=("pirate",), asks=ASKS[:1], temperatures=(1.0,), n=18)[15:]
     other_prompt = grid_rows(tiny, personas=("pirate",), asks=ASKS[1:2], temperatures=(1.0,), n=3)
     for late, joins_at_once in ((same_prompt, True), (other_prompt, False)):
-        engine = Engine(tiny, max_slots=16, expect_more=True)
+        engine = Engine(tiny, EngineConfig(max_slots=16, expect_more=True))
         got = {}
         deliver = lambda s: got.__setitem__(s.row, s.token_ids)  # noqa: E731
         engine.submit(running, settings, deliver)
@@ -335,7 +335,7 @@ def test_listeners_hear_every_token_with_the_softmax_log_probabilities(tiny):
     rows = grid_rows(tiny, personas=("pirate",), asks=ASKS[:2])
     heard: dict[tuple, list] = {}
     samples = {}
-    engine = Engine(tiny, max_slots=3)
+    engine = Engine(tiny, EngineConfig(max_slots=3))
     engine.submit(rows, Settings(max_new_tokens=6), lambda s: samples.__setitem__(s.row, s),
                   on_token=lambda row, token, lp: heard.setdefault(row, []).append((token, lp)), logprobs=True)
     with torch.inference_mode():
@@ -367,7 +367,7 @@ def test_cancelled_rows_free_their_slots_and_the_others_are_untouched(tiny):
     drop = grid_rows(tiny, personas=("grocer",))
     settings = Settings(max_new_tokens=30, min_new_tokens=30)
     alone, _ = run_engine(tiny, keep, settings, slots=6)
-    engine = Engine(tiny, max_slots=6)
+    engine = Engine(tiny, EngineConfig(max_slots=6))
     got, dropped_delivered = {}, []
     engine.submit(keep, settings, lambda s: got.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
     jobs = engine.submit(drop, settings, dropped_delivered.append)
@@ -394,17 +394,17 @@ def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
     rows = grid_rows(tiny_cuda, n=3)
     settings = Settings(max_new_tokens=40)
     eager, _ = run_engine(tiny_cuda, rows, settings, slots=5)
-    engine = Engine(tiny_cuda, max_slots=5, graphs=True)
+    engine = Engine(tiny_cuda, EngineConfig(max_slots=5, graphs=True))
     graphed = {}
     engine.submit(rows, settings, lambda s: graphed.__setitem__((s.row.persona, s.row.id, s.row.temperature, s.row.sample), s))
     with torch.inference_mode():
         engine.run()
-    assert engine.graphs, "the decode step was captured"
+    assert engine.runner.graphs, "the decode step was captured"
     assert {k: s.token_ids for k, s in graphed.items()} == {k: s.token_ids for k, s in eager.items()}
     # Log-probabilities from the captured step equal the eager step's.
     logprobs = {}
     for graphs in (False, True):
-        engine = Engine(tiny_cuda, max_slots=5, graphs=graphs)
+        engine = Engine(tiny_cuda, EngineConfig(max_slots=5, graphs=graphs))
         engine.submit(rows, settings, lambda s: None, logprobs=True,
                       on_token=lambda row, token, lp: logprobs.setdefault((graphs, row), []).append(lp.logprob))
         with torch.inference_mode():
@@ -430,8 +430,8 @@ def test_fused_layer_kernels_give_the_modules_texts(tiny_cuda):
     settings = Settings(max_new_tokens=40)
     texts = {}
     for fused in (True, False):
-        engine = Engine(tiny_cuda, max_slots=8, graphs=True, layer_kernels=fused)
-        assert engine.decoder.layer_kernels == fused
+        engine = Engine(tiny_cuda, EngineConfig(max_slots=8, graphs=True, layer_kernels=fused))
+        assert engine.runner.decoder.layer_kernels == fused
         engine.submit(rows, settings, lambda s, f=fused: texts.__setitem__((f, s.row), s.token_ids))
         with torch.inference_mode():
             engine.run()
@@ -450,20 +450,20 @@ def test_graphs_are_captured_again_after_the_pool_regrows(tiny_cuda):
     settings = Settings(max_new_tokens=40)
     texts = {}
     for graphs in (False, True):
-        engine = Engine(tiny_cuda, max_slots=40, graphs=graphs, expect_more=True)
+        engine = Engine(tiny_cuda, EngineConfig(max_slots=40, graphs=graphs, expect_more=True))
         for wave in waves:
             engine.submit(wave, settings, lambda s, g=graphs: texts.__setitem__((g, s.row), s.token_ids))
             with torch.inference_mode():
                 engine.run()
         # A graph computes only the leading slots the busy rows sit in (16 of the 40 here).
-        assert not graphs or {key[-1] for key in engine.graphs} == {16}
+        assert not graphs or {key[-1] for key in engine.runner.graphs} == {16}
     assert len(texts) == 2 * sum(len(w) for w in waves)
     assert {r: t for (g, r), t in texts.items() if g} == {r: t for (g, r), t in texts.items() if not g}
 
 
 @cuda
 def test_float32_scores_from_half_precision_inputs_on_cuda():
-    from personas.sampling.decoder import matmul32
+    from personas.engine.decoder import matmul32
 
     a = torch.randn(3, 4, 5, 64, device="cuda", dtype=torch.float16) * 30
     b = torch.randn(3, 4, 64, 7, device="cuda", dtype=torch.float16) * 30
@@ -487,18 +487,19 @@ def test_out_of_memory_halves_the_slots_and_loses_nothing(tiny_cuda):
             engine.run()
         return got
 
-    run(Engine(tiny_cuda, max_slots=len(rows) // 4, graphs=True))  # warm: kernels, cuBLAS workspace
+    run(Engine(tiny_cuda, EngineConfig(max_slots=len(rows) // 4, graphs=True)))  # warm: kernels, cuBLAS workspace
     torch.cuda.empty_cache()
     used = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    quarter = Engine(tiny_cuda, max_slots=len(rows) // 4, graphs=True)
+    quarter = Engine(tiny_cuda, EngineConfig(max_slots=len(rows) // 4, graphs=True))
     expected = run(quarter)
     extra_pages = 3 * (quarter.page_count - 1) * PAGE * quarter.decoder.kv_bytes_per_token()  # all slots' pages less a quarter's
     room = torch.cuda.max_memory_allocated() - used + extra_pages // 2
     del quarter
     torch.cuda.empty_cache()
     splits = []
-    engine = Engine(tiny_cuda, max_slots=len(rows), graphs=True, on_split=lambda old, new: splits.append((old, new)))
+    engine = Engine(tiny_cuda, EngineConfig(max_slots=len(rows), graphs=True),
+                    on_split=lambda old, new: splits.append((old, new)))
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + room) / total)
     try:

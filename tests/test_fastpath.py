@@ -12,11 +12,11 @@ import torch
 
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
-from personas.sampling.graphed import graph_safe
+from personas.engine.chunked.graphed import graph_safe
 from personas.generate.request import Request, plan
 from personas.library.schema import Example, Persona
 from personas.sampling.grid import Settings
-from personas.sampling.scheduler import generate_grid
+from personas.engine.loop import generate_grid
 
 PERSONAS = [
     Persona(name="a", system="You are a pirate.", prompt="Hello there",

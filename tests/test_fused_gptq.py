@@ -14,7 +14,7 @@ from personas.model.choice import resolve_model
 from personas.model.fused_gptq import FusedProjection, ProjectionSlice, fuse_gptq_projections
 from personas.model.gptq import gptq_config_of
 from personas.model.load import load_model
-from personas.sampling.engine import Engine
+from personas.engine.engine import Engine
 from personas.sampling.grid import Row, Settings
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")

@@ -138,7 +138,7 @@ SETTINGS = Settings(max_new_tokens=5)
 
 
 def test_all_episodes_take_each_turn_in_one_batched_run(tiny):
-    from personas.sampling.engine import Engine
+    from personas.engine.engine import Engine
 
     game = SHIPPED.games["word-race"]
     calls = []

@@ -409,7 +409,7 @@ def test_the_embedded_model_end_to_end(embedded_ready):
 
 
 def test_streamed_deltas_join_to_the_final_text_and_stop_where_the_stop_string_starts(llama_tokenizer):
-    from personas.generate.chat_api import ChoiceText
+    from personas.serve.openai import ChoiceText
 
     decode = lambda ids: llama_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     ids = llama_tokenizer.encode(" Ahoy, matey! Tea for two – 茶 – and a biscuit.", add_special_tokens=False)
@@ -426,7 +426,7 @@ def test_streamed_deltas_join_to_the_final_text_and_stop_where_the_stop_string_s
 
 
 def test_request_text_never_becomes_control_tokens(tiny_llama_dir):
-    from personas.generate.chat_api import Message, conversation
+    from personas.serve.openai import Message, conversation
     from personas.library.load import load_library
     from personas.model.choice import resolve_model
     from personas.model.load import load_model

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from personas.sampling.decoder import Part, add_rms_norm_modules, matmul_part, merge, rotary_modules
-from personas.sampling.paged_attention import PagedPart, paged_attention, paged_attention_after
-from personas.sampling.prefix_attention import PrefixPart, prefix_attention
+from personas.engine.decoder import Part, add_rms_norm_modules, matmul_part, merge, rotary_modules
+from personas.engine.kernels.paged import PagedPart, paged_attention, paged_attention_after
+from personas.engine.kernels.prefix import PrefixPart, prefix_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,7 +32,7 @@ def check_norm_rotary_silu(device: str) -> None:
     float32 sum's order and the exponential's last bits, a half-precision step at most."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-    from personas.sampling import layer_kernels
+    from personas.engine.kernels import layer as layer_kernels
     from transformers import LlamaConfig
 
     generator = torch.Generator().manual_seed(0)

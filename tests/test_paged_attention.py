@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from personas.sampling.decoder import Part, matmul_part
-from personas.sampling.paged_attention import PAGE, PagedPart, flat_positions, gather_positions, paged_attention
+from personas.engine.decoder import Part, matmul_part
+from personas.engine.kernels.paged import PAGE, PagedPart, flat_positions, gather_positions, paged_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

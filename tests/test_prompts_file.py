@@ -17,7 +17,7 @@ from personas.library.load import load_library
 from personas.library.schema import Example, Persona
 from personas.generate.prompts_file import parse_prompts
 from personas.sampling.grid import Settings
-from personas.sampling.scheduler import generate_grid
+from personas.engine.loop import generate_grid
 
 TWO = REPO / "tests" / "data" / "two.toml"
 
@@ -137,7 +137,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
 
 
 def test_out_of_memory_in_the_engine_halves_the_slots_and_loses_nothing(tiny_llama_dir):
-    from personas.sampling.scheduler import sample_rows
+    from personas.engine.loop import sample_rows
 
     model, request, rows = six_rows(tiny_llama_dir)
 

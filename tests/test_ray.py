@@ -78,7 +78,7 @@ def runtime(cache_dir):
 
 def test_a_killed_worker_loses_no_row_and_writes_none_twice(runtime, tiny_llama_dir):
     from personas.generate.request import Request, plan
-    from personas.generate.ray_workers import sample_on_ray
+    from personas.generate.ray import sample_on_ray
     from personas.library.schema import Persona
     from personas.model.choice import resolve_model
     from personas.model.load import load_model

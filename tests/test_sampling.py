@@ -14,9 +14,9 @@ from personas.model.load import load_model
 from personas.generate.request import Request, plan, sample_records
 from personas.library.schema import Example, Persona
 from personas.sampling.chooser import TokenChooser, counter_uniform, gumbel_noise, mix32, token_salts
-from personas.sampling.eager import RowSampler
+from personas.engine.chunked.eager import RowSampler
 from personas.sampling.grid import Row, Settings, TokenizedCell, build_grid, derive_seed
-from personas.sampling.scheduler import generate_grid
+from personas.engine.loop import generate_grid
 
 PERSONAS = [
     Persona(name="a", system="You are a pirate.", prompt="Hello there",
@@ -252,7 +252,7 @@ def test_a_logit_wobble_of_1e5_rarely_changes_a_draw():
 
 
 def test_sharing_plan_picks_the_strategy_that_encodes_fewer_tokens():
-    from personas.sampling.prefill import Sharing, common_prefix, padded, plan_sharing
+    from personas.engine.chunked.prefill import Sharing, common_prefix, padded, plan_sharing
 
     def rows_of(*prompts):
         return [Row("p", "x", 1.0, k, k, tuple(p)) for k, p in enumerate(prompts)]
@@ -272,7 +272,7 @@ def test_sharing_plan_picks_the_strategy_that_encodes_fewer_tokens():
 def test_rows_sharing_a_persona_prefix_give_the_same_text_as_alone(tiny):
     # One persona, many different prompts, one sample each: only the system context and the
     # examples are shared, so the chunk takes the common-prefix strategy.
-    from personas.sampling.prefill import plan_sharing
+    from personas.engine.chunked.prefill import plan_sharing
 
     settings = Settings(max_new_tokens=10)
     request = Request(personas=PERSONAS[:1], prompts=["one", "two fox", "three lazy dogs", "Hello there"],

@@ -9,7 +9,7 @@ import time
 
 from conftest import REPO, cli_env
 
-from personas.generate.serve import batches
+from personas.serve.stdio import batches
 
 TWO = REPO / "tests" / "data" / "two.toml"
 
@@ -54,7 +54,7 @@ def test_lines_sent_together_form_one_batch_and_later_ones_another():
 def test_a_request_arriving_mid_decode_joins_the_running_batch(tiny_llama_dir):
     """The second line arrives while the first one's rows decode; its short answers come back
     before the first request's long ones end (it does not wait for them)."""
-    from personas.generate.serve import serve
+    from personas.serve.stdio import serve
     from personas.library.load import load_library
     from personas.model.choice import resolve_model
     from personas.model.load import load_model

@@ -94,7 +94,7 @@ def generate(
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
     if ray_address is not None:
         try:
-            importlib.import_module("ray")  # only the check: generate.ray_workers uses it
+            importlib.import_module("ray")  # only the check: generate.ray uses it
         except ImportError:
             raise InputError("--ray needs the ray package, which is not installed", "pip install 'personas[ray]'") from None
         if diverge:
@@ -152,7 +152,7 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
     from ..generate.request import plan, to_record
     from ..output.files import finished_rows
     from ..record import resume_key
-    from ..sampling.scheduler import sample_rows
+    from ..engine.loop import sample_rows
 
     out = target.stream if target is not None else sys.stdout
     # With Ray the workers hold the model; this process needs only its tokenizer, for the prompts
@@ -182,7 +182,7 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
                 sample_done()
 
             if ray_address is not None:
-                from ..generate.ray_workers import sample_on_ray
+                from ..generate.ray import sample_on_ray
 
                 sample_on_ray(ray_address, ray_workers, options.choice, options.load_kwargs(), request.settings, rows,
                               on_sample, on_workers=lambda pids: feedback.info(

@@ -47,7 +47,7 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
     """The loaded model (model.load.LoadedModel), telling the user what was chosen and how long
     it took. Library output (gptqmodel's banner, for one) goes to stderr: stdout is for data."""
     from ..model.load import load_model
-    from ..sampling.graphed import graph_safe
+    from ..engine.chunked.graphed import graph_safe
 
     choice = options.choice
     if choice.reason and not tokenizer_only:

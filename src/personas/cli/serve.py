@@ -58,7 +58,7 @@ def serve(
     if http:
         return serve_http(library, options, feedback, host, port, api_key, max_queue, seed,
                           Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense))
-    from ..generate.serve import serve as serve_lines
+    from ..serve.stdio import serve as serve_lines
 
     base_seed = seed if seed is not None else secrets.randbelow(2**31)
     out = sys.stdout
@@ -73,7 +73,8 @@ def serve(
                       "without one; one JSON request per line on stdin")
         try:
             count = serve_lines(sys.stdin.buffer, library, loaded, base_seed, write,
-                                Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense))
+                                Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense),
+                                alert=feedback.warn)
         except BrokenPipeError:
             raise PipeClosed() from None
     feedback.info(f"end of input after {count} lines")
@@ -82,7 +83,7 @@ def serve(
 def serve_http(library: Library, options: ModelOptions, feedback: Feedback, host: str, port: int,
                api_key: str | None, max_queue: int, seed: int | None, settings: Settings) -> None:
     """Check the address, open the socket, serve until SIGTERM; the model loads while it listens."""
-    from ..generate.http_server import PersonaServer, check_exposure, listen, run_server
+    from ..serve.http import PersonaServer, check_exposure, listen, run_server
 
     check_exposure(host, api_key)
     sock = listen(host, port)

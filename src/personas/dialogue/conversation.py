@@ -115,7 +115,7 @@ def speak(model: LoadedModel, settings: Settings, turns: Sequence[Turn], templat
     """
     # Imported here, not above: the CLI reads this module (and its enums) for `--help`, which
     # must not pay for importing torch; the decode loops need it.
-    from ..sampling.scheduler import sample_rows
+    from ..engine.loop import sample_rows
 
     rows = []
     for i, turn in enumerate(turns):

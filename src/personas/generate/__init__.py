@@ -1,1 +1,2 @@
-"""The generate feature: a request's cells and grid, prompts files, and `serve --stdio`."""
+"""Running a grid to completion: a request's cells and rows (request), prompts files
+(prompts_file), and the grid spread over Ray workers (ray)."""

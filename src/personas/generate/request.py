@@ -16,7 +16,7 @@ from ..model.load import LoadedModel, fit_dialog
 from ..model.prompt import Dialog
 from ..record import Record
 from ..sampling.grid import Row, Sample, Settings, TokenizedCell, build_grid, validate_values
-from ..sampling.scheduler import sample_rows
+from ..engine.loop import sample_rows
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ A GPTQ kernel such as Marlin reads the 4-bit codes and dequantizes them in regis
 few dozen rows a product is bound by the bytes it reads, and 4 bits a weight is the fewest. At
 hundreds of rows (a bulk job's decode step, every prefill pass) the product is bound by
 arithmetic instead, and there Marlin (written for Ampere's tensor-core instructions) runs at
-about half the rate of cuBLAS's half-precision GEMM on Hopper (docs/performance.md,
-benchmarks/gemm_crossover.py). `make_dense` keeps a half-precision copy of every quantized
-weight beside the quantized layer; `DenseWhenMany` sends a product of at least `DENSE_MIN_ROWS`
+about half the rate of cuBLAS's half-precision GEMM on Hopper (docs/performance.md;
+`benchmarks/engine_profile.py --gemm-crossover`). `make_dense` keeps a half-precision copy of
+every quantized weight beside the quantized layer; `DenseWhenMany` sends a product of at least `DENSE_MIN_ROWS`
 rows to cuBLAS through that copy and a smaller one to the kernel, so a step of 24 rows still
 reads 4 bits a weight. The copy costs 2 bytes a weight, about 25 GB for a 13B: whoever asks for
 it (the decode engine) first checks that the memory left still holds the rows it is for.

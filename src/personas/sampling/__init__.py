@@ -1,2 +1,3 @@
-"""From rows to samples: the grid and its seeds (grid, no torch), the token chooser, shared
-prefill, the eager and the CUDA-graph decode loops, and the scheduler that feeds them."""
+"""From a row to its next token: the grid of rows and their seeds (grid, no torch), the token
+chooser (Gumbel-max noise keyed by seed, step and token id), and the per-row logits rules
+applied before the choice (rules)."""

@@ -1,4 +1,5 @@
-"""Choosing each row's next token: temperature, top-k/top-p, and noise keyed by the row's seed.
+"""Choosing each row's next token: temperature, the rules' masks (rules.py), and noise keyed by
+the row's seed.
 
 The rule is Gumbel-max ("the exponential race"): the token is
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .grid import Settings
+from .rules import top_k_top_p_mask
 
 # --- counter-based noise -----------------------------------------------------------------------
 #
@@ -88,8 +90,8 @@ def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Ten
 
 
 # On the CPU the noise is made a block of the vocabulary at a time: its ~25 elementwise passes
-# then stay in cache, which halves their cost (49,152 tokens × 64 rows: 97 → 42 ms on the
-# development machine). The numbers, and so the argmax, are the same.
+# then stay in cache, which halves their cost (docs/performance.md). The numbers, and so the
+# argmax, are the same.
 CPU_NOISE_BLOCK = 8192
 
 
@@ -109,31 +111,6 @@ def noisy_argmax(tempered: torch.Tensor, seeds: torch.Tensor, step: int | torch.
             better = values > best
             best, index = torch.where(better, values, best), torch.where(better, at + start, index)
     return index
-
-
-# --- top-k / top-p, per row ---------------------------------------------------------------------
-#
-# transformers' TopKLogitsWarper and TopPLogitsWarper take one value for the whole batch; the
-# engine's slots each keep their own (a server's requests differ). These masks follow the
-# warpers' rules exactly (tests compare them): top-k drops scores below the k-th largest, top-p
-# drops the smallest tokens whose cumulative probability stays <= 1 - p, always keeping the best.
-
-
-def top_k_top_p_mask(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """`scores` (rows, vocabulary) with the tokens outside each row's top-k and top-p at -inf.
-
-    top_k: (rows,) int64, 0 = off; top_p: (rows,) float, 1.0 = off. One sort serves both, and
-    nothing synchronises with the host, so it runs inside a CUDA graph.
-    """
-    vocabulary = scores.shape[-1]
-    ascending, order = scores.sort(dim=-1)
-    keep = torch.where(top_k > 0, top_k.clamp(1, vocabulary), torch.full_like(top_k, vocabulary))
-    kth_largest = ascending.gather(1, (vocabulary - keep)[:, None])
-    ascending = ascending.masked_fill(ascending < kth_largest, float("-inf"))
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - top_p.to(cumulative.dtype))[:, None]
-    remove[:, -1] = False
-    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
 def choose(scores: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,

@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..library.schema import BUILT_IN
 
-# Rows per decode batch unless --batch-size says otherwise: bigger grids run in chunks of this
-# many rows, so memory stays bounded (a prompts file, a busy server).
-BATCH_ROWS = {"cpu": 64, "cuda": 256}
+# The most rows decoding at once unless --batch-size says otherwise: the engine's slots (on a GPU
+# fewer when the memory free after loading holds fewer rows), the chunks of the older loops, and
+# the rows handed to a Ray worker at a time. The CPU is bound by the linear layers' products, which
+# two cores run faster with more rows at once (docs/performance.md).
+BATCH_SIZE = {"cpu": 256, "cuda": 512}
+# The most alternatives a token's log-probabilities come with (OpenAI's limit for top_logprobs).
+TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ class Settings:
     min_new_tokens: int = 0
     top_p: float | None = None
     top_k: int | None = None
-    max_batch: int | None = None  # rows per decode batch; None: BATCH_ROWS for the device
-    fast_path: bool = True  # on CUDA: static cache + CUDA graph decoding (graphed.py)
+    max_batch: int | None = None  # rows decoding at once; None: BATCH_SIZE for the device
+    fast_path: bool = True  # on CUDA: the decode step as captured CUDA graphs
     # GPTQ products of many rows through dense half-precision copies of the weights
     # (model/dense_gptq.py); None: the engine decides from the rows and the memory.
     dense_weights: bool | None = None
@@ -95,9 +99,9 @@ class TokenizedCell:
     max_new_tokens: int | None = None
 
 
-def batch_rows(settings: Settings, device_type: str) -> int:
-    """Rows per decode batch: --batch-size, else the device's default."""
-    return settings.max_batch or BATCH_ROWS.get(device_type, BATCH_ROWS["cpu"])
+def batch_size(max_batch: int | None, device_type: str) -> int:
+    """The most rows decoding at once: --batch-size, else the device's default."""
+    return max_batch or BATCH_SIZE.get(device_type, BATCH_SIZE["cpu"])
 
 
 def derive_seed(base_seed: int, *parts: object) -> int:

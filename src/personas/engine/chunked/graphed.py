@@ -1,6 +1,6 @@
 """The chunked CUDA fast path: a static KV cache and one decode step captured as a CUDA graph.
 
-Since the decode engine (engine.py) this runs only for architectures the engine's decoder does
+Since the decode engine (engine/engine.py) this runs only for architectures the engine's decoder does
 not cover, and as the benchmarks' baseline ("the old chunked path"); `graph_safe` decides for
 both whether a model's GPTQ kernel may be captured.
 
@@ -15,7 +15,7 @@ bits. Finished rows are read back every `CHECK_EVERY` steps (a host sync), which
 often `on_sample` hears of them.
 
 Not every GPTQ kernel survives capture: gptqmodel's ExllamaV2 kernel produced wrong tokens
-under a CUDA graph (benchmarks/probe_cuda_graph.py), while Marlin, Triton and Torch matched
+under a CUDA graph (docs/performance.md), while Marlin, Triton and Torch matched
 eager decoding token for token. Unknown kernels take the eager path.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .chooser import TokenChooser
-from .grid import Row, Sample, Settings
+from ...sampling.chooser import TokenChooser
+from ...sampling.grid import Row, Sample, Settings
 from .prefill import distinct_prompts, left_padded
 
 CHECK_EVERY = 16

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sampling.engine import Engine, Job, TokenListener
+from ..engine.engine import Engine
+from ..engine.job import Job, TokenListener
 from ..sampling.grid import Row, Sample, Settings
 
 
@@ -36,7 +37,10 @@ class Ticket:
 _STOP = object()
 
 
-class EngineThread:
+class EngineWorker:
+    """The thread that owns one engine (a fresh one after a failed step); `submit` and `cancel`
+    from any thread."""
+
     def __init__(self, make_engine: Callable[[], Engine], log: Callable[[str], None]):
         self._make_engine = make_engine
         self._log = log
@@ -102,8 +106,8 @@ class EngineThread:
                 except Exception as error:  # noqa: BLE001 — every request in flight is told
                     self._fail(error)
                     continue
-                self.rows_decoding = engine.last_batch
-                self.most_rows = max(self.most_rows, engine.last_batch)
+                self.rows_decoding = engine.stats.last_batch
+                self.most_rows = max(self.most_rows, engine.stats.last_batch)
             else:
                 self.rows_decoding = 0
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .grid import Row
+from ...sampling.grid import Row
+from ..job import common_prefix
 
 
 def padded(rows: Sequence[Row], chunk: list[int], pad_id: int, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,16 +51,6 @@ def distinct_prompts(rows: Sequence[Row], chunk: list[int]) -> tuple[list[int], 
     distinct = list(dict.fromkeys(rows[i].prompt_ids for i in chunk))
     firsts = [next(r for r, i in enumerate(chunk) if rows[i].prompt_ids == p) for p in distinct]
     return firsts, [distinct.index(rows[i].prompt_ids) for i in chunk]
-
-
-def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
-    """How many first tokens all prompts share, leaving each at least its last token."""
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    k = 0
-    while k < limit and all(p[k] == first[k] for p in prompts):
-        k += 1
-    return k
 
 
 @dataclass(frozen=True)

@@ -6,30 +6,34 @@ the persona's own). Each sample comes back as one line with the `generate` JSONL
 `id` (the request's, else its line number). A malformed line gets `{"error": ..., "line": N}`
 and the server goes on.
 
-On the models the decode engine runs (Llama-architecture), a request's rows join the running
-batch as soon as slots are free — a request that arrives while others decode does not wait for
-them. Other models answer the lines that arrive together as one batched grid.
+On the models the decode engine runs (Llama-architecture), the engine worker (worker.py) decodes
+while lines are read: a request's rows join the running batch as soon as slots are free, and a
+failed decode step answers the requests in it with `{"error": "decoding failed: …", "line": N}`
+while the server goes on with a fresh engine, as `serve --http` does. Other models answer the
+lines that arrive together as one batched grid.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.decoder import supports
+from ..engine.loop import engine_for
 from ..errors import InputError
+from ..generate.request import Cell, Request, plan, sample_records, to_record
 from ..library.load import Library
 from ..library.schema import Temperature
 from ..model.load import LoadedModel
 from ..record import as_dict
 from ..sampling.grid import Settings
-from ..sampling.engine import Engine
-from ..sampling.scheduler import engine_for
-from .request import Cell, Request, plan, sample_records, to_record
+from .worker import EngineWorker
 
 GATHER_SECONDS = 0.05  # after a first line, how long to wait for the lines sent with it
 MAX_GATHER = 256  # requests answered by one grid at most
@@ -121,38 +125,53 @@ def accept(number: int, raw: bytes, library: Library, seed: int) -> Accepted:
 
 
 def serve(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: int,
-          write: Callable[[dict], None], settings: Settings = Settings()) -> int:
-    """Answer every request in `lines`; returns how many lines were requests (errors included)."""
-    engine = engine_for(model, settings, expect_more=True)
-    if engine is None:
+          write: Callable[[dict], None], settings: Settings = Settings(),
+          alert: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> int:
+    """Answer every request in `lines`; returns how many lines were requests (errors included).
+
+    On the engine, one worker thread decodes while this one reads lines: a request joins the
+    running batch as soon as it is read. A failed step answers the requests in it with an error
+    line each, and the worker goes on with a fresh engine (alert says so on stderr)."""
+    if not supports(model.model):
         return serve_in_batches(lines, library, model, seed, write, settings)
-    inbox, end = read_in_background(lines)
-    count, ended = 0, False
-    while not ended or engine.busy:
-        # Block for input only while nothing decodes; otherwise take what has arrived and step.
-        waiting = []
-        try:
-            waiting.append(inbox.get(block=not engine.busy and not ended))
-            while True:
-                waiting.append(inbox.get_nowait())
-        except queue.Empty:
-            pass
-        for item in waiting:
-            if item is end:
-                ended = True
-                continue
-            count += 1
-            number, raw = item
+    out = Output(write)
+    worker = EngineWorker(lambda: engine_for(model, settings, expect_more=True), alert)
+    count = 0
+    try:
+        for count, raw in enumerate(lines, start=1):
+            out.check()
             if raw.strip():
-                submit(engine, number, raw, library, model, seed, write)
-        if engine.busy:
-            engine.step()
+                submit(worker, count, raw, library, model, seed, out.write)
+    finally:
+        worker.close()  # the rows in flight are answered first
+    out.check()
     return count
 
 
-def submit(engine: Engine, number: int, raw: bytes, library: Library, model: LoadedModel, seed: int,
+class Output:
+    """Result lines written from the worker's thread and this one, one whole line at a time; a
+    reader that went away is reported on the reading thread (the CLI's closed-pipe exit)."""
+
+    def __init__(self, write: Callable[[dict], None]):
+        self._write, self._lock, self.closed = write, threading.Lock(), False
+
+    def write(self, obj: dict) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                self._write(obj)
+            except BrokenPipeError:
+                self.closed = True
+
+    def check(self) -> None:
+        if self.closed:
+            raise BrokenPipeError()
+
+
+def submit(worker: EngineWorker, number: int, raw: bytes, library: Library, model: LoadedModel, seed: int,
            write: Callable[[dict], None]) -> None:
-    """One request line into the engine's queue, or its error out."""
+    """One request line into the worker's engine, or its error out."""
     try:
         accepted = accept(number, raw, library, seed)
         limits = Settings(max_new_tokens=accepted.max_new_tokens)
@@ -160,7 +179,11 @@ def submit(engine: Engine, number: int, raw: bytes, library: Library, model: Loa
     except InputError as e:  # a bad line; a prompt too long for the context
         write({"error": str(e), "line": number})
         return
-    engine.submit(rows, limits, lambda sample: write(as_dict(to_record(sample, model))))
+
+    def failed(error: BaseException) -> None:
+        write({"error": f"decoding failed: {type(error).__name__}: {error}", "line": number})
+
+    worker.submit(rows, limits, lambda sample: write(as_dict(to_record(sample, model))), on_error=failed)
 
 
 def serve_in_batches(lines: Iterable[bytes], library: Library, model: LoadedModel, seed: int,

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .chooser import TokenChooser
-from .grid import Row, Sample, Settings
+from ...sampling.chooser import TokenChooser
+from ...sampling.grid import Row, Sample, Settings
 from .prefill import padded, plan_sharing, shared_cache
 
 

@@ -2,7 +2,7 @@
 
 Pure data and text, no HTTP and no torch: what a request asks for (`ChatRequest` → `ChatPlan`),
 which conversation it is (`conversation`), and the JSON shapes of answers, stream chunks and
-errors. `http_server.py` serves it; the decode engine runs it.
+errors. `http.py` serves it; the decode engine runs it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..errors import InputError, ModelError, PersonasError
 from ..model.choice import ModelChoice
-from ..sampling.grid import BATCH_ROWS, Row, Sample, Settings
+from ..sampling.grid import Row, Sample, Settings, batch_size
 
 CONNECT_SECONDS = 3.0  # an address that does not answer within this is reported, not waited on
 LOCAL_CPU_WORKERS = 2
@@ -53,7 +53,7 @@ class Worker:
         sample_rows reports through a callback, and a generator cannot yield from inside one: it
         runs in a thread that hands samples over a queue.
         """
-        from ..sampling.scheduler import sample_rows
+        from ..engine.loop import sample_rows
 
         position = {id(row): i for i, row in enumerate(rows)}
         handover: queue.Queue = queue.Queue()
@@ -146,7 +146,7 @@ def sample_on_ray(address: str, workers: int | None, choice: ModelChoice, load: 
 def chunk_rows(settings: Settings, rows: int, workers: int, on_gpu: bool) -> int:
     """Rows handed to an actor at a time: --batch-size, else the device's batch, but small
     enough that every actor gets work (a lost chunk also costs less)."""
-    batch = settings.max_batch or BATCH_ROWS["cuda" if on_gpu else "cpu"]
+    batch = batch_size(settings.max_batch, "cuda" if on_gpu else "cpu")
     return max(1, min(batch, -(-rows // workers)))
 
 

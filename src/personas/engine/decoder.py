@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .paged_attention import PagedPart, paged_attention, paged_attention_after
-from .prefix_attention import PrefixPart, prefix_attention
+from .kernels.paged import PagedPart, paged_attention, paged_attention_after
+from .kernels.prefix import PrefixPart, prefix_attention
 
 # A row with nothing visible in a part (a slot without a prefix) has max -inf there; clamping
 # it keeps exp(score - max) at 0 instead of NaN, so that part weighs nothing in the merge.
@@ -194,7 +194,7 @@ class Decoder:
         ids, positions: (rows, queries). `shared`: the prefix pool's Part per layer, or None.
         """
         if self.layer_kernels:
-            from . import layer_kernels as kernels
+            from .kernels import layer as kernels
             add_norm, rope = kernels.add_rms_norm, kernels.rotary
         else:
             add_norm, rope = add_rms_norm_modules, rotary_modules
@@ -238,7 +238,7 @@ class Decoder:
     def mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
         if not self.kernel_mlp:
             return mlp(x)
-        from .layer_kernels import silu_mul
+        from .kernels.layer import silu_mul
 
         return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-PAGE = 8  # positions per page: a row wastes less than a page of its reservation
+from ..pages import PAGE
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`personas serve --http`: an OpenAI-compatible chat-completions server; every persona is a model.
 
-    client ──HTTP──► FastAPI route (event loop) ──rows──► EngineThread ──► the decode engine
+    client ──HTTP──► FastAPI route (event loop) ──rows──► EngineWorker ──► the decode engine
            ◄──JSON / server-sent events── ChoiceRun ◄──tokens, samples (call_soon_threadsafe)──┘
 
 The model loads on a thread after the socket is open (GET /health says 503 until it is ready).
@@ -33,12 +33,12 @@ from ..errors import InputError
 from ..library.load import Library
 from ..model.load import LoadedModel, fit_dialog
 from ..model.tokens import token_text
-from ..sampling.decoder import supports
+from ..engine.decoder import supports
 from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid
-from ..sampling.scheduler import engine_for
-from .chat_api import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion,
+from ..engine.loop import engine_for
+from .openai import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion,
                        completion_id, logprob_entry, model_entry, parse_request, plan_request, usage)
-from .engine_thread import EngineThread, Ticket
+from .worker import EngineWorker, Ticket
 
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 1024
@@ -61,7 +61,7 @@ class PersonaServer:
         self.alert = alert
         self.created = int(time.time())
         self.loaded: LoadedModel | None = None
-        self.worker: EngineThread | None = None
+        self.worker: EngineWorker | None = None
         self.failure: BaseException | None = None  # why loading failed (the server then stops)
         self.on_failure: Callable[[], None] = lambda: None
         self.answered = 0
@@ -76,14 +76,14 @@ class PersonaServer:
                 raise InputError(f"serve --http runs on the decode engine, which runs Llama-architecture models; "
                                  f"{loaded.label} is '{getattr(loaded.model.config, 'model_type', '?')}'",
                                  "serve it with --stdio, or choose a Llama-architecture model")
-            self.worker = EngineThread(lambda: engine_for(loaded, self.settings, expect_more=True), self.alert)
+            self.worker = EngineWorker(lambda: engine_for(loaded, self.settings, expect_more=True), self.alert)
             self.loaded = loaded
             self.log(f"ready: {len(self.library.personas)} personas on {loaded.label} ({loaded.device.type})")
         except BaseException as error:  # noqa: BLE001 — the server stops and the CLI reports it
             self.failure = error
             self.on_failure()
 
-    def ready(self) -> tuple[LoadedModel, EngineThread]:
+    def ready(self) -> tuple[LoadedModel, EngineWorker]:
         if self.loaded is None or self.worker is None:
             raise ApiError(503, "the model is still loading — retry in a moment (GET /health says when it is ready)",
                            type="service_unavailable", code="model_loading")
@@ -129,7 +129,7 @@ class ChoiceRun:
     """One request's rows in the engine, seen from the event loop: the engine's thread posts
     tokens and samples here, and the request's choices are built from them."""
 
-    def __init__(self, server: PersonaServer, loaded: LoadedModel, worker: EngineThread, plan: ChatPlan,
+    def __init__(self, server: PersonaServer, loaded: LoadedModel, worker: EngineWorker, plan: ChatPlan,
                  rows: list[Row], prompt_tokens: int):
         self.server, self.loaded, self.worker, self.plan, self.rows = server, loaded, worker, plan, rows
         self.prompt_tokens = prompt_tokens

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 
 from ..model.load import LoadedModel
-from . import eager, graphed
+from ..sampling.grid import Row, Sample, Settings, batch_size
+from .chunked import eager, graphed
+from .config import EngineConfig
 from .decoder import supports
-from .engine import Engine, is_out_of_memory
-from .grid import Row, Sample, Settings, batch_rows
+from .engine import Engine
+from .sizing import is_out_of_memory
 
 
 def generate_grid(
@@ -31,7 +33,7 @@ def generate_grid(
 ) -> None:
     """Sample every row; `on_sample` gets each one as soon as it is finished.
 
-    The grid runs in chunks of `batch_rows` rows (--batch-size, else the device's default). On
+    The grid runs in chunks of `batch_size` rows (--batch-size, else the device's default). On
     out-of-memory the failing chunk is halved and retried, down to one row; rows already
     delivered are not generated again, so nothing is lost and nothing is written twice.
     `graph_safe` (the model is on CUDA with a kernel that survives graph capture) enables the
@@ -48,7 +50,7 @@ def generate_grid(
 
     if not rows:
         return
-    size = batch_rows(settings, model.device.type)
+    size = batch_size(settings.max_batch, model.device.type)
     # Chunks of similar prompts and one max_new_tokens: little padding, and identical prompts
     # share one prefill.
     order = sorted(range(len(rows)), key=lambda i: (rows[i].limit(settings), len(rows[i].prompt_ids),
@@ -74,14 +76,21 @@ def generate_grid(
             pending[:0] = [chunk[:half], chunk[half:]]
 
 
-def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False) -> Engine | None:
-    """A decode engine over the loaded model (CUDA graphs where the kernel survives capture),
-    or None when its decoder cannot run this architecture."""
+def engine_config(model: LoadedModel, settings: Settings, expect_more: bool = False) -> EngineConfig:
+    """The engine's config for these settings: CUDA graphs where the kernel survives capture."""
+    graphs = settings.fast_path and graphed.graph_safe(model.model, model.gptq_kernel)
+    return EngineConfig(max_slots=settings.max_batch, graphs=graphs, expect_more=expect_more,
+                        dense_weights=settings.dense_weights)
+
+
+def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False,
+               on_split: Callable[[int, int], None] = lambda _a, _b: None,
+               on_dense: Callable[[int], None] = lambda _bytes: None) -> Engine | None:
+    """A decode engine over the loaded model, or None when its decoder cannot run this
+    architecture. on_split, on_dense: see Engine."""
     if not supports(model.model):
         return None
-    graphs = settings.fast_path and graphed.graph_safe(model.model, model.gptq_kernel)
-    return Engine(model, max_slots=settings.max_batch, graphs=graphs, expect_more=expect_more,
-                  dense_weights=settings.dense_weights)
+    return Engine(model, engine_config(model, settings, expect_more), on_split=on_split, on_dense=on_dense)
 
 
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
@@ -91,9 +100,8 @@ def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                 on_dense: Callable[[int], None] = lambda _bytes: None) -> None:
     """Sample `rows` on a loaded model: the engine where its decoder runs the model (CUDA graphs
     where the GPTQ kernel survives capture), else the chunked loops. on_dense: see Engine."""
-    engine = engine_for(model, settings)
+    engine = engine_for(model, settings, on_split=on_split, on_dense=on_dense)
     if engine is not None:
-        engine.on_split, engine.on_dense = on_split, on_dense
         engine.submit(rows, settings, on_sample)
         engine.run(on_step)
         return

@@ -1,0 +1,263 @@
+"""The decode engine: a fixed set of slots decoding together, refilled from a queue as rows end.
+
+    submit(rows) ──► Scheduler: queue ──► admit: Pages, Runner.place ──► Runner.decode: one token
+                           ▲                                                  for every slot
+                           └──────────── a row ends: deliver, free ◄──────────────────┘
+
+The rooms (docs/engine.md tells the whole story):
+* scheduler.py — the queue, admission and refill, preemption, the rows' tokens as they come;
+* pages.py — which cache pages each slot holds (no torch);
+* prefix_pool.py — the prompt starts rows share, stored once;
+* sizing.py — how many slots and pages, and whether to keep dense copies of GPTQ weights;
+* runner.py — the slots' device tensors, prefill, the decode step and its CUDA graphs;
+* decoder.py and kernels/ — the model's layers over that cache layout.
+
+Each row keeps its seed (the chooser's noise is keyed by seed, step and token id, so the batch
+around it does not matter), temperature, top-k/top-p, min_new_tokens and max_new_tokens. The
+host reads the chosen tokens after every step (B integers): that is how rows end on time and
+refill starts at once, for the price of one small copy per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model.dense_gptq import drop_dense
+from ..model.load import LoadedModel
+from ..sampling.grid import Row, Sample, Settings
+from .config import EngineConfig
+from .decoder import Decoder
+from .job import Job, TokenListener
+from .pages import PAGE, Pages, Slot, round_up
+from .prefix_pool import PrefixPool
+from .runner import Chosen, Placement, Runner
+from .scheduler import Scheduler
+from .sizing import Sizing, is_out_of_memory
+
+
+@dataclass
+class EngineStats:
+    """What an engine has done so far (progress bars, benchmarks, the server's gauges)."""
+
+    steps: int = 0  # decode steps taken
+    last_batch: int = 0  # rows the last decode step decoded
+    rows_decoded: int = 0  # rows summed over steps (the mean batch: rows_decoded / steps)
+    rows_delivered: int = 0
+    positions_held: int = 0  # own pages × PAGE of each row delivered, summed (the mean cache per row)
+    preemptions: int = 0  # rows preempted for pages, to rerun later
+
+
+class Engine:
+    """Slots, a queue and a prefix pool over one loaded model. `submit` rows, then `step` (or
+    `run`) until `busy` is False; each row's Sample goes to its `deliver` as soon as it ends.
+
+    on_split(old, new) hears the slots halved after an out-of-memory; on_dense(bytes) hears the
+    dense copies of GPTQ weights this engine made, and 0 when it drops them."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), *,
+                 on_split: Callable[[int, int], None] = lambda _old, _new: None,
+                 on_dense: Callable[[int], None] = lambda _bytes: None):
+        self.loaded, self.config = loaded, config
+        self.on_split, self.on_dense = on_split, on_dense
+        decoder = Decoder(loaded.model, layer_kernels=config.layer_kernels)
+        self.device = decoder.device
+        vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
+        self.pool = PrefixPool(decoder)
+        self.scheduler = Scheduler(self.pool, loaded.eos_ids)
+        self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,
+                             vocabulary=vocabulary)
+        self.sizing = Sizing(loaded, decoder, vocabulary, expect_more=config.expect_more, max_pages=config.max_pages)
+        self.slot_cap = config.slot_cap(self.device.type)  # halved by each out-of-memory back-off
+        self.dense_weights = config.dense_weights  # False once an out-of-memory dropped the copies
+        self.dense_made = False  # this engine made the model's dense copies (it drops them before any slot)
+        self.slot_count = 0  # 0: not allocated
+        self.span = 0  # the most positions one row's page table can address
+        self.pages = Pages(0)
+        self.stats = EngineStats()
+
+    # --- the public face ---------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.busy
+
+    @property
+    def rows_waiting(self) -> int:
+        """Rows queued or decoding."""
+        return self.scheduler.rows_waiting
+
+    @property
+    def jobs(self) -> dict[Slot, Job]:
+        """The rows decoding now, by slot."""
+        return self.scheduler.running
+
+    def submit(self, rows: Iterable[Row], settings: Settings, deliver: Callable[[Sample], None], *,
+               on_token: TokenListener | None = None, logprobs: bool = False) -> list[Job]:
+        """Queue rows. `deliver` gets each row's Sample when it ends; `on_token`, if given, each new
+        token as it is chosen (with its log-probabilities when `logprobs`). Returns the rows'
+        jobs, which `cancel` takes."""
+        return self.scheduler.submit(rows, settings, deliver, on_token=on_token, logprobs=logprobs)
+
+    def cancel(self, jobs: Iterable[Job]) -> int:
+        """Drop rows, queued or decoding, without delivering them (a client went away; a stop
+        string was found). Returns how many were still here."""
+        gone = set(jobs)
+        queued = self.scheduler.cancel_queued(gone)
+        slots = [b for b, job in self.jobs.items() if job in gone]
+        for b in slots:
+            self._free(b)
+        with torch.inference_mode():  # the slot tensors were made in inference mode
+            self.runner.clear(slots)
+        return queued + len(slots)
+
+    def run(self, on_step: Callable[[int], None] = lambda _: None) -> None:
+        while self.busy:
+            self.step()
+            on_step(self.stats.steps)
+
+    def step(self) -> None:
+        """Admit what fits, then one decode step for every slot; back off on out-of-memory."""
+        try:
+            with torch.inference_mode():
+                self._admit()
+                if self.jobs:
+                    self._decode_step()
+        except Exception as error:
+            if not is_out_of_memory(error) or self.slot_count <= 1:
+                raise
+            self._back_off()
+
+    # --- slots and pages ---------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        queued = self.scheduler.queue
+        need = max(j.cache_need for j in queued)
+        # A page table can address the model's context: later rows longer than the first ones
+        # then need no new tables (without a known context, twice the first rows' length).
+        self.span = round_up(max(need, self.loaded.context_length or 2 * need), PAGE)
+        for prefix in dict.fromkeys(j.prefix for j in queued if j.prefix):
+            self.pool.ensure(prefix)
+        # A job sizes the pool for the rows it has; a server for rows twice as long (a longer row
+        # preempts others, and one longer than the whole pool waits for the rows in flight).
+        row_positions = min(2 * need, self.span) if self.config.expect_more else need
+        sizing = (self.slot_cap, queued, self.rows_waiting, self.span, row_positions)
+        made = self.sizing.choose_dense(self.dense_weights, *sizing, self.pool.capacity)
+        if made:
+            self.dense_made = True
+            self.on_dense(made)
+        self.slot_count, page_count = self.sizing.layout(*sizing, self.pool.capacity)
+        self.pages = Pages(page_count)
+        self.runner.allocate(self.slot_count, page_count, self.span)
+
+    def _release_slots(self) -> None:
+        self.runner.release()
+        self.pages = Pages(0)
+        self.slot_count = 0
+
+    def _admit(self) -> None:
+        queue = self.scheduler.queue
+        if not queue:
+            return
+        if not self.slot_count:
+            self._allocate()
+        if queue[0].cache_need > self.span or queue[0].pages > self.pages.usable:
+            if self.jobs:
+                return  # a longer row waits until the rows in flight end, then the pool grows
+            self._release_slots()
+            self._allocate()
+            if queue[0].pages > self.pages.usable:
+                raise torch.OutOfMemoryError(f"one row needs {queue[0].cache_need} cache positions; "
+                                             f"the memory free holds {PAGE * self.pages.usable}")
+        admitted = self.scheduler.admissions(self.slot_count, len(self.pages.free), self.span)
+        if admitted:
+            self._place(admitted)
+
+    def _place(self, admitted: Sequence[tuple[Slot, Job]]) -> None:
+        """Give the admitted rows their slots and pages, then the runner their tensors."""
+        for _, job in admitted:
+            self.pool.ensure(job.prefix)
+        placed, previous, holder = [], None, []
+        for b, job in admitted:
+            self.jobs[b] = job
+            # The same prompt as the row before it: its prompt-only pages are read, not copied.
+            shared = holder[:job.prompt_pages] if job.prompt == previous else []
+            pages = self.pages.take(b, shared, job.first_pages - len(shared),
+                                    written=len(job.suffix) - job.starts_in_decode)
+            if job.prompt != previous:
+                previous, holder = job.prompt, pages
+            placed.append(Placement(b, job, pages, len(shared)))
+        chosen = self.runner.place(placed, self.scheduler.slot_prefixes(self.slot_count),
+                                   masks=self.scheduler.masks_needed())
+        self._take(chosen)
+
+    def _grow(self) -> None:
+        """A new page for each row about to write past its last one; when none is left, the
+        row that has done the least is preempted (possibly the one asking)."""
+        added = []
+        for b in self.pages.needing_a_page():
+            while not self.pages.free and b in self.jobs:
+                self._preempt(self.scheduler.least_done())
+            if b in self.jobs:
+                added.append((b, *self.pages.grow(b)))
+        self.runner.set_pages(added)
+
+    def _preempt(self, b: Slot) -> None:
+        """Back to the front of the queue, its pages freed; it reruns from its prompt later."""
+        self.scheduler.requeue(self.jobs[b])  # holds its prefix again before _free releases it
+        self._free(b)
+        self.runner.clear([b])
+        self.stats.preemptions += 1
+
+    def _back_off(self) -> None:
+        """Out of memory: rows in flight go back to the front of the queue (nothing was delivered
+        for them, and their seeds make the rerun identical); the dense copies this engine made
+        go first, else the slots are halved."""
+        old = self.slot_count
+        self.scheduler.requeue_all()
+        self._release_slots()
+        if self.dense_made:
+            # A slower step with every slot beats a fast one with half of them.
+            drop_dense(self.loaded.model)
+            self.dense_made, self.dense_weights = False, False
+            self.on_dense(0)
+            return
+        self.slot_cap = max(1, old // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.on_split(old, self.slot_cap)
+
+    # --- one step ----------------------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        self._grow()
+        if not self.jobs:
+            return
+        busy = list(self.jobs)
+        self.stats.last_batch = len(busy)
+        self.stats.rows_decoded += len(busy)
+        self.runner.refresh_prefixes(self.scheduler.slot_prefixes(self.slot_count))
+        chosen = self.runner.decode(busy, max(self.pages.written.values()) + 1, self.scheduler.masks_needed(),
+                                    self.scheduler.logprobs_needed())
+        self.stats.steps += 1
+        self.pages.advance(busy)
+        self._take(chosen)
+
+    def _take(self, chosen: Chosen) -> None:
+        """Record each slot's new token; deliver and free the rows that ended."""
+        ended = self.scheduler.record(chosen.tokens, chosen.logprobs)
+        for b, reason in ended:
+            self.stats.positions_held += PAGE * self.pages.own[b]
+            self.stats.rows_delivered += 1
+            job = self._free(b)
+            job.deliver(Sample(job.row, tuple(job.tokens), reason))
+        self.runner.clear([b for b, _ in ended])
+
+    def _free(self, b: Slot) -> Job:
+        """Take slot b's row out: its pages back to the pool, its prefix released."""
+        job = self.jobs.pop(b)
+        self.pages.release(b)
+        self.pool.release(job.prefix)
+        return job

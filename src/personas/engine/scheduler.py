@@ -1,0 +1,156 @@
+"""Which rows decode: the queue, admission into free slots, refill, preemption, and the rows'
+tokens as they come (a row ends on an end-of-turn id or at its max_new_tokens).
+
+    submit(rows) ──► queue ──► admissions: free slots, pages ──► running ──► record: ended rows
+                       ▲                                                         │
+                       └──────── preempted, or backed off (rerun from the prompt) ◄┘
+
+No torch: slots and pages are numbers here; the engine hands them to the runner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from ..sampling.grid import Row, Sample, Settings, TokenLogprob
+from .config import REFILL_SHARE
+from .job import ChosenLogprobs, Job, Prefix, TokenListener, common_prefix
+from .pages import PAGE, Slot
+
+
+class PrefixHolds(Protocol):
+    """Who counts the rows that need each prefix (the prefix pool: a prefix is dropped when its
+    last row is delivered or cancelled)."""
+
+    def hold(self, prefix: Prefix) -> None: ...
+
+    def release(self, prefix: Prefix) -> None: ...
+
+
+class Scheduler:
+    """The queue of waiting rows and the rows running in slots."""
+
+    def __init__(self, pool: PrefixHolds, end_ids: Sequence[int]):
+        self.pool = pool
+        self.end_ids = set(end_ids)
+        self.queue: deque[Job] = deque()
+        self.running: dict[Slot, Job] = {}
+        self.seen: dict[str, tuple[int, ...]] = {}  # persona -> a prompt of theirs seen before
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    @property
+    def rows_waiting(self) -> int:
+        return len(self.queue) + len(self.running)
+
+    def submit(self, rows: Iterable[Row], settings: Settings, deliver: Callable[[Sample], None], *,
+               on_token: TokenListener | None = None, logprobs: bool = False) -> list[Job]:
+        """Queue rows; each persona's rows share the longest prompt start they have in common
+        (with a prompt of that persona seen before, so one request at a time still shares)."""
+        by_persona: dict[str, list[Row]] = {}
+        for row in rows:
+            by_persona.setdefault(row.persona, []).append(row)
+        jobs = []
+        for persona, members in by_persona.items():
+            prompts = list(dict.fromkeys(r.prompt_ids for r in members))
+            if persona in self.seen:
+                prompts.append(self.seen[persona])
+            self.seen[persona] = members[0].prompt_ids
+            shared = common_prefix(prompts)
+            for row in members:
+                job = Job(row, row.limit(settings), settings.min_new_tokens, settings.top_k or 0,
+                          settings.top_p if settings.top_p is not None else 1.0, deliver,
+                          prefix=row.prompt_ids[:shared], on_token=on_token, logprobs=logprobs)
+                self.pool.hold(job.prefix)
+                jobs.append(job)
+        # Longest rows first, so the last steps are not a few long rows decoding alone; identical
+        # prompts next to each other, so one prefill serves them all and they share its pages.
+        self.queue.extend(sorted(jobs, key=lambda j: (-j.max_new, j.prefix, j.suffix)))
+        return jobs
+
+    def cancel_queued(self, gone: set[Job]) -> int:
+        """Drop the queued rows among `gone`; returns how many there were."""
+        queued = [job for job in self.queue if job in gone]
+        if queued:
+            self.queue = deque(job for job in self.queue if job not in gone)
+            for job in queued:
+                self.pool.release(job.prefix)
+        return len(queued)
+
+    def admissions(self, slot_count: int, free_pages: int, span: int) -> list[tuple[Slot, Job]]:
+        """The queued rows that go into free slots now, taken off the queue with their slots.
+
+        A row fits when a slot is free and the pages it takes are (rows with the prompt of the row
+        before them read its prompt-only pages); the queue's order is kept, so a longer row at the
+        front waits rather than be overtaken."""
+        free = [b for b in range(slot_count) if b not in self.running]
+        # Pages kept for the rows in flight to grow into (each crosses into a new page every
+        # PAGE steps): admitting into those would only preempt someone at the next step.
+        budget = free_pages - -(-len(self.running) // PAGE)
+        fits, previous = 0, None
+        for job in self.queue:
+            cost = job.first_pages - (job.prompt_pages if job.prompt == previous else 0)
+            if fits == len(free) or cost > budget or job.cache_need > span:
+                break
+            fits, budget, previous = fits + 1, budget - cost, job.prompt
+        # A prefill pass reads every weight, as a decode step does: refilling one slot per step
+        # would nearly double the cost of each step. While rows decode, wait until an eighth of
+        # the slots (or the whole queue) can be refilled in one pass — but rows whose suffix is
+        # one token need no pass (Runner.place): those at the front join the next step at once.
+        if self.running and fits < min(len(self.queue), max(1, slot_count // REFILL_SHARE)):
+            fits = next((k for k in range(fits) if not self.queue[k].starts_in_decode), fits)
+        return [(free.pop(0), self.queue.popleft()) for _ in range(fits)]
+
+    def least_done(self) -> Slot:
+        """The running row to preempt when pages run out: the one with the fewest tokens."""
+        return min(self.running, key=lambda slot: (len(self.running[slot].tokens), -slot))
+
+    def requeue(self, job: Job) -> None:
+        """A preempted row back to the front of the queue, to rerun from its prompt (its seed makes
+        the rerun identical, and its listener is not told its tokens twice)."""
+        self.pool.hold(job.prefix)  # still waiting: its prefix stays in the pool
+        job.tokens.clear()
+        self.queue.appendleft(job)
+
+    def requeue_all(self) -> None:
+        """Every running row back to the front of the queue, in order (an out-of-memory back-off:
+        nothing was delivered for them; they still hold their prefixes)."""
+        for job in reversed(list(self.running.values())):
+            job.tokens.clear()
+            self.queue.appendleft(job)
+        self.running.clear()
+
+    def record(self, tokens: dict[Slot, int], logprobs: dict[Slot, ChosenLogprobs] | None) -> list[tuple[Slot, str]]:
+        """Each slot's new token onto its row (its listener told); returns the rows that ended,
+        with why: "stop" (an end-of-turn id) or "length" (max_new_tokens)."""
+        ended = []
+        for b, token in tokens.items():
+            job = self.running[b]
+            if token in self.end_ids:
+                ended.append((b, "stop"))
+                continue
+            job.tokens.append(token)
+            if job.on_token is not None and len(job.tokens) > job.reported:
+                job.reported += 1
+                told = None
+                if job.logprobs and logprobs is not None:
+                    told = TokenLogprob(token, *logprobs[b])
+                job.on_token(job.row, token, told)
+            if len(job.tokens) >= job.max_new:
+                ended.append((b, "length"))
+        return ended
+
+    def masks_needed(self) -> bool:
+        """Some running row uses top-k/top-p (the step then sorts its scores)."""
+        return any(job.top_k or job.top_p < 1.0 for job in self.running.values())
+
+    def logprobs_needed(self) -> bool:
+        return any(job.logprobs for job in self.running.values())
+
+    def slot_prefixes(self, slot_count: int) -> list[Prefix]:
+        """Each slot's prefix, () for an idle slot."""
+        return [self.running[b].prefix if b in self.running else () for b in range(slot_count)]
