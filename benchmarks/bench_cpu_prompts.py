@@ -22,30 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_grid import REPO, cpu_name, timed  # noqa: E402
+from common import REPO, cpu_name, prompts, timed  # noqa: E402
 
-SUBJECTS = ["your last bike repair", "the shop's opening hours", "a muddy trail ride", "a gift for a friend",
-            "the price of a helmet", "a slow delivery", "a squeaky brake", "riding in the rain", "a new saddle",
-            "the store's website"]
-ASKS = ["Tell me about {}.", "What went wrong with {}?", "Describe {} in two sentences.", "Would you recommend {}?",
-        "Write a short review of {}.", "What did you expect from {}?", "Complain politely about {}.",
-        "What would make {} better?", "Ask the staff a question about {}.", "Summarise {} for a friend."]
-
-
-def prompts(count: int) -> list[str]:
-    return [ASKS[i % len(ASKS)].format(SUBJECTS[(i // len(ASKS)) % len(SUBJECTS)]) + f" (#{i + 1})"
-            for i in range(count)]
-
-
-def persona_rows(model, count: int, temperature: float, settings, n: int = 1, persona: str = "customer"):
-    """`count` distinct prompts (as `prompts` makes them) to one persona of the shipped library,
-    each × n at one temperature, planned on a loaded model."""
-    from personas.generate.request import Cell, Request, plan
-    from personas.library.load import find_library_file, load_library
-
-    chosen = load_library(find_library_file(None)).get(persona)
-    return plan(Request(personas=[], cells=[Cell(chosen, t) for t in prompts(count)], temperatures=(temperature,),
-                        n=n, seed=1, settings=settings), model)
 
 
 def main() -> None:

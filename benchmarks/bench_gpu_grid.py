@@ -29,63 +29,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import STARTED, copy_bandwidth, device, log, peak_gb, quantized_bytes, reset_peak, sync_time  # noqa: E402
 from gptq_checkpoint import write_checkpoint  # noqa: E402
 
 TEMPERATURES = (0.2, 0.7, 1.0)
 N = 8
-STARTED = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", flush=True)
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script itself
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def sync_time(fn) -> float:
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t
-
-
-def copy_bandwidth(gigabytes: float = 2.0, repeats: int = 20) -> float:
-    """Device-to-device copy, bytes read + written per second (median of `repeats`)."""
-    src = torch.empty(int(gigabytes * 2**30) // 2, dtype=torch.float16, device=DEVICE).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = [sync_time(lambda: dst.copy_(src)) for _ in range(repeats)]
-    return 2 * gigabytes * 2**30 / statistics.median(times)
-
-
-def reset_peak() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gb() -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
-
-
-def quantized_bytes(model) -> int:
-    """Every parameter and buffer a decode step reads: all weights except the embedding table."""
-    total = 0
-    seen = set()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.data_ptr() in seen or "embed_tokens" in name or "rotary" in name:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+DEVICE = device()
 
 
 def main() -> None:
@@ -169,13 +118,13 @@ def main() -> None:
 
     # The engine alone on the grid's rows, fused layer kernels on and off, alternating: the same
     # work as c (a fresh engine each time, its graphs captured inside the timing).
-    from personas.sampling.engine import Engine
+    from personas.engine.engine import Engine, EngineConfig
 
     def engine_run(layer_kernels: bool) -> float:
         settings = Settings(max_new_tokens=new, min_new_tokens=new)
         rows_planned = plan(Request(personas=[persona], temperatures=TEMPERATURES, n=N, seed=1, settings=settings),
                             model)
-        engine = Engine(model, graphs=True, layer_kernels=layer_kernels)
+        engine = Engine(model, EngineConfig(graphs=True, layer_kernels=layer_kernels))
         engine.submit(rows_planned, settings, lambda s: None)
         with torch.inference_mode():
             return sync_time(engine.run)

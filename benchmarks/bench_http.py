@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_grid import REPO, cpu_name, timed  # noqa: E402
-from bench_cpu_prompts import prompts  # noqa: E402
+from common import REPO, cpu_name, prompts, timed  # noqa: E402
 
 
 def machine() -> str:
