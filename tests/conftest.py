@@ -92,7 +92,7 @@ def tiny_chatml_dir(tmp_path_factory) -> Path:
 def tiny_gptq_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     """The tiny Llama quantized to 4 bits by optimum + gptqmodel, on the CPU, and saved: no
     act-order, symmetric, as TheBloke's Llama-2 GPTQ files are (so its projections fuse).
-    optimum writes the GPTQ v2 layout even when asked for "gptq"; test_fused_gptq.py makes the v1
+    optimum writes the GPTQ v2 layout even when asked for "gptq"; test_model_fused_gptq.py makes the v1
     copy itself."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
@@ -107,6 +107,54 @@ def tiny_gptq_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def six_rows(model_dir: Path):
+    """A freshly loaded model (tests may hook it), and 6 rows (2 temperatures × 3 samples) for the out-of-memory tests."""
+    from personas.generate.request import Request, plan
+    from personas.library.schema import Persona
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.grid import Settings
+
+    model = load_model(resolve_model(str(model_dir)), device="cpu")
+    persona = Persona(name="a", prompt="Hello there")
+    request = Request(personas=[persona], temperatures=[0.0, 1.0], n=3, seed=4, settings=Settings(max_new_tokens=6))
+    return model, request, plan(request, model)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_llama_dir):
+    """The tiny Llama loaded on the CPU, once for the session (tests only read it)."""
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+
+    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda(tiny_llama_dir):
+    """The tiny Llama loaded on the GPU (tests marked gpu)."""
+    import torch
+
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return load_model(resolve_model(str(tiny_llama_dir)), device="cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped, with the reason, where no CUDA GPU is."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

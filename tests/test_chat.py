@@ -10,8 +10,6 @@ from conftest import REPO, run_cli
 from personas.cli import main
 from personas.dialogue.chat import chat_lines, chat_temperatures, speaking_order
 from personas.dialogue.conversation import Line, Seat, Turn, clean_line, seat_dialog
-from personas.model.choice import resolve_model
-from personas.model.load import load_model
 from personas.errors import InputError
 from personas.library.schema import Example, Persona
 from personas.model.prompt import llama2_text
@@ -88,11 +86,6 @@ def test_temperatures_named_then_toml_then_everyone_then_default():
 
 
 # --- on a tiny real model -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
 
 
 PERSONAS = [Persona(name="fox", system="You are a quick brown fox.",

@@ -14,8 +14,6 @@ from personas.diagnostics.distributions import explain, greedy_logits, logits_af
 from personas.model.tokens import token_text
 from personas.diagnostics.diverge import END_OF_TURN, divergence, first_branch
 from personas.diagnostics.diversity import by_temperature, cell_stats, distinct_n
-from personas.model.choice import resolve_model
-from personas.model.load import load_model
 from personas.library.schema import Persona
 from personas.model.prompt import Dialog
 from personas.sampling.grid import Row, Sample
@@ -49,11 +47,6 @@ def test_cell_stats_per_persona_prompt_and_temperature():
 
 
 # --- next-token distributions on a tiny real model ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
 
 
 PIRATE = Persona(name="pirate", system="You are a pirate.", prompt="Hello there, how are you today?")

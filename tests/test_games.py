@@ -127,7 +127,7 @@ def test_summary_counts_the_scored_sides_wins_and_turns():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_long(tmp_path_factory):
     """A tiny random Llama with room for a game's prompts (the byte-level toy tokenizer spends
     a token on almost every character of the shipped personas)."""
     folder = make_tiny_llama(tmp_path_factory.mktemp("tiny-long"), context=4096)
@@ -137,7 +137,7 @@ def tiny(tmp_path_factory):
 SETTINGS = Settings(max_new_tokens=5)
 
 
-def test_all_episodes_take_each_turn_in_one_batched_run(tiny):
+def test_all_episodes_take_each_turn_in_one_batched_run(tiny_long):
     from personas.engine.engine import Engine
 
     game = SHIPPED.games["word-race"]
@@ -151,7 +151,7 @@ def test_all_episodes_take_each_turn_in_one_batched_run(tiny):
 
     Engine.submit = counting_submit
     try:
-        episodes = play_episodes(tiny, game, SHIPPED.personas, [0.2, 1.0], episode_seeds(1, game.name, 3),
+        episodes = play_episodes(tiny_long, game, SHIPPED.personas, [0.2, 1.0], episode_seeds(1, game.name, 3),
                                  SETTINGS, max_turns=4)
     finally:
         Engine.submit = real_submit
@@ -159,14 +159,14 @@ def test_all_episodes_take_each_turn_in_one_batched_run(tiny):
     assert [[line.speaker for line in e.lines] for e in episodes] == [game.turn_order] * 6
 
 
-def test_no_secret_reaches_another_players_prompt(tiny):
+def test_no_secret_reaches_another_players_prompt(tiny_long):
     game = SHIPPED.games["word-race"]
-    episodes = play_episodes(tiny, game, SHIPPED.personas, [1.0], episode_seeds(2, game.name, 4), SETTINGS,
+    episodes = play_episodes(tiny_long, game, SHIPPED.personas, [1.0], episode_seeds(2, game.name, 4), SETTINGS,
                              max_turns=8)
     for episode in episodes:
         for number in range(1, len(episode.lines) + 1):
             turn = turn_for(episode, number, SHIPPED.personas)
-            prompt = tiny.prompt_text(seat_dialog(turn)).lower()
+            prompt = tiny_long.prompt_text(seat_dialog(turn)).lower()
             for name, value in episode.secrets.items():
                 holder = next(p for p, player in game.players.items() if name in player.secrets)
                 spoken = any(value in line.text.lower() for line in episode.lines[:number - 1])
@@ -176,19 +176,19 @@ def test_no_secret_reaches_another_players_prompt(tiny):
                     assert value not in prompt, (turn.seat.name, name)
 
 
-def test_an_episode_replays_from_its_seed_alone(tiny):
+def test_an_episode_replays_from_its_seed_alone(tiny_long):
     game = SHIPPED.games["password"]
     seeds = episode_seeds(3, game.name, 3)
-    episodes = play_episodes(tiny, game, SHIPPED.personas, [1.0], seeds, SETTINGS, max_turns=4)
-    [replayed] = play_episodes(tiny, game, SHIPPED.personas, [1.0], [episodes[1].seed], SETTINGS, max_turns=4)
+    episodes = play_episodes(tiny_long, game, SHIPPED.personas, [1.0], seeds, SETTINGS, max_turns=4)
+    [replayed] = play_episodes(tiny_long, game, SHIPPED.personas, [1.0], [episodes[1].seed], SETTINGS, max_turns=4)
     assert replayed.lines == episodes[1].lines and replayed.secrets == episodes[1].secrets
     assert episodes[0].lines != episodes[1].lines
 
 
-def test_play_cli_json_on_a_tiny_model_with_transcripts(tiny, cache_dir, tmp_path):
+def test_play_cli_json_on_a_tiny_model_with_transcripts(tiny_long, cache_dir, tmp_path):
     out = tmp_path / "episodes.jsonl"
     result = run_cli(["play", "password", "-t", "0", "-t", "1.0", "-n", "3", "--max-turns", "2", "--seed", "4",
-                      "--max-new-tokens", "4", "--model", tiny.label, "--transcripts", str(out)], cache_dir)
+                      "--max-new-tokens", "4", "--model", tiny_long.label, "--transcripts", str(out)], cache_dir)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["temperature"] for r in report] == [0.0, 1.0]
@@ -234,12 +234,12 @@ def test_play_end_to_end_on_the_embedded_model(embedded_ready):
     assert "treasure: wins for inspector" in table.stdout and "episode" in table.stdout
 
 
-def test_decided_episodes_stop_and_are_handed_over_as_they_end(tiny):
+def test_decided_episodes_stop_and_are_handed_over_as_they_end(tiny_long):
     # The guard "says" anything: every episode is decided by its second line, well before the cap.
     library = parse(GAME.replace('says = "{word}"', "pattern = '.'").replace("max_turns = 4", "max_turns = 6"))
     game = library.games["g"]
     turns, ended = [], []
-    episodes = play_episodes(tiny, game, library.personas, [0.5, 1.0], episode_seeds(5, "g", 2), SETTINGS,
+    episodes = play_episodes(tiny_long, game, library.personas, [0.5, 1.0], episode_seeds(5, "g", 2), SETTINGS,
                              on_turn=lambda turn, _cap, live: turns.append((turn, live)),
                              on_end=lambda e: ended.append((e.number, e.temperature, len(e.lines))))
     assert turns == [(1, 4), (2, 4)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import REPO, run_cli
 
 from personas.cli import main
@@ -17,7 +16,6 @@ from personas.library.load import load_library
 from personas.library.schema import Example, Persona
 from personas.generate.prompts_file import parse_prompts
 from personas.sampling.grid import Settings
-from personas.engine.loop import generate_grid
 
 TWO = REPO / "tests" / "data" / "two.toml"
 
@@ -99,68 +97,7 @@ def test_a_thousand_prompts_run_through_the_engine(tmp_path, tiny_llama_dir, cac
     assert ids == list(range(1, 1001))
 
 
-# --- memory: out-of-memory back-off, and --truncate ---------------------------------------------
-
-
-def six_rows(tiny_llama_dir):
-    """The tiny model, and 6 rows (2 temperatures × 3 samples) for the out-of-memory tests."""
-    model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
-    persona = Persona(name="a", prompt="Hello there")
-    request = Request(personas=[persona], temperatures=[0.0, 1.0], n=3, seed=4, settings=Settings(max_new_tokens=6))
-    return model, request, plan(request, model)
-
-
-def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
-    model, request, rows = six_rows(tiny_llama_dir)
-
-    def collect(**kwargs):
-        got = {}
-        generate_grid(model.model, rows, request.settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
-                      on_sample=lambda s: got.__setitem__((s.row.temperature, s.row.sample), s.token_ids), **kwargs)
-        return got
-
-    expected = collect()
-
-    def fail_big_batches(_module, args, kwargs):  # an allocation failure injected above 2 rows
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-
-    splits = []
-    handle = model.model.register_forward_pre_hook(fail_big_batches, with_kwargs=True)
-    try:
-        got = collect(on_split=lambda size, half: splits.append((size, half)))
-    finally:
-        handle.remove()
-    assert splits[0] == (6, 3) and (3, 1) in splits
-    assert got == expected
-
-
-def test_out_of_memory_in_the_engine_halves_the_slots_and_loses_nothing(tiny_llama_dir):
-    from personas.engine.loop import sample_rows
-
-    model, request, rows = six_rows(tiny_llama_dir)
-
-    def collect(**kwargs):
-        got = {}
-        sample_rows(request.settings, model, rows,
-                    lambda s: got.__setitem__((s.row.temperature, s.row.sample), s.token_ids), **kwargs)
-        return got
-
-    expected = collect()
-
-    def fail_big_batches(_module, args):  # an allocation failure injected above 2 rows decoding
-        if args[0].shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-
-    splits = []
-    handle = model.model.model.embed_tokens.register_forward_pre_hook(fail_big_batches)
-    try:
-        got = collect(on_split=lambda size, half: splits.append((size, half)))
-    finally:
-        handle.remove()
-    assert splits == [(6, 3), (3, 1)]
-    assert got == expected
+# --- memory: --truncate ---------------------------------------------
 
 
 def test_a_jsonl_line_sets_its_own_max_new_tokens(tmp_path, tiny_llama_dir, cache_dir):

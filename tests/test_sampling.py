@@ -9,8 +9,6 @@ from collections import Counter
 import pytest
 import torch
 
-from personas.model.choice import resolve_model
-from personas.model.load import load_model
 from personas.generate.request import Request, plan, sample_records
 from personas.library.schema import Example, Persona
 from personas.sampling.chooser import TokenChooser, counter_uniform, gumbel_noise, mix32, token_salts
@@ -23,11 +21,6 @@ PERSONAS = [
             examples=[Example(user="How are you?", assistant="I am fine.")]),
     Persona(name="b", prompt="Tell me about the quick brown fox and the lazy dog"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
 
 
 def collect(model, rows, settings):

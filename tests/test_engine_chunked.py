@@ -1,6 +1,7 @@
-"""The static-cache decode loop (the CUDA fast path) against transformers' plain generate.
+"""The chunked decode loops (engine/chunked/, for architectures the engine does not run): the
+static-cache loop against transformers' plain generate, and the out-of-memory back-off.
 
-On the CPU the loop runs eagerly, so CI checks its logic — padding, positions, the mask,
+On the CPU the static loop runs eagerly, so CI checks its logic — padding, positions, the mask,
 min_new_tokens, end-of-turn handling, per-row seeds — token for token against the plain path.
 On a CUDA machine the same checks run with the step captured as a CUDA graph.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import six_rows
 
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
@@ -28,9 +30,6 @@ SETTINGS = [
     Settings(max_new_tokens=20, min_new_tokens=6, top_k=5),
     Settings(max_new_tokens=40, top_p=0.9),  # longer than CHECK_EVERY: rows are read back mid-run
 ]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def both_paths(model, settings: Settings) -> tuple[dict, dict]:
     request = Request(personas=PERSONAS, temperatures=[0, 0.8, 1.5], n=2, seed=3, settings=settings)
     rows = plan(request, model)
@@ -46,14 +45,9 @@ def both_paths(model, settings: Settings) -> tuple[dict, dict]:
     return results[0], results[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_cpu(tiny_llama_dir):
-    return load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
-
-
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "min-new-top-k", "long-top-p"])
-def test_static_loop_equals_plain_generate_on_cpu(tiny_cpu, settings):
-    plain, fast = both_paths(tiny_cpu, settings)
+def test_static_loop_equals_plain_generate_on_cpu(tiny, settings):
+    plain, fast = both_paths(tiny, settings)
     assert fast == plain
     if settings.min_new_tokens:
         assert all(len(tokens) >= settings.min_new_tokens for tokens, _ in fast.values())
@@ -61,8 +55,8 @@ def test_static_loop_equals_plain_generate_on_cpu(tiny_cpu, settings):
         len(tokens) == settings.max_new_tokens for tokens, _ in fast.values())
 
 
-def test_fast_path_is_only_chosen_where_it_is_safe(tiny_cpu):
-    assert not graph_safe(tiny_cpu.model, None), "CPU keeps transformers' generate"
+def test_fast_path_is_only_chosen_where_it_is_safe(tiny):
+    assert not graph_safe(tiny.model, None), "CPU keeps transformers' generate"
 
     class OnCuda:
         device = torch.device("cuda")
@@ -72,7 +66,6 @@ def test_fast_path_is_only_chosen_where_it_is_safe(tiny_cpu):
     assert not graph_safe(OnCuda(), "SomeNewKernel"), "unknown kernels take the plain path"
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "min-new-top-k", "long-top-p"])
 def test_cuda_graph_equals_plain_generate(tiny_llama_dir, settings):
@@ -81,7 +74,6 @@ def test_cuda_graph_equals_plain_generate(tiny_llama_dir, settings):
     assert fast == plain
 
 
-@cuda
 @pytest.mark.gpu
 def test_cuda_graph_gptq_greedy_equals_plain(tiny_gptq_dir):
     model = load_model(resolve_model(str(tiny_gptq_dir)), device="cuda", gptq_backend="torch")
@@ -90,7 +82,33 @@ def test_cuda_graph_gptq_greedy_equals_plain(tiny_gptq_dir):
     assert [fast[k] for k in greedy] == [plain[k] for k in greedy]
 
 
-@cuda
+@pytest.mark.gpu
 def test_the_default_kernel_on_cuda_is_graph_safe(tiny_gptq_dir):
     model = load_model(resolve_model(str(tiny_gptq_dir)), device="cuda")  # --gptq-backend auto
     assert model.gptq_kernel == "MarlinLinear" and graph_safe(model.model, model.gptq_kernel)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_llama_dir):
+    model, request, rows = six_rows(tiny_llama_dir)
+
+    def collect(**kwargs):
+        got = {}
+        generate_grid(model.model, rows, request.settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
+                      on_sample=lambda s: got.__setitem__((s.row.temperature, s.row.sample), s.token_ids), **kwargs)
+        return got
+
+    expected = collect()
+
+    def fail_big_batches(_module, args, kwargs):  # an allocation failure injected above 2 rows
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    splits = []
+    handle = model.model.register_forward_pre_hook(fail_big_batches, with_kwargs=True)
+    try:
+        got = collect(on_split=lambda size, half: splits.append((size, half)))
+    finally:
+        handle.remove()
+    assert splits[0] == (6, 3) and (3, 1) in splits
+    assert got == expected

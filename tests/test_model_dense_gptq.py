@@ -107,7 +107,7 @@ def test_the_engine_samples_the_same_texts_with_and_without_copies(model, monkey
 
 def test_out_of_memory_drops_the_copies_before_any_slot(model, monkeypatch):
     """The CPU cannot run out of memory for real (the GPU test of the back-off is in
-    test_engine_slots.py): the first product through the copies raises it here. The engine drops
+    test_engine.py): the first product through the copies raises it here. The engine drops
     the copies, keeps its slots, and loses nothing."""
     rows = rows_for(model, 300)
     plain, _ = texts(model, rows, dense=False)
@@ -143,7 +143,6 @@ def test_a_model_that_is_not_gptq_has_nothing_to_copy(tiny_llama_dir):
     assert dense_bytes(plain.model) == 0 and make_dense(plain.model) == 0 and not has_dense(plain.model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 def test_marlin_copies_and_the_automatic_choice_on_the_gpu(tiny_gptq_dir):
     """On the card with Marlin: the copy gives Marlin's products (fp16, another summation order),

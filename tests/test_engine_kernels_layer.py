@@ -7,7 +7,7 @@ the prefix part's state) against the two parts merged by their log-sum-exp.
 
 The kernels run compiled on a GPU (the device), and on the CPU through Triton's interpreter in a
 subprocess (`TRITON_INTERPRET=1` must be set before triton is imported), as
-test_paged_attention.py does.
+test_engine_kernels_paged.py does.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ import torch
 from personas.engine.decoder import Part, add_rms_norm_modules, matmul_part, merge, rotary_modules
 from personas.engine.kernels.paged import PagedPart, paged_attention, paged_attention_after
 from personas.engine.kernels.prefix import PrefixPart, prefix_attention
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def check_norm_rotary_silu(device: str) -> None:
     """Rotary equals transformers' bit for bit (the same roundings); the norm and SiLU up to the
@@ -89,7 +86,7 @@ def prefix_case(device: str, rows: int, kv_heads: int, group: int, head_dim: int
 
 
 def check_prefix_and_merge(device: str) -> None:
-    from test_paged_attention import scattered_pool
+    from test_engine_kernels_paged import scattered_pool
 
     for rows, kv_heads, group, head_dim, idle in ((7, 2, 3, 16, 0), (40, 3, 1, 64, 0), (5, 1, 2, 24, 0),
                                                   (24, 2, 1, 16, 8)):
@@ -117,7 +114,7 @@ def run_in_interpreter(check: str) -> None:
     tests = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(tests), str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    script = f"import test_layer_kernels as t; t.{check}('cpu'); print('ok')"
+    script = f"import test_engine_kernels_layer as t; t.{check}('cpu'); print('ok')"
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
@@ -134,11 +131,11 @@ def test_prefix_kernel_and_merged_own_part_in_tritons_interpreter():
     run_in_interpreter("check_prefix_and_merge")
 
 
-@cuda
+@pytest.mark.gpu
 def test_norm_rotary_and_silu_kernels_on_cuda():
     check_norm_rotary_silu("cuda")
 
 
-@cuda
+@pytest.mark.gpu
 def test_prefix_kernel_and_merged_own_part_on_cuda():
     check_prefix_and_merge("cuda")

@@ -1,4 +1,5 @@
-"""`personas serve --stdio`: a round trip with a malformed line, and batching of lines sent together."""
+"""`personas serve --stdio`: a round trip with a malformed line, batching of lines sent together,
+requests joining a running batch, and a failed decode step answered while the server goes on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, make_tiny_llama
 
 from personas.serve.stdio import batches
 
@@ -73,3 +74,31 @@ def test_a_request_arriving_mid_decode_joins_the_running_batch(tiny_llama_dir):
     ids = [w["id"] for w in written]
     assert ids.count("long") == 8 and ids.count("short") >= 1
     assert max(i for i, x in enumerate(ids) if x == "short") < max(i for i, x in enumerate(ids) if x == "long")
+
+
+def test_a_failed_step_answers_its_request_with_an_error_and_the_server_goes_on(tmp_path, cache_dir):
+    """A checkpoint whose embedding is smaller than its tokenizer: a prompt with later ids fails
+    inside the decode step (IndexError), for real — the same failure the HTTP server's test uses."""
+    broken = make_tiny_llama(tmp_path / "broken", vocab_size=400)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "personas", "serve", "--stdio", "--file", str(TWO), "--model", str(broken),
+         "--device", "cpu"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=cli_env(cache_dir), cwd=REPO)
+
+    def ask(request: dict) -> dict:
+        server.stdin.write((json.dumps(request) + "\n").encode())
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+
+    try:
+        failed = ask({"persona": "a", "prompt": "Galaxy Rider", "max_new_tokens": 4, "id": "doomed"})
+        assert failed["line"] == 1 and failed["error"].startswith("decoding failed: IndexError")
+        answered = ask({"persona": "b", "prompt": "a b c", "max_new_tokens": 3, "id": "after"})
+        assert answered["id"] == "after" and "error" not in answered and answered["new_tokens"] <= 3
+        server.stdin.close()
+        assert server.wait(timeout=120) == 0
+    finally:
+        server.kill()
+    stderr = server.stderr.read().decode()
+    assert stderr.count("decoding failed") == 1 and "Traceback" not in stderr
+

@@ -18,9 +18,6 @@ import torch
 from personas.engine.decoder import Part, matmul_part
 from personas.engine.kernels.paged import PAGE, PagedPart, flat_positions, gather_positions, paged_attention
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def scattered_pool(rows: int, kv_heads: int, head_dim: int, width: int, device: str, seed: int = 0):
     """A pool of pages in random order per row (as rows freed and took them), and the tables."""
     generator = torch.Generator().manual_seed(seed)
@@ -77,17 +74,17 @@ def test_the_kernel_equals_dense_attention_in_tritons_interpreter():
     tests = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(tests), str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    script = "import test_paged_attention as t; t.check_against_dense('cpu'); print('ok')"
+    script = "import test_engine_kernels_paged as t; t.check_against_dense('cpu'); print('ok')"
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
-@cuda
+@pytest.mark.gpu
 def test_the_kernel_equals_dense_attention_on_cuda():
     check_against_dense("cuda")
 
 
-@cuda
+@pytest.mark.gpu
 def test_one_captured_kernel_serves_every_length():
     """The lengths and tables are read on the device: a graph captured once, replayed after
     they change in place, gives what an eager call with the new values gives."""

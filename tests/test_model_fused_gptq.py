@@ -153,7 +153,7 @@ def test_the_engine_samples_the_same_texts_fused_and_unfused(unfused, fused):
     assert texts[0] == texts[1] and len(texts[0]) == len(rows)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_marlin_fused_layers_equal_the_unfused_ones(tiny_gptq_dir, tmp_path):
     """On the card with Marlin (which repacks at load), from the v1 copy as TheBloke's files are."""
     v1 = as_gptq_v1(tiny_gptq_dir, tmp_path / "v1")
