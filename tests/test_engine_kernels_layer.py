@@ -5,7 +5,7 @@ modules; prefix_attention.py (the shared part read through each row's span) agai
 matrix-product attention with a 0 / -inf bias; paged_attention_after (the own part starting from
 the prefix part's state) against the two parts merged by their log-sum-exp.
 
-The kernels run compiled on a GPU (the device), and on the CPU through Triton's interpreter in a
+The kernels run compiled on a GPU, and on the CPU through Triton's interpreter in a
 subprocess (`TRITON_INTERPRET=1` must be set before triton is imported), as
 test_engine_kernels_paged.py does.
 """

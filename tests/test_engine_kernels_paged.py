@@ -1,7 +1,7 @@
 """The paged decode attention (sampling/paged_attention.py): each row read through its page table
 as far as its own length, equal to dense attention over the same positions.
 
-The Triton kernel runs on the GPU on the device, and on the CPU through Triton's interpreter
+The Triton kernel runs compiled on a GPU, and on the CPU through Triton's interpreter
 (`TRITON_INTERPRET=1`, in a subprocess: the variable must be set before triton is imported).
 """
 
@@ -68,7 +68,7 @@ def test_flat_positions_follow_each_rows_table():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernel is tested instead")
 def test_the_kernel_equals_dense_attention_in_tritons_interpreter():
     """CI has no GPU: Triton's interpreter runs the same kernel on the CPU (with the triton that
-    CI's torch brings; the device's triton 3.6 interpreter stops on the loop over a loaded
+    CI's torch brings; the GPU machine's triton 3.6 interpreter stops on the loop over a loaded
     length with a TypeError, so there the compiled kernel is what is tested)."""
     pytest.importorskip("triton")
     tests = Path(__file__).parent

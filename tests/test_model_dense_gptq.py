@@ -1,7 +1,7 @@
 """Dense copies of GPTQ weights (model/dense_gptq.py): read back exactly as the kernel
 dequantizes them, used only for products of many rows, and the same texts from the engine.
 A real checkpoint quantized by optimum + gptqmodel (conftest's tiny_gptq_dir) on the CPU; Marlin
-on the device."""
+on a GPU."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused GPTQ projections (model/fused_gptq.py): q/k/v and gate/up as one quantized layer each,
 equal to the unfused layers they replace. A real checkpoint quantized by optimum + gptqmodel
-(conftest's tiny_gptq_dir), its GPTQ v1 copy, and on the device Marlin."""
+(conftest's tiny_gptq_dir), its GPTQ v1 copy, and on a GPU Marlin."""
 
 from __future__ import annotations
 
