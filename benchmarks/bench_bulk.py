@@ -1,4 +1,4 @@
-"""The bulk job (issue 12) on one GPU: the decode engine against the old chunked path and
+"""The bulk job on one GPU: the decode engine against the old chunked path and
 transformers' continuous batching, with the roofline, in one run.
 
 The job: 512 distinct prompts to the `customer` persona (≈ 200 tokens of system context and
@@ -30,7 +30,7 @@ they make at the same rows per step (at 512 slots the second model finds less me
 (decoder.py: transformers' modules for norms, rotary and SiLU, matrix products for the prefix
 part and the merge).
 
-Prints a table; writes bulk.json to --out ($OUT on the device).
+Prints a table; writes bulk.json to --out (default: $OUT if set, else the current folder).
 """
 
 from __future__ import annotations

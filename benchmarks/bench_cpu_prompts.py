@@ -1,6 +1,6 @@
 """A prompts file on the CPU: the embedded model, N prompts × n samples × exactly T new tokens.
 
-The issue-12 CPU job: 100 distinct prompts to one persona through `generate --prompts-file`,
+The CPU prompts-file job: 100 distinct prompts to one persona through `generate --prompts-file`,
 n = 2, 48 new tokens each (min = max, so every run does the same work), as whole processes.
 With `--baseline-tree DIR` (a checkout of an earlier commit) the same command also runs on that
 tree's code, alternating, in the same run; the texts of both are compared.

@@ -1,6 +1,6 @@
 """The 13B GPTQ grid on one GPU: the notebook's way, per-temperature calls, personas' grid, the floor.
 
-The job (issue 3): the Galaxy Rider customer with its examples, 3 temperatures × 8 samples,
+The 24-sample grid: the Galaxy Rider customer with its examples, 3 temperatures × 8 samples,
 exactly 128 new tokens each (min_new_tokens = 128, so every method does the same work), on a
 GPTQ checkpoint with Llama-2-13B-chat-GPTQ's exact layout (benchmarks/gptq_checkpoint.py;
 random weights, since the GPU machine reaches no hub), loaded through personas' own loader.

@@ -7,7 +7,7 @@ exactly T tokens, so both do the same work. The server gets one warm-up request 
 request's decode-step graphs and caches); the clients then start together (a barrier) and each
 sends one request over its own connection (stdlib http.client, no retries). Tokens/s is all
 completion tokens over the time from the first request sent to the last answer read; latency is
-each request's own. The target (issue 13): the server at ≥ 80% of the prompts file's tokens/s.
+each request's own. The server should reach at least 80% of the prompts file's tokens/s.
 
     python benchmarks/bench_http.py [--model embedded] [--clients 32] [--n 4] [--tokens 64]
 """

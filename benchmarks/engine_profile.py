@@ -1,7 +1,7 @@
 """Where the engine's time goes on the GPU: a run step by step, a step kernel by kernel, and one
 layer's products through the GPTQ kernel against its dense copy.
 
---timeline (the default): the issue-3 job (the customer persona, T = 0.2 / 0.7 / 1.0 × 8 samples,
+--timeline (the default): the 24-sample grid (the customer persona, T = 0.2 / 0.7 / 1.0 × 8 samples,
 exactly 128 new tokens) on the 13B GPTQ checkpoint (benchmarks/gptq_checkpoint.py), Marlin, CUDA
 graphs: each `Engine.step()` timed with the device synchronised around it, the first step (slots
 and pages allocated, prefix and suffixes prefilled, one eager step, the graph captured) apart

@@ -87,8 +87,7 @@ DenseWeightsOpt = Annotated[Optional[bool], typer.Option(
     "and the memory left still holds a row for each.", show_default=False)]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Most rows decoding at once (default: 512 on a GPU, where the cache pages the "
-    "memory free after loading holds may allow fewer; 256 on the CPU, 64 for a model that is not "
-    "Llama-architecture).", min=1, show_default=False)]
+    "memory free after loading holds may allow fewer; 256 on the CPU).", min=1, show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
 SeedOpt = Annotated[Optional[int], typer.Option(
     "--seed", "-s", help="Base seed; the same seed repeats the same run (default: \\[defaults].seed, else "
