@@ -4,24 +4,14 @@
                            ▲                                                  for every slot
                            └──────────── a row ends: deliver, free ◄──────────────────┘
 
-The rooms (docs/engine.md tells the whole story):
-* scheduler.py — the queue, admission and refill, preemption, the rows' tokens as they come;
-* pages.py — which cache pages each slot holds (no torch);
-* prefix_pool.py — the prompt starts rows share, stored once;
-* sizing.py — how many slots and pages, and whether to keep dense copies of GPTQ weights;
-* runner.py — the slots' device tensors, prefill, the decode step and its CUDA graphs;
-* decoder.py and kernels/ — the model's layers over that cache layout.
-
-Each row keeps its seed (the chooser's noise is keyed by seed, step and token id, so the batch
-around it does not matter), temperature, top-k/top-p, min_new_tokens and max_new_tokens. The
-host reads the chosen tokens after every step (B integers): that is how rows end on time and
-refill starts at once, for the price of one small copy per step.
+This file is the public face and composes the rooms: scheduler.py (queue, admission, refill,
+preemption, the rows' tokens), pages.py, prefix_pool.py, sizing.py, runner.py (the device side:
+prefill, the decode step, CUDA graphs), decoder.py and kernels/. docs/engine.md tells the story.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -30,24 +20,12 @@ from ..model.load import LoadedModel
 from ..sampling.grid import Row, Sample, Settings
 from .config import EngineConfig
 from .decoder import Decoder
-from .job import Job, TokenListener
+from .job import EngineStats, Job, TokenListener
 from .pages import PAGE, Pages, Slot, round_up
 from .prefix_pool import PrefixPool
 from .runner import Chosen, Placement, Runner
 from .scheduler import Scheduler
 from .sizing import Sizing, is_out_of_memory
-
-
-@dataclass
-class EngineStats:
-    """What an engine has done so far (progress bars, benchmarks, the server's gauges)."""
-
-    steps: int = 0  # decode steps taken
-    last_batch: int = 0  # rows the last decode step decoded
-    rows_decoded: int = 0  # rows summed over steps (the mean batch: rows_decoded / steps)
-    rows_delivered: int = 0
-    positions_held: int = 0  # own pages × PAGE of each row delivered, summed (the mean cache per row)
-    preemptions: int = 0  # rows preempted for pages, to rerun later
 
 
 class Engine:

@@ -1,4 +1,5 @@
-"""A row inside the engine (Job), and the names the engine's parts pass between them."""
+"""A row inside the engine (Job), the names the engine's parts pass between them, and what an
+engine reports of itself (EngineStats)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,15 @@ class Job:
         """Its pages that hold only prompt: a row with the same prompt, admitted with it, reads
         these instead of its own copy (the n samples of one prompt)."""
         return len(self.suffix) // PAGE
+
+
+@dataclass
+class EngineStats:
+    """What an engine has done so far (progress bars, benchmarks, the server's gauges)."""
+
+    steps: int = 0  # decode steps taken
+    last_batch: int = 0  # rows the last decode step decoded
+    rows_decoded: int = 0  # rows summed over steps (the mean batch: rows_decoded / steps)
+    rows_delivered: int = 0
+    positions_held: int = 0  # own pages × PAGE of each row delivered, summed (the mean cache per row)
+    preemptions: int = 0  # rows preempted for pages, to rerun later

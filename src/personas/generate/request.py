@@ -10,13 +10,13 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..engine.loop import sample_rows
 from ..errors import InputError
 from ..library.schema import BUILT_IN, Persona
 from ..model.load import LoadedModel, fit_dialog
 from ..model.prompt import Dialog
 from ..record import Record
 from ..sampling.grid import Row, Sample, Settings, TokenizedCell, build_grid, validate_values
-from ..engine.loop import sample_rows
 
 
 @dataclass(frozen=True)

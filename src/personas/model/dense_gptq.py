@@ -19,8 +19,6 @@ checkpoint's layout into its own at load — with no knowledge of its packing.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 

@@ -23,25 +23,48 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..engine.decoder import supports
+from ..engine.loop import engine_for
 from ..errors import InputError
 from ..library.load import Library
 from ..model.load import LoadedModel, fit_dialog
 from ..model.tokens import token_text
-from ..engine.decoder import supports
 from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid
-from ..engine.loop import engine_for
-from .openai import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion,
-                       completion_id, logprob_entry, model_entry, parse_request, plan_request, usage)
+from .openai import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion, completion_id,
+                     logprob_entry, model_entry, parse_request, plan_request, usage)
 from .worker import EngineWorker, Ticket
 
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 1024
+
+
+class TokenEvent(NamedTuple):
+    """A row's new token (and its log-probabilities when asked for), from the engine's thread."""
+
+    row: Row
+    token: int
+    logprob: TokenLogprob | None
+
+
+class SampleEvent(NamedTuple):
+    """A row's finished sample."""
+
+    sample: Sample
+
+
+class FailureEvent(NamedTuple):
+    """The decode step that held the request's rows failed."""
+
+    error: BaseException
+
+
+Event = TokenEvent | SampleEvent | FailureEvent
 
 
 class PersonaServer:
@@ -135,7 +158,7 @@ class ChoiceRun:
         self.prompt_tokens = prompt_tokens
         self.id = completion_id()
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple] = asyncio.Queue()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
         decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self.texts = [ChoiceText(decode, plan.stops) for _ in rows]
         self.finish: list[str | None] = [None] * len(rows)
@@ -144,12 +167,12 @@ class ChoiceRun:
         settings = Settings(max_new_tokens=plan.max_tokens, min_new_tokens=plan.min_tokens, top_p=plan.top_p,
                             top_k=plan.top_k)
         self.ticket: Ticket = worker.submit(
-            rows, settings, lambda sample: self._post(("sample", sample)),
-            on_error=lambda error: self._post(("error", error)),
-            on_token=(lambda row, token, lp: self._post(("token", row, token, lp))) if watch else None,
+            rows, settings, lambda sample: self._post(SampleEvent(sample)),
+            on_error=lambda error: self._post(FailureEvent(error)),
+            on_token=(lambda row, token, lp: self._post(TokenEvent(row, token, lp))) if watch else None,
             logprobs=plan.logprobs is not None)
 
-    def _post(self, event: tuple) -> None:
+    def _post(self, event: Event) -> None:
         """From the engine's thread: hand an event to the event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -165,21 +188,22 @@ class ChoiceRun:
         Ends when every choice has finished; raises ApiError if decoding failed."""
         while not self.done:
             event = await self.events.get()
-            if event[0] == "error":
-                raise ApiError(500, f"decoding failed: {type(event[1]).__name__}: {event[1]}", type="server_error")
-            row = event[1].row if event[0] == "sample" else event[1]
+            if isinstance(event, FailureEvent):
+                error = event.error
+                raise ApiError(500, f"decoding failed: {type(error).__name__}: {error}", type="server_error")
+            row = event.sample.row if isinstance(event, SampleEvent) else event.row
             i = row.sample - 1
             if self.finish[i]:
                 continue  # ended by a stop string; its row is being cancelled
             text = self.texts[i]
-            if event[0] == "token":
-                yield i, self._add(i, event[2], event[3])
+            if isinstance(event, TokenEvent):
+                yield i, self._add(i, event.token, event.logprob)
                 if text.stopped:
                     self.finish[i] = "stop"
                     self.worker.cancel(self.ticket, [row])
                     yield i, None
             else:
-                sample: Sample = event[1]
+                sample = event.sample
                 text.tokens = list(sample.token_ids)  # the whole answer (tokens were not watched, or were)
                 self.finish[i] = sample.finish_reason
                 yield i, None

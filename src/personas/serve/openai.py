@@ -19,10 +19,10 @@ from ..errors import InputError
 from ..library.load import Library
 from ..library.schema import Persona
 from ..model.prompt import Dialog
+from ..sampling.grid import TOP_LOGPROBS
 
 DEFAULT_TEMPERATURE = 0.7  # for a persona without its own `temperature`
 MAX_CHOICES = 128
-MAX_TOP_LOGPROBS = 20
 GREEDY_LOGPROB = -9999.0  # stands for -inf (JSON has none), as vLLM writes it
 
 
@@ -89,7 +89,7 @@ class ChatRequest(BaseModel):
     min_tokens: int = Field(default=0, ge=0)  # no end of turn before this many tokens
     stop: str | list[str] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
