@@ -17,9 +17,11 @@ from ..output.records import SampleFormat, make_writer
 from .diagnostics import Diagnostics
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt,
-                      SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, sampling_settings,
-                      seed_in_force)
+from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt,
+                      DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend,
+                      GptqBackendOpt, LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt,
+                      RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
+                      rules_from_flags, sampling_settings, seed_in_force)
 
 
 def generate(
@@ -45,6 +47,15 @@ def generate(
         "--min-new-tokens", help="Forbid ending the turn before this many tokens.", min=0)] = 0,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    logit_bias: LogitBiasOpt = None,
+    dry_multiplier: DryMultiplierOpt = None,
+    dry_base: DryBaseOpt = None,
+    dry_allowed_length: DryAllowedLengthOpt = None,
+    dry_sequence_breaker: DryBreakerOpt = None,
     fmt: Annotated[Optional[SampleFormat], typer.Option(
         "--format", "-f", help="Default: table on a terminal, else jsonl.", show_default=False)] = None,
     template: TemplateOpt = Template.AUTO,
@@ -89,8 +100,11 @@ def generate(
     from ..generate.prompts_file import parse_prompts, read_source
     from ..generate.request import Request
     from ..output.files import OutputFile
+    from ..sampling.grid import rules_from
 
     feedback = Feedback(quiet)
+    rules = rules_from_flags(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
+                             dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker)
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
     if ray_address is not None:
         try:
@@ -119,7 +133,8 @@ def generate(
         seed=base_seed.value,
         settings=sampling_settings(defaults, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
                                    min_new_tokens=min_new_tokens, batch_size=batch_size, fast_path=fast_path,
-                                   dense_weights=gptq_dense),
+                                   dense_weights=gptq_dense, rules=rules),
+        file_rules=rules_from(defaults),
         template=template.for_model(),
         truncate=truncate,
         on_truncate=lambda name, dropped, length: feedback.warn(

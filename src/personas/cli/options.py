@@ -14,9 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import InputError
 from ..library.schema import Defaults
 from ..model.gptq import GPTQ_BACKENDS
-from ..sampling.grid import Settings
+from ..sampling.grid import NO_RULES, Rules, Settings, check_rules, token_key
 from .feedback import Feedback
 
 
@@ -103,16 +104,74 @@ TopKOpt = Annotated[Optional[int], typer.Option(
     show_default=False)]
 
 
+# The logits rules beside temperature (sampling/rules.py; README: Sampling controls).
+MinPOpt = Annotated[Optional[float], typer.Option(
+    "--min-p", help="Drop tokens less likely than this share of the likeliest one, after temperature "
+    "(0–1; keeps high temperatures coherent).", show_default=False, rich_help_panel="Sampling controls")]
+RepetitionPenaltyOpt = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", help="Penalise every token already in the prompt or the answer (> 0; 1 = off; "
+    "1.1–1.3 is usual).", show_default=False, rich_help_panel="Sampling controls")]
+FrequencyPenaltyOpt = Annotated[Optional[float], typer.Option(
+    "--frequency-penalty", help="Lower a token's logit by this much for each time it already appears in the "
+    "answer (-2–2).", show_default=False, rich_help_panel="Sampling controls")]
+PresencePenaltyOpt = Annotated[Optional[float], typer.Option(
+    "--presence-penalty", help="Lower a token's logit by this much once it appears in the answer (-2–2).",
+    show_default=False, rich_help_panel="Sampling controls")]
+LogitBiasOpt = Annotated[Optional[list[str]], typer.Option(
+    "--logit-bias", metavar="TOKEN=BIAS", help="Add BIAS (-100–100) to a token's logit; -100 bans it. TOKEN "
+    "is its text or its id (digits); repeat for several.", show_default=False, rich_help_panel="Sampling controls")]
+DryMultiplierOpt = Annotated[Optional[float], typer.Option(
+    "--dry-multiplier", help="DRY: penalise the token that would extend a repeat of earlier text (0 = off; "
+    "0.8 is usual).", show_default=False, rich_help_panel="Sampling controls")]
+DryBaseOpt = Annotated[Optional[float], typer.Option(
+    "--dry-base", help="DRY: how fast the penalty grows with the repeat's length (> 1; default 1.75).",
+    show_default=False, rich_help_panel="Sampling controls")]
+DryAllowedLengthOpt = Annotated[Optional[int], typer.Option(
+    "--dry-allowed-length", help="DRY: repeats this long go unpenalised (default 2).", show_default=False,
+    rich_help_panel="Sampling controls")]
+DryBreakerOpt = Annotated[Optional[list[str]], typer.Option(
+    "--dry-sequence-breaker", help="DRY: a repeat never runs across this text; repeat for several "
+    "(default: newline, ':', '\"', '*').", show_default=False, rich_help_panel="Sampling controls")]
+
+
+def rules_from_flags(min_p: float | None = None, repetition_penalty: float | None = None,
+                     frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                     logit_bias: list[str] | None = None, dry_multiplier: float | None = None,
+                     dry_base: float | None = None, dry_allowed_length: int | None = None,
+                     dry_sequence_breaker: list[str] | None = None) -> Rules:
+    """The rules the flags give (None where a flag is not given), their ranges checked."""
+    rules = Rules(min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty,
+                  logit_bias=tuple(parse_logit_bias(item) for item in logit_bias) if logit_bias else None,
+                  dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
+                  dry_sequence_breakers=tuple(dry_sequence_breaker) if dry_sequence_breaker else None)
+    check_rules(rules)
+    return rules
+
+
+def parse_logit_bias(item: str) -> tuple[int | str, float]:
+    """`TOKEN=BIAS` (the last '=' splits: a token's text may hold one)."""
+    token, sep, bias = item.rpartition("=")
+    try:
+        value = float(bias)
+    except ValueError:
+        value = None
+    if not sep or not token or value is None:
+        raise InputError(f"--logit-bias {item!r} is not TOKEN=BIAS", "write e.g. --logit-bias 'Aye=-100'")
+    return token_key(token), value
+
+
 # --- flag, else [defaults], else built in -----------------------------------------------------------
 
 
 def sampling_settings(defaults: Defaults, *, max_new_tokens: int | None, top_p: float | None,
                       top_k: int | None, min_new_tokens: int = 0, batch_size: int | None = None,
-                      fast_path: bool = True, dense_weights: bool | None = None) -> Settings:
-    """The sampling settings in force: each flag, else `[defaults]`, else personas' built-in value."""
+                      fast_path: bool = True, dense_weights: bool | None = None, rules: Rules = NO_RULES) -> Settings:
+    """The sampling settings in force: each flag, else `[defaults]`, else personas' built-in value.
+    `rules` are the flags' alone: a persona's own and `[defaults]`' come below them per row."""
     return Settings(max_new_tokens=defaults.pick("max_new_tokens", max_new_tokens), min_new_tokens=min_new_tokens,
                     top_p=defaults.pick("top_p", top_p), top_k=defaults.pick("top_k", top_k),
-                    max_batch=batch_size, fast_path=fast_path, dense_weights=dense_weights)
+                    max_batch=batch_size, fast_path=fast_path, dense_weights=dense_weights, rules=rules)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .prefix_pool import PrefixPool
 from .runner import Chosen, Placement, Runner
 from .scheduler import Scheduler
 from .sizing import Sizing, is_out_of_memory
+from .slot_rules import Dry
 
 
 class Engine:
@@ -55,6 +56,7 @@ class Engine:
         self.span = 0  # the most positions one row's page table can address
         self.pages = Pages(0)
         self.stats = EngineStats()
+        self.dry = Dry(loaded.tokenizer, vocabulary)
 
     # --- the public face ---------------------------------------------------------------------------
 
@@ -168,7 +170,8 @@ class Engine:
                 previous, holder = job.prompt, pages
             placed.append(Placement(b, job, pages, len(shared)))
         chosen = self.runner.place(placed, self.scheduler.slot_prefixes(self.slot_count),
-                                   masks=self.scheduler.masks_needed())
+                                   masks=self.scheduler.masks_needed(), rules=self.scheduler.rules_needed(),
+                                   dry=self.dry.penalties(dict(admitted)))
         self._take(chosen)
 
     def _grow(self) -> None:
@@ -217,8 +220,11 @@ class Engine:
         self.stats.last_batch = len(busy)
         self.stats.rows_decoded += len(busy)
         self.runner.refresh_prefixes(self.scheduler.slot_prefixes(self.slot_count))
+        rules = self.scheduler.rules_needed()
+        if rules:
+            self.runner.rules.set_dry(self.dry.penalties(self.jobs))
         chosen = self.runner.decode(busy, max(self.pages.written.values()) + 1, self.scheduler.masks_needed(),
-                                    self.scheduler.logprobs_needed())
+                                    self.scheduler.logprobs_needed(), rules)
         self.stats.steps += 1
         self.pages.advance(busy)
         self._take(chosen)

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..sampling.grid import Row, Sample, TokenLogprob
-from .pages import PAGE, pages_for
+from ..sampling.grid import NO_RULES, Row, Rules, Sample, TokenLogprob
+from .pages import PAGE, Slot, pages_for
 
 Prefix = tuple[int, ...]  # the start of a prompt that rows share, stored once in the prefix pool
 TokenListener = Callable[[Row, int, TokenLogprob | None], None]
@@ -27,6 +27,16 @@ class ChosenLogprobs(NamedTuple):
 
     logprob: float
     top: tuple[tuple[int, float], ...]
+
+
+class Placement(NamedTuple):
+    """A row given a slot: the pages its table holds, the first `shared` of them read from the row
+    admitted just before it with the same prompt."""
+
+    slot: Slot
+    job: Job
+    pages: list[int]
+    shared: int
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
@@ -58,6 +68,12 @@ class Job:
     on_token: TokenListener | None = None  # told each new token as it is chosen (streaming)
     logprobs: bool = False  # on_token gets each token's log-probabilities
     reported: int = 0  # tokens already given to on_token (a rerun after a back-off repeats none)
+    rules: Rules = NO_RULES  # min_p, penalties, logit_bias (token ids), DRY
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """Its tokens so far: the prompt and the new tokens (what penalties and DRY look at)."""
+        return self.row.prompt_ids + tuple(self.tokens)
 
     @property
     def suffix(self) -> tuple[int, ...]:

@@ -19,10 +19,11 @@ from ..sampling.grid import TOP_LOGPROBS
 from ..sampling.rules import forbid_early_end
 from .config import PREFILL_TOKENS
 from .decoder import Decoder, Part
-from .job import ChosenLogprobs, Job, Prefix, Prompt
+from .job import ChosenLogprobs, Placement, Prefix, Prompt
 from .kernels.paged import PAGE, PagedPart, flat_positions, gather
 from .pages import SINK_PAGE, Slot
 from .prefix_pool import PrefixPool
+from .slot_rules import SlotRules
 
 # Which slots a step computes: all (None), the first N (an int: a view, so graphs capture it), or
 # these indices (a tensor; eager steps only).
@@ -48,16 +49,6 @@ def put(target: torch.Tensor, rows: SlotSelection, value: torch.Tensor) -> None:
         target[rows] = value
 
 
-class Placement(NamedTuple):
-    """A row given a slot: the pages its table holds, the first `shared` of them read from the row
-    admitted just before it with the same prompt."""
-
-    slot: Slot
-    job: Job
-    pages: list[int]
-    shared: int
-
-
 class Chosen(NamedTuple):
     """What a step chose: each slot's token, and its log-probabilities when some row asked."""
 
@@ -73,6 +64,7 @@ class GraphKey(NamedTuple):
     masks: bool  # some row uses top-k/top-p
     logprobs: bool  # some row reports log-probabilities
     leading: int  # the first slots computed (a power of two)
+    rules: bool = False  # some row uses min_p, a penalty, logit_bias or DRY
 
 
 class PageCopy(NamedTuple):
@@ -122,6 +114,7 @@ class Runner:
         self.cache_keys: list[torch.Tensor] = []
         self.cache_values: list[torch.Tensor] = []
         self.slots: SlotTensors | None = None
+        self.rules: SlotRules | None = None
         self.prefix_version = -1
 
     # --- allocation ------------------------------------------------------------------------------
@@ -151,7 +144,7 @@ class Runner:
 
     def release(self) -> None:
         self.cache_keys = self.cache_values = []
-        self.slots = None
+        self.slots = self.rules = None
         self.drop_graphs()
 
     def drop_graphs(self) -> None:
@@ -163,11 +156,13 @@ class Runner:
 
     # --- slots in and out ------------------------------------------------------------------------
 
-    def place(self, placed: Sequence[Placement], slot_prefixes: Sequence[Prefix], masks: bool) -> Chosen:
+    def place(self, placed: Sequence[Placement], slot_prefixes: Sequence[Prefix], masks: bool, rules: bool,
+              dry: dict[Slot, dict[int, float]]) -> Chosen:
         """Put newly admitted rows in their slots; encode their suffixes and choose their first
         tokens — except rows whose suffix is one token, which the next decode step takes as it is.
         Returns the first tokens chosen (the encoded rows'). `masks`: some row in the slots uses
-        top-k/top-p.
+        top-k/top-p; `rules`: some row uses the other logits rules; `dry`: the placed rows' DRY
+        penalties over their prompts.
 
         A one-token suffix (every row of a grid, where a persona's rows share all of their prompt
         but its last token) needs no pass of its own: written at its slot's first position, that
@@ -198,8 +193,13 @@ class Runner:
         s.tok[index] = torch.tensor([j.suffix[0] if o else self.pad_id for j, o in zip(jobs, one)], device=device)
         s.pos[index] = torch.tensor([len(j.row.prompt_ids) - o for j, o in zip(jobs, one)], device=device)
         s.write_at[index] = torch.tensor([len(j.suffix) - o for j, o in zip(jobs, one)], device=device)
+        if rules and self.rules is None:
+            # Made on first use: graphs captured before then never read them.
+            self.rules = SlotRules(s.tok.shape[0], self.vocabulary, device)
+        if self.rules is not None:
+            self.rules.place(placed, dry)
         encoded = [p for p, o in zip(placed, one) if not o]
-        return self._encode_and_choose(encoded, masks) if encoded else Chosen({})
+        return self._encode_and_choose(encoded, masks, rules) if encoded else Chosen({})
 
     def set_pages(self, added: Sequence[tuple[Slot, int, int]]) -> None:
         """(slot, column, page): pages rows grew into, into their tables."""
@@ -239,7 +239,7 @@ class Runner:
 
     # --- prefill ---------------------------------------------------------------------------------
 
-    def _encode_and_choose(self, placed: Sequence[Placement], masks: bool) -> Chosen:
+    def _encode_and_choose(self, placed: Sequence[Placement], masks: bool, rules: bool) -> Chosen:
         """Encode the rows' suffixes (identical prompts once) and choose their first tokens."""
         distinct: dict[Prompt, list[Placement]] = {}
         for p in placed:
@@ -261,7 +261,9 @@ class Runner:
         slots = [p.slot for p in placed]
         index = torch.tensor(slots, device=self.device)
         logits = torch.stack([logits_of[b] for b in slots])
-        chosen = self._choose(logits, index, masks=masks)
+        chosen = self._choose(logits, index, masks=masks, rules=rules)
+        if rules:
+            self._count(index, chosen)
         logprobs = None
         if any(p.job.logprobs for p in placed):
             self._keep_logprobs(logits, chosen, index)
@@ -317,13 +319,21 @@ class Runner:
 
     # --- choosing --------------------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, slots: SlotSelection, masks: bool) -> torch.Tensor:
-        """The next token of each slot (all slots, or `slots`) from its logits and rules."""
+    def _choose(self, logits: torch.Tensor, slots: SlotSelection, masks: bool, rules: bool = False) -> torch.Tensor:
+        """The next token of each slot (all slots, or `slots`) from its logits and rules (the
+        order: sampling/rules.py). `logits` keep the model's distribution but for the early end
+        of turn (log-probabilities are read from them)."""
         s, pick = self.slots, picker(slots)
         generated = pick(s.generated)
         forbid_early_end(logits, self.end, generated, pick(s.min_new))
+        min_p = None
+        if rules:
+            logits, min_p = self.rules.apply(logits, pick)
         top_k, top_p = (pick(s.top_k), pick(s.top_p)) if masks else (None, None)
-        return choose(logits, pick(s.temperatures), pick(s.seeds), generated, self.salts, top_k, top_p)
+        return choose(logits, pick(s.temperatures), pick(s.seeds), generated, self.salts, top_k, top_p, min_p)
+
+    def _count(self, slots: SlotSelection, chosen: torch.Tensor) -> None:
+        self.rules.count(slots, picker(slots)(self.slots.active), chosen)
 
     def _keep_logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, rows: SlotSelection) -> None:
         """The chosen tokens' log-probabilities and the likeliest alternatives, into the slots'
@@ -341,7 +351,7 @@ class Runner:
 
     # --- the decode step -------------------------------------------------------------------------
 
-    def decode(self, busy: Sequence[Slot], own_span: int, masks: bool, logprobs: bool) -> Chosen:
+    def decode(self, busy: Sequence[Slot], own_span: int, masks: bool, logprobs: bool, rules: bool = False) -> Chosen:
         """One token for every busy slot (returned in the order of `busy`); `own_span`: the most
         positions a busy slot's own cache holds, the new one included.
 
@@ -350,22 +360,22 @@ class Runner:
         slots. Powers of two keep the graphs few."""
         slot_count = self.slots.tok.shape[0]
         leading = min(slot_count, max(16, 1 << max(busy).bit_length()))
-        key = GraphKey(self.pool.read_length(), masks, logprobs, leading)
+        key = GraphKey(self.pool.read_length(), masks, logprobs, leading, rules)
         if not self.graphs_enabled:
             # Eagerly, only the slots in use are computed, each read as far as the longest of them.
             rows = None if len(busy) == slot_count else torch.tensor(sorted(busy), device=self.device)
-            self._decode(key.prefix_span, key.masks, key.logprobs, rows=rows, own_span=own_span)
+            self._decode(key.prefix_span, key.masks, key.logprobs, rows=rows, own_span=own_span, rules=rules)
         elif key in self.graphs:
             self.graphs[key].replay()
         else:
             with torch.inference_mode():
                 first = self.graph_pool is None
                 if first:
-                    self._decode(*key)  # eager once: warms every kernel, and is this step
+                    self._decode(*key[:4], rules=rules)  # eager once: warms every kernel, and is this step
                     self.graph_pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.graph_pool):
-                    self._decode(*key)  # recorded, not run
+                    self._decode(*key[:4], rules=rules)  # recorded, not run
                 if not first:
                     graph.replay()  # later keys: capture, then run it
             self.graphs[key] = graph
@@ -373,7 +383,7 @@ class Runner:
         return Chosen({b: chosen[b] for b in busy}, self.read_logprobs(busy) if logprobs else None)
 
     def _decode(self, prefix_span: int, masks: bool, logprobs: bool, rows: SlotSelection = None,
-                own_span: int = 0) -> None:
+                own_span: int = 0, rules: bool = False) -> None:
         """The next token of every slot, or of `rows` (the first N slots; or, eagerly only, a
         tensor of slot indices), written to `tok`; all state advanced on the device.
 
@@ -408,9 +418,11 @@ class Runner:
         else:
             shared = self.pool.parts(pick(s.prefix_bias), prefix_span)
         logits = self.decoder.run(pick(s.tok)[:, None], pick(s.pos)[:, None], own, shared, s.first_row[:len(write)])
-        chosen = self._choose(logits, rows, masks=masks)
+        chosen = self._choose(logits, rows, masks=masks, rules=rules)
         if logprobs:
             self._keep_logprobs(logits, chosen, rows)
+        if rules:
+            self._count(rows, chosen)
         put(s.tok, rows, chosen)
         s.pos.add_(s.active)
         s.write_at.add_(s.active)

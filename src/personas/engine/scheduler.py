@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from ..sampling.grid import Row, Sample, Settings, TokenLogprob
+from ..sampling.grid import NO_RULES, Row, Sample, Settings, TokenLogprob
 from .config import REFILL_SHARE
 from .job import ChosenLogprobs, Job, Prefix, TokenListener, common_prefix
 from .pages import PAGE, Slot
@@ -64,7 +64,8 @@ class Scheduler:
             for row in members:
                 job = Job(row, row.limit(settings), settings.min_new_tokens, settings.top_k or 0,
                           settings.top_p if settings.top_p is not None else 1.0, deliver,
-                          prefix=row.prompt_ids[:shared], on_token=on_token, logprobs=logprobs)
+                          prefix=row.prompt_ids[:shared], on_token=on_token, logprobs=logprobs,
+                          rules=(row.rules or NO_RULES).over(settings.rules))
                 self.pool.hold(job.prefix)
                 jobs.append(job)
         # Longest rows first, so the last steps are not a few long rows decoding alone; identical
@@ -147,6 +148,10 @@ class Scheduler:
     def masks_needed(self) -> bool:
         """Some running row uses top-k/top-p (the step then sorts its scores)."""
         return any(job.top_k or job.top_p < 1.0 for job in self.running.values())
+
+    def rules_needed(self) -> bool:
+        """Some running row uses min_p, a penalty, logit_bias or DRY."""
+        return any(job.rules.used for job in self.running.values())
 
     def logprobs_needed(self) -> bool:
         return any(job.logprobs for job in self.running.values())

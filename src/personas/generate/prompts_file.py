@@ -4,7 +4,8 @@ Two forms, told apart by the first non-blank line:
 
 * plain text: one prompt per line (blank lines skipped); each runs on the command's personas;
 * JSONL: one object per line, `{"prompt": ..., "persona": ..., "temperatures": [...], "n": ...,
-  "seed": ..., "max_new_tokens": ..., "id": ...}`, only `prompt` required; unknown keys are errors.
+  "seed": ..., "max_new_tokens": ..., "id": ...}` and the logits rules a persona may set
+  (`min_p`, `presence_penalty`, `logit_bias`, …), only `prompt` required; unknown keys are errors.
 
 Every row carries its line's `id`, or the line number (from 1) when it has none. Errors name
 the file and line.
@@ -17,18 +18,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from ..errors import InputError, PersonaFileError
 from ..library.load import Library
-from ..library.schema import Persona, Temperature
+from ..library.schema import Persona, RuleFields, Temperature
+from ..sampling.grid import NO_RULES, rules_from
 from .request import Cell
 
 
-class PromptLine(BaseModel):
-    """One JSONL line of a prompts file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PromptLine(RuleFields):
+    """One JSONL line of a prompts file: a prompt, and what it sets for itself (the logits rules
+    too, as a persona file writes them)."""
 
     prompt: str
     persona: str | None = None
@@ -89,8 +90,9 @@ def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Per
         except InputError as e:
             raise PersonaFileError(name, number, e.what, e.todo) from None
         temperatures = tuple(item.temperatures) if item.temperatures else None
+        rules = rules_from(item)
         cells += [Cell(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number,
-                       item.max_new_tokens) for p in targets]
+                       item.max_new_tokens, rules if rules != NO_RULES else None) for p in targets]
     if not cells:
         raise InputError(f"no prompts in {name}", "write one prompt per line, or JSONL objects with a prompt")
     return cells

@@ -15,14 +15,16 @@ from ..errors import InputError
 from ..library.schema import BUILT_IN, Persona
 from ..model.load import LoadedModel, fit_dialog
 from ..model.prompt import Dialog
+from ..model.tokens import token_id_of
 from ..record import Record
-from ..sampling.grid import Row, Sample, Settings, TokenizedCell, build_grid, validate_values
+from ..sampling.grid import (NO_RULES, Row, Rules, Sample, Settings, TokenizedCell, build_grid, check_rules,
+                             rules_from, validate_values)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One persona × prompt cell; a prompts-file line may set its own temperatures, n, seed, id
-    and max_new_tokens."""
+    """One persona × prompt cell; a prompts-file line may set its own temperatures, n, seed, id,
+    max_new_tokens and logits rules."""
 
     persona: Persona
     prompt: str
@@ -31,6 +33,7 @@ class Cell:
     seed: int | None = None
     id: str | int | None = None
     max_new_tokens: int | None = None
+    rules: Rules | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Request:
     settings: Settings = Settings()
     template: str | None = None  # "llama2" | "model"; None: the model's own choice
     truncate: bool = False  # drop examples (oldest first) from prompts too long for the context
+    file_rules: Rules = NO_RULES  # the persona file's [defaults] rules: below the persona's and the flags'
     on_truncate: Callable[[str, int, int], None] = field(default=lambda _p, _d, _n: None, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,8 @@ class Request:
         validate_values(self.temperatures, self.n, self.settings)
         for cell in self.cells:
             validate_values(cell.temperatures or self.temperatures, cell.n or self.n, self.settings)
+            if cell.rules is not None:
+                check_rules(cell.rules, name=lambda field: field)
         all_cells(self)  # personas without a prompt, empty prompts
 
 
@@ -75,14 +81,31 @@ def all_cells(request: Request) -> list[Cell]:
 
 
 def plan(request: Request, model: LoadedModel) -> list[Row]:
-    """The request's rows, each prompt tokenized and fitted to the model's context."""
+    """The request's rows, each prompt tokenized and fitted to the model's context, each with its
+    rules (`cell_rules`)."""
     cells = []
     for cell in all_cells(request):
         limit = cell.max_new_tokens or request.settings.max_new_tokens
         ids = fitted_prompt_ids(cell.persona, cell.prompt, request, model, limit)
         cells.append(TokenizedCell(cell.persona.name, cell.prompt, ids, cell.temperatures, cell.n, cell.seed, cell.id,
-                                   cell.max_new_tokens))
+                                   cell.max_new_tokens, cell_rules(cell, request, model)))
     return build_grid(cells, request.temperatures, request.n, request.seed)
+
+
+def cell_rules(cell: Cell, request: Request, model: LoadedModel) -> Rules | None:
+    """A cell's logits rules: its line's own, over the command's flags, over its persona's, over
+    the file's `[defaults]` — each rule from the first that sets it; token texts turned into the
+    model's ids. None when nothing sets any."""
+    rules = (cell.rules or NO_RULES).over(request.settings.rules).over(rules_from(cell.persona)) \
+        .over(request.file_rules)
+    if rules == NO_RULES:
+        return None
+    rules = rules.with_token_ids(lambda text: token_id_of(model.tokenizer, text))
+    for token, _ in rules.logit_bias or ():
+        if token >= len(model.tokenizer):
+            raise InputError(f"logit_bias: token id {token} is past this model's vocabulary "
+                             f"({len(model.tokenizer)} tokens)", "use an id the model has (personas render --ids)")
+    return rules
 
 
 def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel,

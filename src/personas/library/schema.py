@@ -33,8 +33,28 @@ class Example(Strict):
     _check = field_validator("user", "assistant")(not_blank)
 
 
-class Persona(Strict):
-    """`[personas.NAME]`: a system context, few-shot examples, and a default prompt."""
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+
+
+class RuleFields(Strict):
+    """The logits rules a table may set beside temperature (README: Sampling controls; the
+    rules themselves: sampling/rules.py). logit_bias maps a token — its text, or its id written
+    as digits — to a bias in [-100, 100]; -100 bans it."""
+
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Bias] | None = Field(default=None, max_length=300)
+    dry_multiplier: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    dry_base: float | None = Field(default=None, gt=1, allow_inf_nan=False)
+    dry_allowed_length: int | None = Field(default=None, ge=1)
+    dry_sequence_breakers: list[Annotated[str, Field(min_length=1)]] | None = None
+
+
+class Persona(RuleFields):
+    """`[personas.NAME]`: a system context, few-shot examples, a default prompt, and optionally
+    this persona's own logits rules (RuleFields)."""
 
     name: str
     description: str | None = None  # one line for `personas list`
@@ -47,8 +67,8 @@ class Persona(Strict):
     _check = field_validator("system", "prompt", "description", "opener")(not_blank)
 
 
-class Defaults(Strict):
-    """`[defaults]`: what commands use when a flag is not given.
+class Defaults(RuleFields):
+    """`[defaults]`: what commands use when a flag is not given (the rules too).
 
     `pick` is the one place where a value falls back: the flag (or a request's own field), else
     this table's value, else the built-in one (`BUILT_IN`).

@@ -32,7 +32,9 @@ def file_error(path: Path, lines: KeyLines, error: ValidationError, root: type[B
     if first["type"] == "extra_forbidden":
         what = f"{where}{'.'.join(loc[:-1]) + ': ' if loc[:-1] else ''}unknown key '{loc[-1]}'"
         model = model_at(root, first["loc"][:-1])
-        known = [k for k in model.model_fields if k != "name"] if model else []
+        # The table's own keys first, then those it shares (the logits rules).
+        own = vars(model).get("__annotations__", {}) if model else {}
+        known = sorted((k for k in model.model_fields if k != "name"), key=lambda k: k not in own) if model else []
         todo = "known keys: " + ", ".join(known)
     elif first["type"] == "missing":
         what = f"{where}{field_name}: missing"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .grid import Settings
-from .rules import top_k_top_p_mask
+from .rules import min_p_mask, top_k_top_p_mask
 
 # --- counter-based noise -----------------------------------------------------------------------
 #
@@ -114,9 +114,11 @@ def noisy_argmax(tempered: torch.Tensor, seeds: torch.Tensor, step: int | torch.
 
 
 def choose(scores: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
-           salts: torch.Tensor, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None) -> torch.Tensor:
+           salts: torch.Tensor, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
+           min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's next token: greedy where its temperature is 0, else Gumbel-max over
-    logits / T with its top-k/top-p masks (pass neither to skip the sort they need)."""
+    logits / T with its top-k/top-p masks, then its min_p mask (pass none of them to skip the
+    sort and softmax they need)."""
     greedy = temperatures == 0
     divisor = torch.where(greedy, torch.ones_like(temperatures), temperatures)[:, None]
     tempered = scores.float() / divisor
@@ -124,6 +126,8 @@ def choose(scores: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
         top_k = top_k if top_k is not None else torch.zeros_like(seeds)
         top_p = top_p if top_p is not None else torch.ones_like(temperatures)
         tempered = top_k_top_p_mask(tempered, top_k, top_p)
+    if min_p is not None:
+        tempered = min_p_mask(tempered, min_p)
     return torch.where(greedy, scores.argmax(dim=-1), noisy_argmax(tempered, seeds, step, salts))
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
 
 from ..errors import InputError
 from ..library.schema import BUILT_IN
@@ -24,6 +24,78 @@ from ..library.schema import BUILT_IN
 BATCH_SIZE = {"cpu": 256, "cuda": 512}
 # The most alternatives a token's log-probabilities come with (OpenAI's limit for top_logprobs).
 TOP_LOGPROBS = 20
+
+
+# DRY's sequence breakers unless told otherwise (llama.cpp's and koboldcpp's defaults): a repeat
+# never runs across one of these.
+DRY_BREAKERS = ("\n", ":", "\"", "*")
+DRY_BASE = 1.75
+DRY_ALLOWED_LENGTH = 2
+# logit_bias's range (OpenAI's); a bias of -100 bans the token outright.
+BIAS_LIMIT = 100.0
+MAX_LOGIT_BIAS = 300  # tokens one row may bias (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A row's logits rules beside temperature and top-k/top-p (sampling/rules.py applies them).
+
+    Each field None means "not given here": `over` takes another layer's value for it (a request
+    line over the command's flags, over the persona, over `[defaults]`), and what is still None
+    at the end is off. logit_bias holds (token, bias) pairs: a token's id, or its text until the
+    model's tokenizer turns it into one (`with_token_ids`).
+    """
+
+    min_p: float | None = None  # drop tokens below min_p × the top token's probability (after T)
+    repetition_penalty: float | None = None  # transformers': over the prompt and the new tokens
+    frequency_penalty: float | None = None  # OpenAI's: minus this × the token's count so far
+    presence_penalty: float | None = None  # OpenAI's: minus this once a token has appeared
+    logit_bias: tuple[tuple[int | str, float], ...] | None = None
+    dry_multiplier: float | None = None  # DRY (llama.cpp's): 0 = off
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: tuple[str, ...] | None = None
+
+    def over(self, under: Rules) -> Rules:
+        """These rules, with `under`'s value wherever a field here is None."""
+        return Rules(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(under, f.name)
+                        for f in fields(self)})
+
+    @property
+    def used(self) -> bool:
+        """Some rule changes the logits (the engine then runs them; otherwise they cost nothing)."""
+        return bool(self.min_p or (self.repetition_penalty not in (None, 1.0)) or self.frequency_penalty
+                    or self.presence_penalty or self.logit_bias or self.dry_multiplier)
+
+    @property
+    def dry(self) -> bool:
+        return bool(self.dry_multiplier)
+
+    def with_token_ids(self, token_id: Callable[[str], int]) -> Rules:
+        """logit_bias with every token given as text turned into its id by `token_id`."""
+        if not self.logit_bias:
+            return self
+        return replace(self, logit_bias=tuple((t if isinstance(t, int) else token_id(t), b) for t, b in self.logit_bias))
+
+
+NO_RULES = Rules()
+RULE_FIELDS = tuple(f.name for f in fields(Rules))
+
+
+def token_key(key: str) -> int | str:
+    """A logit_bias key: digits are a token id, anything else a token's text."""
+    return int(key) if key.strip().isdigit() else key
+
+
+def rules_from(table: object) -> Rules:
+    """The rules a table sets (a persona, `[defaults]`, a prompts-file line, a request: anything
+    with the fields of library.schema.RuleFields), logit_bias keys read by `token_key`."""
+    values = {name: getattr(table, name, None) for name in RULE_FIELDS}
+    if values["logit_bias"] is not None:
+        values["logit_bias"] = tuple((token_key(k), float(v)) for k, v in values["logit_bias"].items())
+    if values["dry_sequence_breakers"] is not None:
+        values["dry_sequence_breakers"] = tuple(values["dry_sequence_breakers"])
+    return Rules(**values)
 
 
 @dataclass(frozen=True)
@@ -38,6 +110,7 @@ class Row:
     prompt_ids: tuple[int, ...]
     id: str | int | None = None  # the input line's id (prompts files, serve)
     max_new_tokens: int | None = None  # this row's own limit (a prompts-file line); None: the grid's
+    rules: Rules | None = None  # this row's own rules (a line's, a persona's); None: the grid's
 
     def limit(self, settings: Settings) -> int:
         """How many new tokens this row may have."""
@@ -57,6 +130,7 @@ class Settings:
     # GPTQ products of many rows through dense half-precision copies of the weights
     # (model/dense_gptq.py); None: the engine decides from the rows and the memory.
     dense_weights: bool | None = None
+    rules: Rules = NO_RULES  # min_p, penalties, logit_bias, DRY; a row's own rules go over these
 
 
 @dataclass(frozen=True)
@@ -97,6 +171,7 @@ class TokenizedCell:
     seed: int | None = None
     id: str | int | None = None
     max_new_tokens: int | None = None
+    rules: Rules | None = None
 
 
 def batch_size(max_batch: int | None, device_type: str) -> int:
@@ -119,7 +194,7 @@ def build_grid(cells: Iterable[TokenizedCell], temperatures: Sequence[float], n:
         for t in cell.temperatures or temperatures:
             for k in range(1, (cell.n or n) + 1):
                 rows.append(Row(cell.persona, cell.prompt, t, k, derive_seed(base, *place, k), cell.prompt_ids,
-                                cell.id, cell.max_new_tokens))
+                                cell.id, cell.max_new_tokens, cell.rules))
     return rows
 
 
@@ -139,6 +214,47 @@ def validate_values(temperatures: Sequence[float], n: int, settings: Settings) -
         raise InputError(f"--top-p {settings.top_p} is not allowed", "use a value in (0, 1]")
     if settings.top_k is not None and settings.top_k < 0:
         raise InputError(f"--top-k {settings.top_k} is not allowed", "use 0 (off) or more")
+    check_rules(settings.rules)
+
+
+def check_rules(rules: Rules, name: Callable[[str], str] = lambda field: "--" + field.replace("_", "-")) -> None:
+    """Refuse rule values out of their ranges; `name` says how the user wrote a field (a flag, a
+    JSON key). OpenAI's ranges where OpenAI has the field."""
+
+    def bad(field: str, value: object, allowed: str) -> InputError:
+        return InputError(f"{name(field)} {value} is not allowed", f"use {allowed}")
+
+    def finite(value: float) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if rules.min_p is not None and not (finite(rules.min_p) and 0 <= rules.min_p <= 1):
+        raise bad("min_p", rules.min_p, "a value in [0, 1] (0 = off)")
+    if rules.repetition_penalty is not None and not (finite(rules.repetition_penalty) and rules.repetition_penalty > 0):
+        raise bad("repetition_penalty", rules.repetition_penalty, "a value > 0 (1 = off)")
+    for field in ("frequency_penalty", "presence_penalty"):
+        value = getattr(rules, field)
+        if value is not None and not (finite(value) and -2 <= value <= 2):
+            raise bad(field, value, "a value in [-2, 2] (0 = off)")
+    if rules.logit_bias is not None:
+        if len(rules.logit_bias) > MAX_LOGIT_BIAS:
+            raise InputError(f"{name('logit_bias')} names {len(rules.logit_bias)} tokens",
+                             f"bias at most {MAX_LOGIT_BIAS}")
+        for token, value in rules.logit_bias:
+            if not (finite(value) and -BIAS_LIMIT <= value <= BIAS_LIMIT):
+                raise InputError(f"{name('logit_bias')}: the bias {value} of {token!r} is not allowed",
+                                 f"use a value in [-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}] (-100 bans the token)")
+            if isinstance(token, int) and token < 0:
+                raise InputError(f"{name('logit_bias')}: token id {token} is not allowed", "use a token id >= 0")
+    if rules.dry_multiplier is not None and not (finite(rules.dry_multiplier) and rules.dry_multiplier >= 0):
+        raise bad("dry_multiplier", rules.dry_multiplier, "a value >= 0 (0 = off)")
+    if rules.dry_base is not None and not (finite(rules.dry_base) and rules.dry_base > 1):
+        raise bad("dry_base", rules.dry_base, "a value > 1")
+    if rules.dry_allowed_length is not None and not (isinstance(rules.dry_allowed_length, int)
+                                                      and rules.dry_allowed_length >= 1):
+        raise bad("dry_allowed_length", rules.dry_allowed_length, "a whole number >= 1")
+    if rules.dry_sequence_breakers is not None and not all(isinstance(b, str) and b for b in rules.dry_sequence_breakers):
+        raise InputError(f"{name('dry_sequence_breakers')}: every breaker must be non-empty text",
+                         "drop the empty one")
 
 
 def check_temperature(t: float) -> None:
