@@ -14,9 +14,11 @@ from ..library.load import find_library_file, load_library
 from ..output.transcripts import ChatFormat, LineJsonWriter, TranscriptWriter
 from .feedback import Feedback, truncation_warning
 from .loading import load_model_for, model_options
-from .options import (AllowPickleOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, LineTokensOpt,
-                      ModelOpt, QuietOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
-                      sampling_settings, seed_in_force)
+from .options import (AllowPickleOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt, DryBreakerOpt, DryMultiplierOpt,
+                      FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, LineTokensOpt,
+                      LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt, RepetitionPenaltyOpt, SeedOpt,
+                      Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, rules_from_flags, sampling_settings,
+                      seed_in_force)
 
 
 def chat(
@@ -34,6 +36,15 @@ def chat(
     max_new_tokens: LineTokensOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    logit_bias: LogitBiasOpt = None,
+    dry_multiplier: DryMultiplierOpt = None,
+    dry_base: DryBaseOpt = None,
+    dry_allowed_length: DryAllowedLengthOpt = None,
+    dry_sequence_breaker: DryBreakerOpt = None,
     fmt: Annotated[Optional[ChatFormat], typer.Option(
         "--format", "-f", help="Default: transcript on a terminal, else jsonl.", show_default=False)] = None,
     template: TemplateOpt = Template.AUTO,
@@ -57,8 +68,10 @@ def chat(
     check_chat(personas, turns, opener)
     opener = chat_opener(personas, opener)
     temperatures = chat_temperatures(personas, temp or [])
+    rules = rules_from_flags(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
+                             dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker)
     settings = sampling_settings(library.defaults, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
-                                 fast_path=fast_path)
+                                 fast_path=fast_path, rules=rules)
     validate_values(list(temperatures.values()), 1, settings)  # top-p/top-k are checked here
     options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
     base_seed = seed_in_force(seed, library.defaults)

@@ -15,8 +15,10 @@ from ..library.load import find_library_file, load_library
 from ..output.records import ReportFormat
 from .feedback import Feedback
 from .loading import load_model_for, model_options
-from .options import (AllowPickleOpt, DeviceOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, PromptOpt, QuietOpt,
-                      Template, TemplateOpt, TrustRemoteCodeOpt)
+from .options import (AllowPickleOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt, DryBreakerOpt, DryMultiplierOpt,
+                      FileOpt, FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, LogitBiasOpt, MinPOpt, ModelOpt,
+                      PresencePenaltyOpt, PromptOpt, QuietOpt, RepetitionPenaltyOpt, Template, TemplateOpt,
+                      TrustRemoteCodeOpt, rules_from_flags)
 
 
 def explain(
@@ -28,6 +30,15 @@ def explain(
     top_k: Annotated[int, typer.Option("--top-k", help="How many of the likeliest tokens to show.", min=1)] = 10,
     steps: Annotated[int, typer.Option(
         "--steps", help="Also show this many further steps of one greedy continuation.", min=0)] = 5,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    logit_bias: LogitBiasOpt = None,
+    dry_multiplier: DryMultiplierOpt = None,
+    dry_base: DryBaseOpt = None,
+    dry_allowed_length: DryAllowedLengthOpt = None,
+    dry_sequence_breaker: DryBreakerOpt = None,
     fmt: Annotated[Optional[ReportFormat], typer.Option(
         "--format", "-f", help="Default: table on a terminal, else json.", show_default=False)] = None,
     plot: Annotated[Optional[Path], typer.Option(
@@ -45,9 +56,11 @@ def explain(
     """Show the model's next-token probabilities after a persona's prompt at each temperature."""
     from ..model.load import fit_dialog
     from ..model.prompt import Dialog
-    from ..sampling.grid import check_temperature
+    from ..sampling.grid import check_temperature, resolve_rules, rules_from
 
     feedback = Feedback(quiet)
+    flags = rules_from_flags(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
+                             dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker)
     fmt = fmt or (ReportFormat.TABLE if sys.stdout.isatty() else ReportFormat.JSON)
     temperatures = list(dict.fromkeys(temp or [0.2, 1.0, 1.5]))
     for t in temperatures:
@@ -69,7 +82,8 @@ def explain(
 
         ids, _ = fit_dialog(Dialog.for_persona(persona, text), loaded, template.for_model(),
                             steps + 1, truncate=False, who=f"persona '{name}'")
-        report = explain_prompt(loaded, ids, temperatures, top_k, steps)
+        rules = resolve_rules(flags.over(rules_from(persona)).over(rules_from(library.defaults)), loaded.tokenizer)
+        report = explain_prompt(loaded, ids, temperatures, top_k, steps, rules)
         if plot is not None:
             from ..output.plots import plot_next_token
 
@@ -80,5 +94,6 @@ def explain(
     else:
         from ..output.diagnostics import write_explain_table
 
+        after = " after min_p, the penalties, logit_bias and DRY" if rules is not None and rules.used else ""
         write_explain_table(sys.stdout, report, f"{name} · {text} · model {loaded.label} · softmax(logits / T) "
-                            "of the model's logits; entropy over the whole vocabulary")
+                            f"of the model's logits{after}; entropy over the whole vocabulary")

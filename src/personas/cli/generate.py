@@ -100,8 +100,6 @@ def generate(
     from ..generate.prompts_file import parse_prompts, read_source
     from ..generate.request import Request
     from ..output.files import OutputFile
-    from ..sampling.grid import rules_from
-
     feedback = Feedback(quiet)
     rules = rules_from_flags(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
                              dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker)
@@ -134,7 +132,6 @@ def generate(
         settings=sampling_settings(defaults, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
                                    min_new_tokens=min_new_tokens, batch_size=batch_size, fast_path=fast_path,
                                    dense_weights=gptq_dense, rules=rules),
-        file_rules=rules_from(defaults),
         template=template.for_model(),
         truncate=truncate,
         on_truncate=lambda name, dropped, length: feedback.warn(

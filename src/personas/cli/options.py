@@ -17,7 +17,7 @@ import typer
 from ..errors import InputError
 from ..library.schema import Defaults
 from ..model.gptq import GPTQ_BACKENDS
-from ..sampling.grid import NO_RULES, Rules, Settings, check_rules, token_key
+from ..sampling.grid import NO_RULES, Rules, Settings, check_rules, rules_from, token_key
 from .feedback import Feedback
 
 
@@ -168,10 +168,11 @@ def sampling_settings(defaults: Defaults, *, max_new_tokens: int | None, top_p: 
                       top_k: int | None, min_new_tokens: int = 0, batch_size: int | None = None,
                       fast_path: bool = True, dense_weights: bool | None = None, rules: Rules = NO_RULES) -> Settings:
     """The sampling settings in force: each flag, else `[defaults]`, else personas' built-in value.
-    `rules` are the flags' alone: a persona's own and `[defaults]`' come below them per row."""
+    `rules` are the flags'; a persona's own come below them, and `[defaults]`' below those, per row."""
     return Settings(max_new_tokens=defaults.pick("max_new_tokens", max_new_tokens), min_new_tokens=min_new_tokens,
                     top_p=defaults.pick("top_p", top_p), top_k=defaults.pick("top_k", top_k),
-                    max_batch=batch_size, fast_path=fast_path, dense_weights=dense_weights, rules=rules)
+                    max_batch=batch_size, fast_path=fast_path, dense_weights=dense_weights, rules=rules,
+                    file_rules=rules_from(defaults))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from ..errors import InputError
 from ..library.schema import BUILT_IN, Persona
 from ..model.load import LoadedModel
-from ..sampling.grid import Settings, check_temperature, derive_seed
+from ..sampling.grid import Settings, check_temperature, derive_seed, rules_from
 from .conversation import Line, Seat, Turn, speak
 
 
@@ -29,7 +29,8 @@ DEFAULT_CHAT_TEMPERATURE = BUILT_IN.temperatures[0]
 
 
 def seat_of(persona: Persona) -> Seat:
-    return Seat(persona.name, persona.system, tuple((e.user, e.assistant) for e in persona.examples))
+    return Seat(persona.name, persona.system, tuple((e.user, e.assistant) for e in persona.examples),
+                rules_from(persona))
 
 
 def speaking_order(names: Sequence[str], turns: int, order: str, seed: int) -> list[str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..model.load import LoadedModel, fit_dialog
 from ..model.prompt import Dialog
-from ..sampling.grid import Row, Sample, Settings
+from ..sampling.grid import NO_RULES, Row, Rules, Sample, Settings, resolve_rules
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Seat:
     name: str
     system: str | None
     examples: tuple[tuple[str, str], ...] = ()
+    rules: Rules = NO_RULES  # its persona's own logits rules (token texts not yet ids)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def speak(model: LoadedModel, settings: Settings, turns: Sequence[Turn], templat
                                   truncate=True, who=f"speaker '{turn.seat.name}'")
         if dropped:
             on_truncate(turn.seat.name, dropped)
-        rows.append(Row(turn.seat.name, "", turn.temperature, i + 1, turn.seed, tuple(ids), id=i))
+        rules = resolve_rules(settings.rules.over(turn.seat.rules).over(settings.file_rules), model.tokenizer)
+        rows.append(Row(turn.seat.name, "", turn.temperature, i + 1, turn.seed, tuple(ids), id=i, rules=rules))
     samples: dict[int, Sample] = {}
     sample_rows(settings, model, rows, lambda s: samples.__setitem__(s.row.id, s), on_step)
     lines = []

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..library.games import Game, fill, mentions, secret_values
 from ..library.schema import Persona
 from ..model.load import LoadedModel
-from ..sampling.grid import Settings, derive_seed
+from ..sampling.grid import NO_RULES, Settings, derive_seed, rules_from
 from .conversation import Line, Seat, Turn, speak
 
 NOBODY = "nobody"  # the outcome of an episode that reached its turn cap with no winner
@@ -66,7 +66,8 @@ def seat_for(game: Game, name: str, episode: Episode, personas: dict[str, Person
         fill(player.brief, own) if player.brief else None,
     ]
     examples = persona.examples if persona else player.examples
-    return Seat(name, "\n\n".join(p for p in parts if p), tuple((e.user, e.assistant) for e in examples))
+    return Seat(name, "\n\n".join(p for p in parts if p), tuple((e.user, e.assistant) for e in examples),
+                rules_from(persona) if persona else NO_RULES)
 
 
 def speaker_at(game: Game, turn: int) -> str:

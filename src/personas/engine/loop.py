@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..model.load import LoadedModel
 from ..sampling.grid import Row, Sample, Settings, batch_size
 from .chunked import eager, graphed
@@ -105,6 +106,10 @@ def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
         engine.submit(rows, settings, on_sample)
         engine.run(on_step)
         return
+    if settings.rules.used or any(row.rules is not None and row.rules.used for row in rows):
+        kind = getattr(model.model.config, "model_type", "?")
+        raise InputError(f"min_p, the penalties, logit_bias and DRY run in the decode engine, which does not run "
+                         f"'{kind}' models", "drop those settings, or choose a Llama-architecture model")
     generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
                   on_sample=on_sample, on_step=on_step, on_split=on_split,
                   graph_safe=graphed.graph_safe(model.model, model.gptq_kernel))

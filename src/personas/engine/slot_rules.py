@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..sampling.grid import DRY_ALLOWED_LENGTH, DRY_BASE, DRY_BREAKERS, MAX_LOGIT_BIAS
+from ..sampling.grid import DRY_ALLOWED_LENGTH, DRY_BASE, DRY_BREAKERS, MAX_LOGIT_BIAS, Rules
 from ..sampling.rules import apply_bias_and_penalties, bias_entries, dry_entries, dry_penalties
 from .job import Job, Placement
 from .pages import Slot
@@ -93,14 +93,16 @@ class Dry:
         self.breaker_ids: dict[tuple[str, ...], frozenset[int]] = {}
 
     def penalties(self, jobs: Mapping[Slot, Job]) -> dict[Slot, dict[int, float]]:
-        out = {}
-        for b, job in jobs.items():
-            rules = job.rules
-            if rules.dry:
-                out[b] = dry_penalties(job.context, rules.dry_multiplier, rules.dry_base or DRY_BASE,
-                                       rules.dry_allowed_length or DRY_ALLOWED_LENGTH,
-                                       self.breakers(rules.dry_sequence_breakers or DRY_BREAKERS))
-        return out
+        """Each job's penalties that uses DRY, by slot."""
+        return {b: self.of(job.context, job.rules) for b, job in jobs.items() if job.rules.dry}
+
+    def of(self, context: Sequence[int], rules: Rules) -> dict[int, float]:
+        """token -> DRY's penalty for the next token after `context`, under `rules`."""
+        if not rules.dry:
+            return {}
+        return dry_penalties(context, rules.dry_multiplier, rules.dry_base or DRY_BASE,
+                             rules.dry_allowed_length or DRY_ALLOWED_LENGTH,
+                             self.breakers(rules.dry_sequence_breakers or DRY_BREAKERS))
 
     def breakers(self, breakers: tuple[str, ...]) -> frozenset[int]:
         """The tokens whose text holds one of the breakers (found once per set of breakers)."""

@@ -15,10 +15,9 @@ from ..errors import InputError
 from ..library.schema import BUILT_IN, Persona
 from ..model.load import LoadedModel, fit_dialog
 from ..model.prompt import Dialog
-from ..model.tokens import token_id_of
 from ..record import Record
 from ..sampling.grid import (NO_RULES, Row, Rules, Sample, Settings, TokenizedCell, build_grid, check_rules,
-                             rules_from, validate_values)
+                             resolve_rules, rules_from, validate_values)
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,6 @@ class Request:
     settings: Settings = Settings()
     template: str | None = None  # "llama2" | "model"; None: the model's own choice
     truncate: bool = False  # drop examples (oldest first) from prompts too long for the context
-    file_rules: Rules = NO_RULES  # the persona file's [defaults] rules: below the persona's and the flags'
     on_truncate: Callable[[str, int, int], None] = field(default=lambda _p, _d, _n: None, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,16 +94,9 @@ def cell_rules(cell: Cell, request: Request, model: LoadedModel) -> Rules | None
     """A cell's logits rules: its line's own, over the command's flags, over its persona's, over
     the file's `[defaults]` — each rule from the first that sets it; token texts turned into the
     model's ids. None when nothing sets any."""
-    rules = (cell.rules or NO_RULES).over(request.settings.rules).over(rules_from(cell.persona)) \
-        .over(request.file_rules)
-    if rules == NO_RULES:
-        return None
-    rules = rules.with_token_ids(lambda text: token_id_of(model.tokenizer, text))
-    for token, _ in rules.logit_bias or ():
-        if token >= len(model.tokenizer):
-            raise InputError(f"logit_bias: token id {token} is past this model's vocabulary "
-                             f"({len(model.tokenizer)} tokens)", "use an id the model has (personas render --ids)")
-    return rules
+    settings = request.settings
+    rules = (cell.rules or NO_RULES).over(settings.rules).over(rules_from(cell.persona)).over(settings.file_rules)
+    return resolve_rules(rules, model.tokenizer)
 
 
 def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: LoadedModel,

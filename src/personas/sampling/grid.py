@@ -13,9 +13,11 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from ..errors import InputError
 from ..library.schema import BUILT_IN
+from ..model.tokens import token_id_of
 
 # The most rows decoding at once unless --batch-size says otherwise: the engine's slots (on a GPU
 # fewer when the memory free after loading holds fewer rows), the chunks of the older loops, and
@@ -79,6 +81,21 @@ class Rules:
 
 
 NO_RULES = Rules()
+
+
+def resolve_rules(rules: Rules, tokenizer: Any) -> Rules | None:
+    """`rules` with logit_bias's token texts as the tokenizer's ids (each id checked against its
+    vocabulary); None when they set nothing. Raises InputError naming the token."""
+    if rules == NO_RULES:
+        return None
+    rules = rules.with_token_ids(lambda text: token_id_of(tokenizer, text))
+    for token, _ in rules.logit_bias or ():
+        if token >= len(tokenizer):
+            raise InputError(f"logit_bias: token id {token} is past this model's vocabulary ({len(tokenizer)} "
+                             "tokens)", "use an id the model has (personas render --ids)")
+    return rules
+
+
 RULE_FIELDS = tuple(f.name for f in fields(Rules))
 
 
@@ -130,7 +147,10 @@ class Settings:
     # GPTQ products of many rows through dense half-precision copies of the weights
     # (model/dense_gptq.py); None: the engine decides from the rows and the memory.
     dense_weights: bool | None = None
-    rules: Rules = NO_RULES  # min_p, penalties, logit_bias, DRY; a row's own rules go over these
+    # min_p, penalties, logit_bias, DRY: the command's flags (`rules`) go over a persona's own, which
+    # go over the persona file's [defaults] (`file_rules`); a row's own rules go over all of them.
+    rules: Rules = NO_RULES
+    file_rules: Rules = NO_RULES
 
 
 @dataclass(frozen=True)

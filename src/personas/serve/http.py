@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..library.load import Library
 from ..model.load import LoadedModel, fit_dialog
 from ..model.tokens import token_text
-from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid
+from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid, resolve_rules
 from .openai import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion, completion_id,
                      logprob_entry, model_entry, parse_request, plan_request, usage)
 from .worker import EngineWorker, Ticket
@@ -347,8 +347,12 @@ async def answer_chat(server: PersonaServer, request: Request) -> Any:
                        code="context_length_exceeded") from None
     # The seeds `generate --seed S --prompt TEXT` gives its samples: the same request answers the
     # same, and a one-turn request answers as generate does.
+    try:
+        rules = resolve_rules(plan.rules, loaded.tokenizer)
+    except InputError as e:
+        raise ApiError(400, str(e), param="logit_bias") from None
     cell = TokenizedCell(plan.persona.name, plan.dialog.user, tuple(ids), (plan.temperature,), plan.n, plan.seed,
-                         None, plan.max_tokens)
+                         None, plan.max_tokens, rules)
     rows = build_grid([cell], [plan.temperature], plan.n, plan.seed)
     if worker.outstanding + len(rows) > server.max_queue:
         raise ApiError(429, f"{worker.outstanding} rows are queued and this request adds {len(rows)}; the limit is "

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InputError
 from ..library.load import Library
-from ..library.schema import Persona
+from ..library.schema import Persona, RuleFields
 from ..model.prompt import Dialog
-from ..sampling.grid import TOP_LOGPROBS
+from ..sampling.grid import TOP_LOGPROBS, Rules, rules_from
 
 DEFAULT_TEMPERATURE = 0.7  # for a persona without its own `temperature`
 MAX_CHOICES = 128
@@ -71,9 +71,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat-completions request that personas serves (plus vLLM's `top_k`
-    and `min_tokens`); any other field is accepted, ignored and logged."""
+class ChatRequest(RuleFields):
+    """The fields of OpenAI's chat-completions request that personas serves (plus vLLM's `top_k`,
+    `min_tokens`, `min_p` and `repetition_penalty`, and llama.cpp's `dry_*`: the logits rules of
+    RuleFields, with OpenAI's ranges where OpenAI has the field); any other field is accepted,
+    ignored and logged."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -126,6 +128,7 @@ class ChatPlan:
     logprobs: int | None  # None: no log-probabilities; else how many alternatives per token
     stream: bool
     include_usage: bool
+    rules: Rules  # the request's own, over the persona's, over [defaults]; token texts not yet ids
 
 
 def plan_request(request: ChatRequest, library: Library, seed_default: int | None = None) -> ChatPlan:
@@ -162,7 +165,8 @@ def plan_request(request: ChatRequest, library: Library, seed_default: int | Non
         seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, top_p=defaults.pick("top_p", request.top_p),
         top_k=top_k if top_k and top_k > 0 else None, stops=stops,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None, stream=request.stream,
-        include_usage=bool(request.stream and request.stream_options and request.stream_options.include_usage))
+        include_usage=bool(request.stream and request.stream_options and request.stream_options.include_usage),
+        rules=rules_from(request).over(rules_from(persona)).over(rules_from(defaults)))
 
 
 def conversation(persona: Persona, messages: Sequence[Message]) -> Dialog:

@@ -22,27 +22,25 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from ..engine.decoder import supports
 from ..engine.loop import engine_for
 from ..errors import InputError
 from ..generate.request import Cell, Request, plan, sample_records, to_record
 from ..library.load import Library
-from ..library.schema import Temperature
+from ..library.schema import RuleFields, Temperature
 from ..model.load import LoadedModel
 from ..record import as_dict
-from ..sampling.grid import Settings
+from ..sampling.grid import NO_RULES, Settings, rules_from
 from .worker import EngineWorker
 
 GATHER_SECONDS = 0.05  # after a first line, how long to wait for the lines sent with it
 MAX_GATHER = 256  # requests answered by one grid at most
 
 
-class ServeRequest(BaseModel):
-    """One request line of `serve --stdio`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ServeRequest(RuleFields):
+    """One request line of `serve --stdio` (the logits rules too, as a persona file writes them)."""
 
     persona: str
     prompt: str | None = None
@@ -119,8 +117,10 @@ def accept(number: int, raw: bytes, library: Library, seed: int) -> Accepted:
     if prompt is None or not prompt.strip():
         raise InputError("the prompt is empty, and the persona has no default prompt")
     defaults = library.defaults
+    rules = rules_from(req)
     cell = Cell(persona, prompt, tuple(defaults.pick("temperatures", req.temperatures)), defaults.pick("n", req.n),
-                req.seed if req.seed is not None else seed, req.id if req.id is not None else number)
+                req.seed if req.seed is not None else seed, req.id if req.id is not None else number,
+                rules=rules if rules != NO_RULES else None)
     return Accepted(number, cell, defaults.pick("max_new_tokens", req.max_new_tokens))
 
 
@@ -174,7 +174,7 @@ def submit(worker: EngineWorker, number: int, raw: bytes, library: Library, mode
     """One request line into the worker's engine, or its error out."""
     try:
         accepted = accept(number, raw, library, seed)
-        limits = Settings(max_new_tokens=accepted.max_new_tokens)
+        limits = Settings(max_new_tokens=accepted.max_new_tokens, file_rules=rules_from(library.defaults))
         rows = plan(Request(personas=[], cells=[accepted.cell], settings=limits), model)
     except InputError as e:  # a bad line; a prompt too long for the context
         write({"error": str(e), "line": number})
@@ -207,7 +207,11 @@ def serve_in_batches(lines: Iterable[bytes], library: Library, model: LoadedMode
             rows = []
             for a in (a for a in accepted if a.max_new_tokens == max_new):
                 try:
-                    rows += plan(Request(personas=[], cells=[a.cell], settings=grid), model)
+                    planned = plan(Request(personas=[], cells=[a.cell], settings=grid), model)
+                    if any(row.rules is not None for row in planned):
+                        raise InputError("min_p, the penalties, logit_bias and DRY need the decode engine, which "
+                                         "does not run this model", "drop them from the request")
+                    rows += planned
                 except InputError as e:  # e.g. a prompt too long for the context
                     write({"error": str(e), "line": a.line})
             if rows:
