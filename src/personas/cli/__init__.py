@@ -8,6 +8,7 @@ import signal
 import sys
 
 import typer
+from typer.core import TyperOption
 
 from .. import __version__
 from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
@@ -18,6 +19,18 @@ from .import_personas import import_personas
 from .library import list_personas, render
 from .play import play
 from .serve import serve
+
+# Typer 0.29 prints a value type after every option in --help, flags too (`--resume <bool>`), which
+# reads as if they took a value. A flag takes none: its type column stays empty. Typer has no
+# setting for this, so its one method that names the type is wrapped here.
+_option_type = TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: TyperOption, ctx: typer.Context) -> str | None:
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="personas",

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine.decoder import supports
@@ -36,12 +36,14 @@ from ..library.load import Library
 from ..model.load import LoadedModel, fit_dialog
 from ..model.tokens import token_text
 from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid, resolve_rules
+from .metrics import ServerMetrics
 from .openai import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion, completion_id,
                      logprob_entry, model_entry, parse_request, plan_request, usage)
 from .worker import EngineWorker, Ticket
 
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 1024
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 class TokenEvent(NamedTuple):
@@ -88,6 +90,7 @@ class PersonaServer:
         self.failure: BaseException | None = None  # why loading failed (the server then stops)
         self.on_failure: Callable[[], None] = lambda: None
         self.answered = 0
+        self.metrics = ServerMetrics()
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load, name="personas-load", daemon=True).start()
@@ -99,7 +102,9 @@ class PersonaServer:
                 raise InputError(f"serve --http runs on the decode engine, which runs Llama-architecture models; "
                                  f"{loaded.label} is '{getattr(loaded.model.config, 'model_type', '?')}'",
                                  "serve it with --stdio, or choose a Llama-architecture model")
-            self.worker = EngineWorker(lambda: engine_for(loaded, self.settings, expect_more=True), self.alert)
+            self.worker = EngineWorker(lambda: engine_for(loaded, self.settings, expect_more=True), self.alert,
+                                       self.metrics.events)
+            self.metrics.watch(self.worker)
             self.loaded = loaded
             self.log(f"ready: {len(self.library.personas)} personas on {loaded.label} ({loaded.device.type})")
         except BaseException as error:  # noqa: BLE001 — the server stops and the CLI reports it
@@ -309,8 +314,22 @@ def create_app(server: PersonaServer) -> FastAPI:
             return JSONResponse({"status": "failed", "error": f"{type(worker.broken).__name__}: {worker.broken}"},
                                 status_code=500)
         return JSONResponse({"status": "ready", "model": server.loaded.label if server.loaded else None,
-                             "rows_waiting": worker.outstanding, "rows_decoding": worker.rows_decoding,
-                             "most_rows_in_one_step": worker.most_rows, "requests_answered": server.answered})
+                             "rows_waiting": worker.outstanding, "rows_queued": worker.rows_queued,
+                             "rows_decoding": worker.rows_decoding, "most_rows_in_one_step": worker.most_rows,
+                             "requests_answered": server.answered})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        server.authorize(request)
+        return Response(server.metrics.text(), media_type=server.metrics.content_type)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        response = await call_next(request)
+        # Known paths by name; anything else as one label, so a scanner cannot grow the series.
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        server.metrics.requests.labels(path=path, status=str(response.status_code)).inc()
+        return response
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

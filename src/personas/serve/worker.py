@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,17 @@ class Ticket:
     on_error: Callable[[BaseException], None]
     jobs: list[Job] = field(default_factory=list)
     left: int = 0  # rows neither delivered nor cancelled
+    submitted: float = field(default_factory=time.perf_counter)
+    started: bool = False  # a row of it has its first token
+
+
+@dataclass
+class WorkerEvents:
+    """What a worker tells about its work, from its own thread (a server's metrics)."""
+
+    on_step: Callable[[float], None] = lambda _seconds: None  # a decode step took this long
+    on_sample: Callable[[Sample], None] = lambda _sample: None  # a row finished
+    on_first_token: Callable[[float], None] = lambda _seconds: None  # a submission's first token, after this long
 
 
 _STOP = object()
@@ -41,9 +53,11 @@ class EngineWorker:
     """The thread that owns one engine (a fresh one after a failed step); `submit` and `cancel`
     from any thread."""
 
-    def __init__(self, make_engine: Callable[[], Engine], log: Callable[[str], None]):
+    def __init__(self, make_engine: Callable[[], Engine], log: Callable[[str], None],
+                 events: WorkerEvents | None = None):
         self._make_engine = make_engine
         self._log = log
+        self._events = events or WorkerEvents()
         self._engine = make_engine()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -51,7 +65,12 @@ class EngineWorker:
         self._live: set[Ticket] = set()
         self.broken: BaseException | None = None  # why no engine could be made after a failure
         self.most_rows = 0  # the most rows one step has decoded
-        self.rows_decoding = 0  # rows in the slots at the last step
+        # Gauges, set on the engine's thread before it waits for work, so they are right while it
+        # is idle: after a cancellation, after the last row ends, after a failure.
+        self.rows_decoding = 0  # rows in the engine's slots
+        self.rows_queued = 0  # rows waiting for a slot
+        self.slots = 0  # slots allocated
+        self.pages_in_use = 0  # cache pages held by rows
         self._thread = threading.Thread(target=self._run, name="personas-engine", daemon=True)
         self._thread.start()
 
@@ -99,17 +118,35 @@ class EngineWorker:
                 else:
                     self._cancel(item[1], item[2])
             if stopping and not engine.busy:
+                self._gauge()
                 return
             if engine.busy:
+                started = time.perf_counter()
                 try:
                     engine.step()
                 except Exception as error:  # noqa: BLE001 — every request in flight is told
                     self._fail(error)
+                    self._gauge()
                     continue
-                self.rows_decoding = engine.stats.last_batch
+                self._events.on_step(time.perf_counter() - started)
                 self.most_rows = max(self.most_rows, engine.stats.last_batch)
-            else:
-                self.rows_decoding = 0
+                self._first_tokens()
+            self._gauge()
+
+    def _gauge(self) -> None:
+        engine = self._engine
+        self.rows_decoding = len(engine.jobs)
+        self.rows_queued = len(engine.scheduler.queue)
+        self.slots = engine.slot_count
+        self.pages_in_use = engine.pages.count - 1 - len(engine.pages.free) if engine.pages.count else 0
+
+    def _first_tokens(self) -> None:
+        """Tell the time to the first token of each submission whose rows have just begun."""
+        now = time.perf_counter()
+        for ticket in self._live:
+            if not ticket.started and any(job.tokens for job in ticket.jobs):
+                ticket.started = True
+                self._events.on_first_token(now - ticket.submitted)
 
     def _submit(self, ticket: Ticket) -> None:
         if self.broken is not None:
@@ -119,6 +156,10 @@ class EngineWorker:
 
         def deliver(sample: Sample) -> None:
             self._finished(ticket, 1)
+            if not ticket.started:  # ended at once (a one-token answer): its first token is now
+                ticket.started = True
+                self._events.on_first_token(time.perf_counter() - ticket.submitted)
+            self._events.on_sample(sample)
             ticket.deliver(sample)
 
         self._live.add(ticket)
