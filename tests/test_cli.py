@@ -69,6 +69,15 @@ BAD = [
     (["generate", "--prompt", "  "], "the prompt is empty"),
     (["generate", "--model", "./no/such/model"], "model './no/such/model' not found"),
     (["render", "customer", "--raw", "--ids"], "--raw and --ids cannot be combined"),
+    (["generate", "--min-p", "2"], "--min-p 2.0 is not allowed"),
+    (["generate", "--frequency-penalty", "3"], "--frequency-penalty 3.0 is not allowed"),
+    (["generate", "--repetition-penalty", "0"], "--repetition-penalty 0.0 is not allowed"),
+    (["generate", "--logit-bias", "Aye"], "--logit-bias 'Aye' is not TOKEN=BIAS"),
+    (["generate", "--logit-bias", "Aye=200"], "the bias 200.0 of 'Aye' is not allowed"),
+    (["generate", "--dry-base", "1"], "--dry-base 1.0 is not allowed"),
+    (["chat", "pirate", "critic", "--presence-penalty", "-5"], "--presence-penalty -5.0 is not allowed"),
+    (["play", "password", "--dry-allowed-length", "0"], "--dry-allowed-length 0 is not allowed"),
+    (["explain", "pirate", "--min-p", "-1"], "--min-p -1.0 is not allowed"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ]
 
@@ -211,6 +220,15 @@ def test_help_shows_toml_table_names_literally():
     for command, expected in [("generate", "[defaults].temperatures"), ("play", "[games]"), ("chat", "[defaults].seed")]:
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0 and expected in result.stdout, (command, result.stdout)
+
+
+def test_help_shows_no_value_after_flags_that_take_none():
+    """Typer printed `<bool>` after every flag (`--resume <bool>`), as if it took a value."""
+    for command in ("generate", "chat", "play", "explain", "serve", "list", "render", "import"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "<bool>" not in result.stdout, command
+    generate = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--min-p" in generate and "<float>" in generate and "TOKEN=BIAS" in generate
 
 
 # --- commands that only read TOML or format text pay for no torch ------------------------------

@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 from conftest import REPO, cli_env, make_tiny_llama, run_cli
+from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")
 
@@ -321,6 +322,8 @@ def test_an_api_key_is_required_once_set(tiny_llama_dir, cache_dir):
         assert code == 401 and body["code"] == "invalid_api_key"
         assert http("GET", f"{s.url}/v1/models").status_code == 401
         assert http("GET", f"{s.url}/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert http("GET", f"{s.url}/metrics").status_code == 401
+        assert http("GET", f"{s.url}/metrics", headers={"Authorization": "Bearer sesame"}).status_code == 200
         assert status_of(lambda: ask(s.client(api_key="wrong")))[0] == 401
         assert ask(s.client(api_key="sesame")).choices
     finally:
@@ -441,3 +444,91 @@ def test_request_text_never_becomes_control_tokens(tiny_llama_dir):
     tok = model.tokenizer
     # BOS opens each of the 3 turns and EOS closes the 2 finished exchanges; the typed ones are text.
     assert ids.count(tok.bos_token_id) == 3 and ids.count(tok.eos_token_id) == 2
+
+
+# --- sampling controls, gauges and metrics -----------------------------------------------------------
+
+
+def test_sampling_controls_are_taken_checked_and_applied(server, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    fox = tokenizer.encode("fox", add_special_tokens=False)[0]
+    client = server.client()
+    # A bias of +100 makes greedy choose that token every time; -100 bans it.
+    forced = ask(client, temperature=0, max_tokens=6, extra_body={"min_tokens": 6}, logit_bias={str(fox): 100})
+    assert forced.choices[0].message.content == tokenizer.decode([fox] * 6).strip()
+    banned = ask(client, n=8, temperature=1.0, seed=3, max_tokens=12, logit_bias={str(fox): -100},
+                 frequency_penalty=1.0, presence_penalty=0.5, extra_body={"min_p": 0.05, "dry_multiplier": 0.8})
+    again = ask(client, n=8, temperature=1.0, seed=3, max_tokens=12, logit_bias={str(fox): -100},
+                frequency_penalty=1.0, presence_penalty=0.5, extra_body={"min_p": 0.05, "dry_multiplier": 0.8})
+    assert [c.message.content for c in banned.choices] == [c.message.content for c in again.choices]
+    plain = ask(client, n=8, temperature=1.0, seed=3, max_tokens=12)
+    assert [c.message.content for c in banned.choices] != [c.message.content for c in plain.choices]
+    for field, value in (("frequency_penalty", 3), ("presence_penalty", -2.5), ("min_p", 2), ("repetition_penalty", 0),
+                         ("dry_base", 1), ("logit_bias", {str(fox): 150})):
+        code, body = status_of(lambda: ask(client, extra_body={field: value}))
+        assert code == 400 and body["param"].startswith(field), (field, body)
+    code, body = status_of(lambda: ask(client, logit_bias={"Galaxy Rider": 5}))
+    assert code == 400 and body["param"] == "logit_bias" and "not one token" in body["message"]
+    code, body = status_of(lambda: ask(client, logit_bias={"99999": 5}))
+    assert code == 400 and "past this model's vocabulary" in body["message"]
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """The server's metrics, read by prometheus-client's own parser: (sample name, labels) -> value."""
+    reply = http("GET", f"{server.url}/metrics")
+    assert reply.status_code == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.body.decode()) for sample in family.samples}
+
+
+def test_metrics_count_requests_rows_and_tokens(server):
+    before = scrape(server)
+    client = server.client()
+    for seed in range(3):
+        ask(client, n=2, seed=seed, temperature=1.0, max_tokens=5, extra_body={"min_tokens": 5})
+    assert http("GET", f"{server.url}/v1/nowhere").status_code == 404
+    after = scrape(server)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("personas_requests_total", path="/v1/chat/completions", status="200") == 3
+    assert moved("personas_requests_total", path="other", status="404") == 1
+    assert moved("personas_rows_generated_total") == 6
+    assert moved("personas_tokens_generated_total") == 30
+    assert moved("personas_time_to_first_token_seconds_count") == 3
+    assert moved("personas_decode_step_seconds_count") >= 5
+    assert after[("personas_engine_slots", ())] > 0
+
+
+def test_health_and_metrics_show_nothing_waiting_once_clients_hang_up(server):
+    """Streaming clients that hang up after their first bytes beside clients that wait for whole
+    answers, and one that gives up waiting: once the engine is idle, nothing is waiting or decoding
+    (the gauges once kept the last step's count while the engine sat idle)."""
+    client = server.client()
+
+    def hang_up(seed: int) -> None:
+        stream = ask(client, n=4, seed=seed, temperature=1.0, max_tokens=200, stream=True, extra_body={"min_tokens": 200})
+        next(iter(stream))
+        stream.close()
+
+    def whole(seed: int) -> None:
+        ask(client, n=4, seed=seed, temperature=1.0, max_tokens=24, extra_body={"min_tokens": 24})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: hang_up(i) if i % 2 else whole(i), range(8)))
+    with pytest.raises(openai.APITimeoutError):
+        ask(server.client(timeout=0.3), n=8, seed=99, temperature=1.0, max_tokens=300, extra_body={"min_tokens": 300})
+    deadline = time.monotonic() + 30
+    while server.health().json()["rows_waiting"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # within a second of the engine's idle moment
+    health = server.health().json()
+    assert (health["rows_waiting"], health["rows_queued"], health["rows_decoding"]) == (0, 0, 0), health
+    metrics = scrape(server)
+    assert metrics[("personas_rows_decoding", ())] == 0 and metrics[("personas_rows_waiting", ())] == 0
+    assert metrics[("personas_engine_pages_in_use", ())] == 0
+
