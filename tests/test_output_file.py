@@ -1,4 +1,4 @@
-"""--output FILE: atomic json/csv, streamed jsonl, --resume, and signals that keep what was written."""
+"""--output FILE: atomic json/csv/parquet, streamed jsonl, --resume, and signals that keep what was written."""
 
 from __future__ import annotations
 
@@ -31,6 +31,52 @@ def test_json_output_is_written_whole_and_atomically(tmp_path, tiny_llama_dir, c
     rows = json.loads(target.read_text())
     assert len(rows) == 12
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file left behind"
+
+
+def test_parquet_is_typed_read_back_by_pyarrow_and_datasets_and_written_atomically(tmp_path, tiny_llama_dir,
+                                                                                   cache_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = tmp_path / "out.parquet"
+    jsonl = run_cli(gen(tiny_llama_dir, "--format", "jsonl"), cache_dir)
+    result = run_cli(gen(tiny_llama_dir, "--format", "parquet", "--output", str(target)), cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"], "no temporary file left behind"
+    table = pq.read_table(target)
+    assert table.schema.names == ["persona", "prompt", "temperature", "sample", "seed", "text", "new_tokens",
+                                  "finish_reason", "model"]
+    assert table.schema.field("temperature").type == pa.float64() and table.schema.field("seed").type == pa.int64()
+    assert table.schema.field("new_tokens").type == pa.int64() and table.schema.field("text").type == pa.string()
+    expected = sorted((r["persona"], r["temperature"], r["sample"], r["seed"], r["text"])
+                      for r in map(json.loads, jsonl.stdout.splitlines()))
+    assert sorted(zip(*(table.column(c).to_pylist() for c in ("persona", "temperature", "sample", "seed", "text")))) \
+        == expected
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset("parquet", data_files=str(target), split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded.num_rows == 12 and loaded.features["seed"].dtype == "int64"
+    # Parquet is binary: not to a terminal or a pipe, and not as a half-written file.
+    refused = run_cli(gen(tiny_llama_dir, "--format", "parquet"), cache_dir)
+    assert refused.returncode == 2 and "pass --output FILE.parquet" in refused.stderr
+
+
+def test_an_interrupted_parquet_run_leaves_no_file(tmp_path, tiny_llama_dir, cache_dir):
+    target = tmp_path / "out.parquet"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"hello {i}\n" for i in range(200)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "personas", *gen(tiny_llama_dir, "--prompts-file", str(prompts), "--batch-size", "2",
+                                                "--max-new-tokens", "40", "--format", "parquet",
+                                                "--output", str(target))],
+        cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "loaded" not in (err := process.stderr.readline()):
+        pass
+    time.sleep(1.0)  # decoding now
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode == 130, err + rest
+    assert list(tmp_path.iterdir()) == [prompts], "neither the file nor its temporary copy"
 
 
 def test_failed_run_leaves_the_previous_file_alone(tmp_path, tiny_llama_dir, capsys):

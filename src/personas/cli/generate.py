@@ -57,7 +57,8 @@ def generate(
     dry_allowed_length: DryAllowedLengthOpt = None,
     dry_sequence_breaker: DryBreakerOpt = None,
     fmt: Annotated[Optional[SampleFormat], typer.Option(
-        "--format", "-f", help="Default: table on a terminal, else jsonl.", show_default=False)] = None,
+        "--format", "-f", help="Default: table on a terminal, else jsonl (parquet: with --output).",
+        show_default=False)] = None,
     template: TemplateOpt = Template.AUTO,
     batch_size: BatchSizeOpt = None,
     output: Annotated[Optional[Path], typer.Option(
@@ -104,6 +105,8 @@ def generate(
     rules = rules_from_flags(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
                              dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker)
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
+    if fmt == SampleFormat.PARQUET and output is None:
+        raise InputError("--format parquet writes a binary file", "pass --output FILE.parquet")
     if ray_address is not None:
         try:
             importlib.import_module("ray")  # only the check: generate.ray uses it

@@ -30,6 +30,7 @@ class SampleFormat(enum.StrEnum):
     JSONL = "jsonl"
     JSON = "json"
     CSV = "csv"
+    PARQUET = "parquet"
 
 
 class ReportFormat(enum.StrEnum):
@@ -89,6 +90,26 @@ class CsvWriter(_Collecting):
         writer.writeheader()
         writer.writerows(as_dict(r) for r in records)
         self.stream.flush()
+
+
+class ParquetWriter(_Collecting):
+    """The records as a Parquet table, typed columns in the JSONL records' order (`id` as text,
+    where the input gave ids). The stream must be a file's (`--output`): Parquet is binary."""
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        records = self.ordered()
+        columns = {name: [getattr(r, name) for r in records] for name in FIELDS if name != "id"}
+        types = {"persona": pa.string(), "prompt": pa.string(), "temperature": pa.float64(), "sample": pa.int64(),
+                 "seed": pa.int64(), "text": pa.string(), "new_tokens": pa.int64(), "finish_reason": pa.string(),
+                 "model": pa.string()}
+        arrays = {name: pa.array(values, type=types[name]) for name, values in columns.items()}
+        if any(r.id is not None for r in records):
+            arrays["id"] = pa.array([None if r.id is None else str(r.id) for r in records], type=pa.string())
+        self.stream.flush()
+        pq.write_table(pa.table(arrays), self.stream.buffer)
 
 
 class TableWriter(_Collecting):
@@ -153,4 +174,6 @@ def make_writer(fmt: str, stream: IO[str], order: list[tuple], temperatures: lis
         return JsonWriter(stream, order)
     if fmt == "csv":
         return CsvWriter(stream, order)
+    if fmt == "parquet":
+        return ParquetWriter(stream, order)
     return TableWriter(stream, order, temperatures)
