@@ -94,6 +94,14 @@ def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False
     return Engine(model, engine_config(model, settings, expect_more), on_split=on_split, on_dense=on_dense)
 
 
+def refuse_rules_without_engine(model: LoadedModel, settings: Settings, rows: Sequence[Row]) -> None:
+    """The chunked loops apply no per-row logits rules: rows that ask for them are refused."""
+    if settings.rules.used or any(row.rules is not None and row.rules.used for row in rows):
+        kind = getattr(model.model.config, "model_type", "?")
+        raise InputError(f"min_p, the penalties, logit_bias and DRY run in the decode engine, which does not run "
+                         f"'{kind}' models", "drop those settings, or choose a Llama-architecture model")
+
+
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                 on_sample: Callable[[Sample], None],
                 on_step: Callable[[int], None] = lambda _: None,
@@ -106,10 +114,7 @@ def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
         engine.submit(rows, settings, on_sample)
         engine.run(on_step)
         return
-    if settings.rules.used or any(row.rules is not None and row.rules.used for row in rows):
-        kind = getattr(model.model.config, "model_type", "?")
-        raise InputError(f"min_p, the penalties, logit_bias and DRY run in the decode engine, which does not run "
-                         f"'{kind}' models", "drop those settings, or choose a Llama-architecture model")
+    refuse_rules_without_engine(model, settings, rows)
     generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
                   on_sample=on_sample, on_step=on_step, on_split=on_split,
                   graph_safe=graphed.graph_safe(model.model, model.gptq_kernel))

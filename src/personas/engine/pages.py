@@ -20,13 +20,17 @@ SINK_PAGE = 0  # never given to a row: idle slots write and read it, so a step n
 Slot: TypeAlias = int  # a decode slot's index, 0 … slots - 1
 
 
+def ceil_div(value: int, step: int) -> int:
+    return -(-value // step)
+
+
 def pages_for(positions: int) -> int:
     """Pages that hold `positions` positions."""
-    return -(-positions // PAGE)
+    return ceil_div(positions, PAGE)
 
 
 def round_up(value: int, step: int) -> int:
-    return -(-value // step) * step
+    return ceil_div(value, step) * step
 
 
 class Pages:

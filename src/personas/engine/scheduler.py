@@ -17,7 +17,7 @@ from typing import Protocol
 from ..sampling.grid import NO_RULES, Row, Sample, Settings, TokenLogprob
 from .config import REFILL_SHARE
 from .job import ChosenLogprobs, Job, Prefix, TokenListener, common_prefix
-from .pages import PAGE, Slot
+from .pages import PAGE, Slot, ceil_div
 
 
 class PrefixHolds(Protocol):
@@ -91,7 +91,7 @@ class Scheduler:
         free = [b for b in range(slot_count) if b not in self.running]
         # Pages kept for the rows in flight to grow into (each crosses into a new page every
         # PAGE steps): admitting into those would only preempt someone at the next step.
-        budget = free_pages - -(-len(self.running) // PAGE)
+        budget = free_pages - ceil_div(len(self.running), PAGE)
         fits, previous = 0, None
         for job in self.queue:
             cost = job.first_pages - (job.prompt_pages if job.prompt == previous else 0)

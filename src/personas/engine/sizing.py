@@ -13,7 +13,7 @@ from ..model.load import LoadedModel
 from .config import HEADROOM, PREFILL_TOKENS, SLOT_WORKSPACE_PER_TOKEN_OF_VOCABULARY
 from .decoder import Decoder
 from .job import Job
-from .pages import PAGE, pages_for
+from .pages import PAGE, ceil_div, pages_for
 
 
 class Layout(NamedTuple):
@@ -60,7 +60,7 @@ class Sizing:
         server's are not — `row_positions`."""
         if self.expect_more:
             return pages_for(row_positions)
-        return -(-sum(job.pages for job in queued) // len(queued))
+        return ceil_div(sum(job.pages for job in queued), len(queued))
 
     def layout(self, cap: int, queued: Sequence[Job], rows_waiting: int, span: int, row_positions: int,
                pool_capacity: int) -> Layout:

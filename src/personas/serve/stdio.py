@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pydantic import Field, ValidationError
 
 from ..engine.decoder import supports
-from ..engine.loop import engine_for
+from ..engine.loop import engine_for, refuse_rules_without_engine
 from ..errors import InputError
 from ..generate.request import Cell, Request, plan, sample_records, to_record
 from ..library.load import Library
@@ -208,9 +208,7 @@ def serve_in_batches(lines: Iterable[bytes], library: Library, model: LoadedMode
             for a in (a for a in accepted if a.max_new_tokens == max_new):
                 try:
                     planned = plan(Request(personas=[], cells=[a.cell], settings=grid), model)
-                    if any(row.rules is not None for row in planned):
-                        raise InputError("min_p, the penalties, logit_bias and DRY need the decode engine, which "
-                                         "does not run this model", "drop them from the request")
+                    refuse_rules_without_engine(model, grid, planned)  # this line's error, not the batch's
                     rows += planned
                 except InputError as e:  # e.g. a prompt too long for the context
                     write({"error": str(e), "line": a.line})
