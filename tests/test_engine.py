@@ -441,7 +441,7 @@ def test_graphs_are_captured_again_after_the_pool_regrows(tiny_cuda):
             with torch.inference_mode():
                 engine.run()
         # A graph computes only the leading slots the busy rows sit in (16 of the 40 here).
-        assert not graphs or {key[-1] for key in engine.runner.graphs} == {16}
+        assert not graphs or {key.leading for key in engine.runner.graphs} == {16}
     assert len(texts) == 2 * sum(len(w) for w in waves)
     assert {r: t for (g, r), t in texts.items() if g} == {r: t for (g, r), t in texts.items() if not g}
 
@@ -478,7 +478,7 @@ def test_out_of_memory_halves_the_slots_and_loses_nothing(tiny_cuda):
     torch.cuda.reset_peak_memory_stats()
     quarter = Engine(tiny_cuda, EngineConfig(max_slots=len(rows) // 4, graphs=True))
     expected = run(quarter)
-    extra_pages = 3 * (quarter.page_count - 1) * PAGE * quarter.decoder.kv_bytes_per_token()  # all slots' pages less a quarter's
+    extra_pages = 3 * (quarter.pages.count - 1) * PAGE * quarter.runner.decoder.kv_bytes_per_token()  # all slots' pages less a quarter's
     room = torch.cuda.max_memory_allocated() - used + extra_pages // 2
     del quarter
     torch.cuda.empty_cache()
