@@ -12,6 +12,7 @@ from typer.core import TyperOption
 
 from .. import __version__
 from ..errors import ExitStatus, PersonasError, PipeClosed, Terminated
+from .batch import batch
 from .chat import chat
 from .explain import explain
 from .generate import generate
@@ -43,6 +44,7 @@ app.command("generate")(generate)
 app.command("list")(list_personas)
 app.command("render")(render)
 app.command("serve")(serve)
+app.command("batch")(batch)
 app.command("chat")(chat)
 app.command("play")(play)
 app.command("explain")(explain)

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 
 class Feedback:
@@ -72,7 +73,7 @@ class Feedback:
 
     def _progress(self) -> Progress:
         return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=self.console, transient=True)
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
 
 
 def truncation_warning(feedback: Feedback) -> Callable[[str, int], None]:

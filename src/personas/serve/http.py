@@ -33,12 +33,12 @@ from ..engine.decoder import supports
 from ..engine.loop import engine_for
 from ..errors import InputError
 from ..library.load import Library
-from ..model.load import LoadedModel, fit_dialog
+from ..model.load import LoadedModel
 from ..model.tokens import token_text
-from ..sampling.grid import Row, Sample, Settings, TokenizedCell, TokenLogprob, build_grid, resolve_rules
+from ..sampling.grid import Row, Sample, Settings, TokenLogprob
 from .metrics import ServerMetrics
-from .openai import (ApiError, ChatPlan, ChoiceText, answer_choice, chunk, chunk_choice, completion, completion_id,
-                     logprob_entry, model_entry, parse_request, plan_request, usage)
+from .openai import ApiError, ChatPlan, Choices, chunk, chunk_choice, completion_id, model_entry, parse_request, usage
+from .rows import plan_rows, plan_settings
 from .worker import EngineWorker, Ticket
 
 MAX_BODY_BYTES = 1 << 20
@@ -164,17 +164,13 @@ class ChoiceRun:
         self.id = completion_id()
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        self.texts = [ChoiceText(decode, plan.stops) for _ in rows]
-        self.finish: list[str | None] = [None] * len(rows)
-        self.logprobs: list[list[dict]] | None = [[] for _ in rows] if plan.logprobs is not None else None
-        watch = plan.stream or bool(plan.stops) or plan.logprobs is not None
-        settings = Settings(max_new_tokens=plan.max_tokens, min_new_tokens=plan.min_tokens, top_p=plan.top_p,
-                            top_k=plan.top_k)
+        self.choices = Choices(plan, lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True),
+                               lambda token: token_text(loaded.tokenizer, token))
         self.ticket: Ticket = worker.submit(
-            rows, settings, lambda sample: self._post(SampleEvent(sample)),
+            rows, plan_settings(plan), lambda sample: self._post(SampleEvent(sample)),
             on_error=lambda error: self._post(FailureEvent(error)),
-            on_token=(lambda row, token, lp: self._post(TokenEvent(row, token, lp))) if watch else None,
+            on_token=(lambda row, token, lp: self._post(TokenEvent(row, token, lp))) if self.choices.watch_tokens
+            else None,
             logprobs=plan.logprobs is not None)
 
     def _post(self, event: Event) -> None:
@@ -186,51 +182,35 @@ class ChoiceRun:
 
     @property
     def done(self) -> bool:
-        return all(self.finish)
+        return self.choices.done
 
     async def progress(self) -> AsyncIterator[tuple[int, list[dict] | None]]:
         """Each time a choice moves, (its index, the log-probability entries of its new token).
         Ends when every choice has finished; raises ApiError if decoding failed."""
-        while not self.done:
+        choices = self.choices
+        while not choices.done:
             event = await self.events.get()
             if isinstance(event, FailureEvent):
                 error = event.error
                 raise ApiError(500, f"decoding failed: {type(error).__name__}: {error}", type="server_error")
             row = event.sample.row if isinstance(event, SampleEvent) else event.row
             i = row.sample - 1
-            if self.finish[i]:
+            if choices.finish[i]:
                 continue  # ended by a stop string; its row is being cancelled
-            text = self.texts[i]
             if isinstance(event, TokenEvent):
-                yield i, self._add(i, event.token, event.logprob)
-                if text.stopped:
-                    self.finish[i] = "stop"
+                yield i, choices.add_token(i, event.token, event.logprob)
+                if choices.finish[i]:
                     self.worker.cancel(self.ticket, [row])
                     yield i, None
             else:
-                sample = event.sample
-                text.tokens = list(sample.token_ids)  # the whole answer (tokens were not watched, or were)
-                self.finish[i] = sample.finish_reason
+                choices.add_sample(i, event.sample.token_ids, event.sample.finish_reason)
                 yield i, None
-
-    def _add(self, i: int, token: int, logprob: TokenLogprob | None) -> list[dict] | None:
-        self.texts[i].add(token)
-        if self.logprobs is None or logprob is None:
-            return None
-        entry = logprob_entry(token, logprob.logprob, logprob.top, self.plan.logprobs or 0, self._token_text)
-        self.logprobs[i].append(entry)
-        return [entry]
-
-    def _token_text(self, token: int) -> str:
-        return token_text(self.loaded.tokenizer, token)
 
     def cancel(self, why: str) -> None:
         if not self.done:
             self.worker.cancel(self.ticket)
-            self.server.log(f"{self.id}: {why}: its {sum(1 for f in self.finish if not f)} unfinished rows cancelled")
-
-    def completion_tokens(self) -> int:
-        return sum(len(text.tokens) for text in self.texts)
+            unfinished = sum(1 for f in self.choices.finish if not f)
+            self.server.log(f"{self.id}: {why}: its {unfinished} unfinished rows cancelled")
 
     async def answer(self, request: Request) -> dict[str, Any] | None:
         """The whole completion; None if the client went away first (its rows are cancelled)."""
@@ -249,10 +229,7 @@ class ChoiceRun:
         if work.cancelled():
             return None
         work.result()
-        choices = [answer_choice(i, text.final(), self.finish[i] or "stop",
-                                 self.logprobs[i] if self.logprobs is not None else None)
-                   for i, text in enumerate(self.texts)]
-        return completion(self.id, self.plan.persona.name, choices, self.prompt_tokens, self.completion_tokens())
+        return self.choices.completion(self.id, self.prompt_tokens)
 
     async def stream(self) -> AsyncIterator[str]:
         """Server-sent chunks: each choice's role, its text as it grows, its finish reason; the
@@ -263,14 +240,14 @@ class ChoiceRun:
         try:
             yield piece([chunk_choice(i, {"role": "assistant", "content": ""}) for i in range(len(self.rows))])
             async for i, logprobs in self.progress():
-                finished = self.finish[i] is not None
-                delta = self.texts[i].delta(finished)
+                finished = self.choices.finish[i] is not None
+                delta = self.choices.texts[i].delta(finished)
                 if delta or logprobs:
                     yield piece([chunk_choice(i, {"content": delta}, logprobs=logprobs)])
                 if finished:
-                    yield piece([chunk_choice(i, {}, self.finish[i])])
+                    yield piece([chunk_choice(i, {}, self.choices.finish[i])])
             if self.plan.include_usage:
-                yield piece([], usage_=usage(self.prompt_tokens, self.completion_tokens()))
+                yield piece([], usage_=usage(self.prompt_tokens, self.choices.completion_tokens()))
             ended = True
         except ApiError as error:  # the headers are sent: the error goes in the stream, as OpenAI's does
             self.server.alert(f"{self.id}: {error.message}")
@@ -357,26 +334,11 @@ async def answer_chat(server: PersonaServer, request: Request) -> Any:
     if chat.model_extra:
         server.log(f"ignored unknown request fields: {', '.join(sorted(chat.model_extra))}")
     loaded, worker = server.ready()
-    plan = plan_request(chat, server.library, server.seed)
-    try:
-        ids, _ = fit_dialog(plan.dialog, loaded, None, plan.max_tokens, truncate=False,
-                            who=f"persona '{plan.persona.name}'")
-    except InputError as e:
-        raise ApiError(400, f"{e.what} — shorten the conversation or lower max_tokens", param="messages",
-                       code="context_length_exceeded") from None
-    # The seeds `generate --seed S --prompt TEXT` gives its samples: the same request answers the
-    # same, and a one-turn request answers as generate does.
-    try:
-        rules = resolve_rules(plan.rules, loaded.tokenizer)
-    except InputError as e:
-        raise ApiError(400, str(e), param="logit_bias") from None
-    cell = TokenizedCell(plan.persona.name, plan.dialog.user, tuple(ids), (plan.temperature,), plan.n, plan.seed,
-                         None, plan.max_tokens, rules)
-    rows = build_grid([cell], [plan.temperature], plan.n, plan.seed)
+    plan, rows, prompt_tokens = plan_rows(chat, server.library, loaded, server.seed)
     if worker.outstanding + len(rows) > server.max_queue:
         raise ApiError(429, f"{worker.outstanding} rows are queued and this request adds {len(rows)}; the limit is "
                        f"{server.max_queue} (--max-queue) — retry later", type="rate_limit_error", code="queue_full")
-    run = ChoiceRun(server, loaded, worker, plan, rows, len(ids))
+    run = ChoiceRun(server, loaded, worker, plan, rows, prompt_tokens)
     if plan.stream:
         return StreamingResponse(run.stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

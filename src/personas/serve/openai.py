@@ -96,9 +96,12 @@ class ChatRequest(RuleFields):
     stream_options: StreamOptions | None = None
 
 
-def parse_request(body: bytes) -> ChatRequest:
-    """The request from its JSON body; a 400 that names the field for anything wrong."""
+def parse_request(body: bytes | dict[str, Any]) -> ChatRequest:
+    """The request from its JSON body (or a batch line's decoded `body`); a 400 that names the
+    field for anything wrong."""
     try:
+        if isinstance(body, dict):
+            return ChatRequest.model_validate(body)
         return ChatRequest.model_validate_json(body)
     except ValidationError as e:
         problem = e.errors()[0]
@@ -131,19 +134,29 @@ class ChatPlan:
     rules: Rules  # the request's own, over the persona's, over [defaults]; token texts not yet ids
 
 
-def plan_request(request: ChatRequest, library: Library, seed_default: int | None = None) -> ChatPlan:
+BASE_MODEL = "base"  # the model itself: a request's own messages, no persona around them
+
+
+def plan_request(request: ChatRequest, library: Library, seed_default: int | None = None,
+                 base_names: Sequence[str] = (BASE_MODEL,)) -> ChatPlan:
     """Check a request against the library; raises ApiError (404 for an unknown persona).
 
+    `model` names a persona of the library — or, when it is one of `base_names` ("base", the
+    loaded model's own name) and no persona has that name, the model itself: the request's
+    messages run as they stand, its system message the persona (personas given as data).
     What the request leaves out: temperature is the persona's, else 0.7; max_tokens, top_p and
     top_k come from the file's `[defaults]`, else personas' built-in values (as for `generate`);
     the seed is `seed_default` (serve --seed), else drawn at random.
     """
-    try:
-        persona = library.get(request.model)
-    except InputError as e:  # its hint names the closest personas, or all of them
-        raise ApiError(404, f"the model '{request.model}' does not exist: the models are this server's "
-                       f"personas — {e.todo}; GET /v1/models lists them",
-                       type="not_found_error", param="model", code="model_not_found") from None
+    if request.model in base_names and request.model not in library.personas:
+        persona = Persona(name=request.model)
+    else:
+        try:
+            persona = library.get(request.model)
+        except InputError as e:  # its hint names the closest personas, or all of them
+            raise ApiError(404, f"the model '{request.model}' does not exist: the models are this server's "
+                           f"personas — {e.todo} — or '{BASE_MODEL}' for the model itself",
+                           type="not_found_error", param="model", code="model_not_found") from None
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if any(not stop for stop in stops):
         raise ApiError(400, "stop: a stop string must not be empty", param="stop")
@@ -268,6 +281,62 @@ class ChoiceText:
 
     def _released(self) -> str:
         return self.text[:self.cut].lstrip()[:self.sent]
+
+
+class Choices:
+    """A request's n choices as their tokens and samples arrive: each text cut at its first stop
+    string, its log-probability entries, its finish reason; the chat.completion object once all
+    have finished. The server builds its answers and streams with it, `batch` its output lines.
+    """
+
+    def __init__(self, plan: ChatPlan, decode: Callable[[list[int]], str], token_text: Callable[[int], str]):
+        self.plan = plan
+        self.texts = [ChoiceText(decode, plan.stops) for _ in range(plan.n)]
+        self.finish: list[str | None] = [None] * plan.n
+        self.logprobs: list[list[dict[str, Any]]] | None = (
+            [[] for _ in range(plan.n)] if plan.logprobs is not None else None)
+        self.token_text = token_text
+
+    @property
+    def watch_tokens(self) -> bool:
+        """Whether each token must be seen as it comes (a stream, stop strings, log-probabilities),
+        not only each finished sample."""
+        return self.plan.stream or bool(self.plan.stops) or self.plan.logprobs is not None
+
+    @property
+    def done(self) -> bool:
+        return all(self.finish)
+
+    def add_token(self, i: int, token: int, logprob: Any | None) -> list[dict[str, Any]] | None:
+        """Choice i's new token; returns its log-probability entries (None when not asked for).
+        A choice that reaches a stop string finishes ("stop"): its row can be cancelled."""
+        if self.finish[i]:
+            return None
+        text = self.texts[i]
+        text.add(token)
+        entries = None
+        if self.logprobs is not None and logprob is not None:
+            entries = [logprob_entry(token, logprob.logprob, logprob.top, self.plan.logprobs or 0, self.token_text)]
+            self.logprobs[i].append(entries[0])
+        if text.stopped:
+            self.finish[i] = "stop"
+        return entries
+
+    def add_sample(self, i: int, token_ids: Sequence[int], finish_reason: str) -> None:
+        """Choice i's row ended: its whole answer (its tokens were watched, or were not)."""
+        if self.finish[i]:
+            return  # ended by a stop string already
+        self.texts[i].tokens = list(token_ids)
+        self.finish[i] = finish_reason
+
+    def completion_tokens(self) -> int:
+        return sum(len(text.tokens) for text in self.texts)
+
+    def completion(self, request_id: str, prompt_tokens: int) -> dict[str, Any]:
+        choices = [answer_choice(i, text.final(), self.finish[i] or "stop",
+                                 self.logprobs[i] if self.logprobs is not None else None)
+                   for i, text in enumerate(self.texts)]
+        return completion(request_id, self.plan.persona.name, choices, prompt_tokens, self.completion_tokens())
 
 
 def logprob_entry(token_id: int, logprob: float, top: Sequence[tuple[int, float]], count: int,

@@ -1,0 +1,132 @@
+"""`personas batch INPUT`: an OpenAI Batch API file answered on the decode engine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError, PersonasError, PipeClosed
+from ..library.load import find_library_file, load_library
+from ..sampling.grid import Settings
+from .feedback import Feedback
+from .loading import load_model_for, model_options
+from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend,
+                      GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt)
+
+
+def batch(
+    source: Annotated[str, typer.Argument(
+        metavar="INPUT", help="The batch file ('-': stdin): one OpenAI Batch API request per line, "
+        "{\"custom_id\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", \"body\"}.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write the output lines to this file (each as its request completes) "
+        "instead of stdout.", dir_okay=False, show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="With --output FILE: skip the requests whose custom_id FILE already answers, "
+        "and append the rest.")] = False,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", "-s", help="Seed for requests whose body names none (default: a fresh one per request, "
+        "as serve --http draws it).", min=0, show_default=False)] = None,
+    file: FileOpt = None,
+    model: ModelOpt = None,
+    gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
+    device: DeviceOpt = None,
+    batch_size: BatchSizeOpt = None,
+    fast_path: FastPathOpt = True,
+    gptq_dense: DenseWeightsOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Answer an OpenAI batch file: each line's chat completion, as OpenAI's batch output writes it.
+
+    A body's model is a persona, or 'base' for its own messages as they stand (the system message
+    is the persona). A request refused on its own merits gets its error as its output line and
+    the others run; the exit status is then 1.
+    """
+    from ..output.files import OutputFile
+    from ..serve.batch import answered_ids, check_file
+
+    feedback = Feedback(quiet)
+    if resume and output is None:
+        raise InputError("--resume needs --output FILE", "the requests already answered are read from FILE")
+    library = load_library(find_library_file(file))
+    with _readable(source) as (path, name):
+        target = OutputFile(output, "jsonl", resume and output.exists()) if output is not None else None
+        done = answered_ids(output) if target is not None and target.resumed else set()
+        checked = check_file(path, name, done)  # every envelope, before the model loads
+        if not checked.requests and not done:
+            raise InputError(f"no requests in {name}", "write one batch request per line")
+        if done:
+            feedback.info(f"resuming: {len(done)} requests already answered in {output}, {checked.requests} to go")
+        options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code,
+                                fast_path)
+        settings = Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense)
+        try:
+            summary = _run(path, name, library, options, settings, seed, done, target, feedback,
+                           checked.rows)
+        except BaseException as e:
+            if target is not None:
+                target.abandon()
+            if isinstance(e, BrokenPipeError):
+                raise PipeClosed() from None
+            raise
+        if target is not None:
+            target.commit()
+    if summary.refused:
+        lines = ", ".join(str(n) for n in summary.refused[:10]) + (", …" if len(summary.refused) > 10 else "")
+        where = output if output is not None else "the output"
+        raise PersonasError(f"{len(summary.refused)} of {checked.requests} requests were refused "
+                            f"(lines {lines} of {name})", f"their error lines are in {where}")
+
+
+@contextlib.contextmanager
+def _readable(source: str):
+    """(a path that can be read twice, its name for messages): stdin is kept in a temporary file."""
+    if source != "-":
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"cannot read batch file {source}: no such file", "check the path")
+        yield path, source
+        return
+    with tempfile.NamedTemporaryFile(prefix="personas-batch-", suffix=".jsonl") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.flush()
+        yield Path(spool.name), "<stdin>"
+
+
+def _run(path, name, library, options, settings, seed, done, target, feedback, total_rows):
+    from ..engine.loop import engine_for
+    from ..serve.batch import BatchRun, requests
+
+    out = target.stream if target is not None else sys.stdout
+
+    def write(line: dict) -> None:
+        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+        out.flush()
+
+    loaded = load_model_for(options, feedback)
+    with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the answers
+        engine = engine_for(loaded, settings, expect_more=True)
+        if engine is None:
+            kind = getattr(loaded.model.config, "model_type", "?")
+            raise InputError(f"batch runs on the decode engine, which runs Llama-architecture models; "
+                             f"{loaded.label} is '{kind}'",
+                             "use generate --prompts-file with this model, or choose a Llama-architecture model")
+        started = time.perf_counter()
+        with feedback.generating(total_rows, None) as (_, row_done):
+            run = BatchRun(loaded, library, engine, write, seed=seed, on_row=row_done)
+            summary = run.run(requests(path, name, done))
+        elapsed = time.perf_counter() - started
+    feedback.info(f"{summary.answered} requests answered, {len(summary.refused)} refused; {summary.rows} rows, "
+                  f"{summary.tokens} new tokens in {elapsed:.1f} s "
+                  f"({summary.tokens / elapsed if elapsed else 0:.0f} tokens/s)")
+    return summary
