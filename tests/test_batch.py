@@ -197,3 +197,77 @@ def test_resume_needs_an_output_file(tmp_path, cache_dir):
     path = write_batch(tmp_path / "in.jsonl", {"x": {"model": "a", "messages": user("Hi")}})
     result = run_cli(["batch", str(path), "--resume", "--file", str(TWO)], cache_dir)
     assert result.returncode == 2 and "--resume needs --output FILE" in result.stderr
+
+
+def test_inline_personas_store_their_system_text_once(tiny):
+    """Ten batch lines with one system text and no persona: the pool holds that text's prefix once
+    and each row only its own suffix; the texts equal each request run alone (a private copy)."""
+    from personas.engine.engine import Engine, EngineConfig
+    from personas.library.load import load_library
+    from personas.serve.batch import BatchLine, BatchRun
+
+    library = load_library(TWO)
+    system = "You are a lighthouse keeper who answers every question in one short sentence."
+    lines = [BatchLine(i + 1, f"q{i}", {"model": "base", "seed": i, "max_tokens": 6, "min_tokens": 6,
+                                        "messages": [{"role": "system", "content": system}] + user(f"Question {i}?")})
+             for i in range(10)]
+
+    def run(batch: list[BatchLine], seen: dict | None = None) -> dict[str, list[str]]:
+        engine = Engine(tiny, EngineConfig(expect_more=True))
+        step = engine.step
+
+        def observed_step() -> None:  # the pool and the rows' prompts after the first step
+            step()
+            if seen is not None and not seen:
+                seen.update(spans=dict(engine.pool.spans), end=engine.pool.end,
+                            prompts=[(job.prefix, job.suffix) for job in engine.jobs.values()])
+
+        engine.step = observed_step
+        out: list[dict] = []
+        BatchRun(tiny, library, engine, out.append).run(iter(batch))
+        return {o["custom_id"]: [c["message"]["content"] for c in o["response"]["body"]["choices"]] for o in out}
+
+    seen: dict = {}
+    together = run(lines, seen)
+    (prefix,) = seen["spans"]  # one prefix in the pool, stored once
+    assert seen["end"] == len(prefix)
+    assert len(seen["prompts"]) == len(lines) and {p for p, _ in seen["prompts"]} == {prefix}
+    assert len(prefix) > len(tiny.tokenizer.encode(system, add_special_tokens=False))
+    assert all(len(suffix) < 12 for _, suffix in seen["prompts"])  # each row: its own question only
+    alone = {}
+    for line in lines:
+        alone.update(run([line]))
+    assert together == alone
+
+
+def test_parquet_output_is_typed_read_by_datasets_and_written_atomically(answered, tiny_llama_dir, cache_dir,
+                                                                         tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, jsonl = answered
+    target = tmp_path / "out.parquet"
+    source = write_batch(tmp_path / "in.jsonl", BODIES)
+    result = run_cli(["batch", str(source), "-f", "parquet", "-o", str(target), "--model", str(tiny_llama_dir),
+                      "--file", str(TWO)], cache_dir)
+    assert result.returncode == 1, result.stderr  # two requests refused, as in JSONL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.parquet"], "no temporary file left"
+    table = pq.read_table(target)
+    assert table.schema.field("status_code").type == pa.int32()
+    assert table.schema.field("contents").type == pa.list_(pa.string())
+    assert table.schema.field("completion_tokens").type == pa.int64()
+    rows = {r["custom_id"]: r for r in table.to_pylist()}
+    assert set(rows) == set(BODIES)
+    for custom_id, line in jsonl.items():
+        body = line["response"]["body"]
+        assert rows[custom_id]["status_code"] == line["response"]["status_code"]
+        if "error" in body:
+            assert rows[custom_id]["error_message"] == body["error"]["message"] and rows[custom_id]["contents"] is None
+        else:  # the same seeds: the same texts as the JSONL run
+            assert rows[custom_id]["contents"] == [c["message"]["content"] for c in body["choices"]]
+            assert json.loads(rows[custom_id]["response"])["usage"] == body["usage"]
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset("parquet", data_files=str(target), split="train", cache_dir=str(tmp_path / "hf"))
+    assert loaded.num_rows == len(BODIES) and loaded.features["prompt_tokens"].dtype == "int64"
+    refused = run_cli(["batch", str(source), "-f", "parquet", "--file", str(TWO)], cache_dir)
+    assert refused.returncode == 2 and "pass --output FILE.parquet" in refused.stderr

@@ -120,3 +120,48 @@ def test_cancelling_queued_rows_releases_their_prefixes():
     jobs = scheduler.submit([row("a", system + (40,), k) for k in range(1, 3)], Settings(), lambda s: None)
     assert scheduler.cancel_queued({jobs[0]}) == 1 and holds.count == {system: 1}
     assert scheduler.cancel_queued(set(jobs)) == 1 and not holds.count and not scheduler.busy
+
+
+def test_rows_of_one_name_share_by_their_prompts_starts():
+    """Personas given as data: every row named 'base'; rows with one system text share it, two
+    texts make two prefixes. Named personas keep theirs apart, as before."""
+    from personas.engine.prefix_groups import shared_prefixes
+
+    sys_a, sys_b = tuple(range(100, 130)), tuple(range(200, 230))
+    prompts = [sys_a + (1, i) for i in range(5)] + [sys_b + (2, i) for i in range(5)]
+    kept = shared_prefixes(dict.fromkeys(prompts, 1))
+    assert kept == {p: len(sys_a) + 1 for p in prompts}  # the text and its separator
+
+    holds = Holds()
+    scheduler = Scheduler(holds, [END])
+    rows = [row("base", p, 1) for p in prompts] + [row("pirate", sys_a + (3, 3)), row("grocer", sys_a + (3, 4))]
+    jobs = scheduler.submit(rows, Settings(), lambda s: None)
+    assert {j.prefix for j in jobs[:5]} == {sys_a + (1,)} and {j.prefix for j in jobs[5:10]} == {sys_b + (2,)}
+    assert [j.prefix for j in jobs[10:]] == [sys_a + (3,), sys_a + (3,)]  # each alone: all but its last token
+    assert holds.count == {sys_a + (1,): 5, sys_b + (2,): 5, sys_a + (3,): 2}
+
+
+def test_a_long_preamble_common_to_every_persona_does_not_merge_them():
+    """A template that puts the same preamble before every system text (Llama 3's dates): each
+    persona's rows still share their own text, the preamble with it."""
+    from personas.engine.prefix_groups import shared_prefixes
+
+    preamble = tuple(range(1, 31))
+    texts = [tuple(range(1000 * k, 1000 * k + 40)) for k in range(1, 4)]
+    prompts = [preamble + text + (9, i) for text in texts for i in range(10)]
+    kept = shared_prefixes(dict.fromkeys(prompts, 2))
+    assert all(kept[p] == len(preamble) + 40 + 1 for p in prompts)
+    # Two rows of one prompt (n = 2) with nothing else: all of it but the last token.
+    assert shared_prefixes({(5, 6, 7): 2}) == {(5, 6, 7): 2}
+
+
+def test_requests_one_at_a_time_share_with_recent_ones():
+    holds = Holds()
+    scheduler = Scheduler(holds, [END])
+    sys_a, sys_b = tuple(range(100, 130)), tuple(range(200, 230))
+    prefixes = []
+    for i in range(6):  # alternating system texts, one request each, as a server receives them
+        system = sys_a if i % 2 == 0 else sys_b
+        (job,) = scheduler.submit([row("base", system + (7, i))], Settings(), lambda s: None)
+        prefixes.append(job.prefix)
+    assert prefixes[2:] == [sys_a + (7,), sys_b + (7,)] * 2

@@ -121,6 +121,31 @@ def test_a_jsonl_line_sets_its_own_max_new_tokens(tmp_path, tiny_llama_dir, cach
     assert bad.returncode == 2 and "lines.jsonl:1: max_new_tokens: Input should be greater than or equal to 1" in bad.stderr
 
 
+def test_a_jsonl_line_carries_its_persona_inline(tmp_path, tiny_llama_dir, cache_dir, library):
+    """A line with `system` and `examples` is its own persona: named as the TOML persona with that
+    system and those examples, the same texts for the same prompt, id and seed (a row's seed
+    follows its persona's name, prompt and id); `persona` is only its name."""
+    a = library.get("a")
+    inline = {"system": a.system, "examples": [e.model_dump() for e in a.examples]}
+
+    def texts(*lines: dict) -> list[tuple[str, object, int, str]]:
+        path = tmp_path / "lines.jsonl"
+        path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        result = run_cli(["generate", "--file", str(TWO), "--model", str(tiny_llama_dir), "--prompts-file", str(path),
+                          "-n", "2", "-t", "1.0", "--seed", "3", "--max-new-tokens", "8", "-f", "jsonl"], cache_dir)
+        assert result.returncode == 0, result.stderr
+        return sorted((r["persona"], r["id"], r["sample"], r["text"]) for r in map(json.loads, result.stdout.splitlines()))
+
+    from_toml = texts({"persona": "a", "prompt": "Hello there", "id": "q"})
+    assert texts({"persona": "a", "prompt": "Hello there", "id": "q", **inline}) == from_toml
+    unnamed = texts({"prompt": "Hello there", "id": "q", **inline})
+    assert {r[0] for r in unnamed} == {"inline"} and [r[3] for r in unnamed] != [r[3] for r in from_toml]
+    (tmp_path / "bad.jsonl").write_text('{"system": "  ", "prompt": "hi"}\n')
+    bad = run_cli(["generate", "--file", str(TWO), "--model", str(tiny_llama_dir), "--prompts-file",
+                   str(tmp_path / "bad.jsonl")], cache_dir)
+    assert bad.returncode == 2 and "bad.jsonl:1: system: must not be empty" in bad.stderr, bad.stderr
+
+
 def test_truncate_drops_examples_and_says_so(tiny_llama_dir):
     model = load_model(resolve_model(str(tiny_llama_dir)), device="cpu")
     long = "the quick brown fox jumps over the lazy dog " * 20

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import sys
 import tempfile
@@ -15,6 +14,7 @@ import typer
 
 from ..errors import InputError, PersonasError, PipeClosed
 from ..library.load import find_library_file, load_library
+from ..output.batch import BatchFormat, batch_writer
 from ..sampling.grid import Settings
 from .feedback import Feedback
 from .loading import load_model_for, model_options
@@ -29,6 +29,9 @@ def batch(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Write the output lines to this file (each as its request completes) "
         "instead of stdout.", dir_okay=False, show_default=False)] = None,
+    fmt: Annotated[BatchFormat, typer.Option(
+        "--format", "-f", help="jsonl: OpenAI's batch output, each line as its request completes; parquet: "
+        "one typed row per request, written whole to --output when the run ends.")] = BatchFormat.JSONL,
     resume: Annotated[bool, typer.Option(
         "--resume", help="With --output FILE: skip the requests whose custom_id FILE already answers, "
         "and append the rest.")] = False,
@@ -58,9 +61,11 @@ def batch(
     feedback = Feedback(quiet)
     if resume and output is None:
         raise InputError("--resume needs --output FILE", "the requests already answered are read from FILE")
+    if fmt == BatchFormat.PARQUET and output is None:
+        raise InputError("--format parquet writes a binary file", "pass --output FILE.parquet")
     library = load_library(find_library_file(file))
     with _readable(source) as (path, name):
-        target = OutputFile(output, "jsonl", resume and output.exists()) if output is not None else None
+        target = OutputFile(output, fmt.value, resume and output.exists()) if output is not None else None
         done = answered_ids(output) if target is not None and target.resumed else set()
         checked = check_file(path, name, done)  # every envelope, before the model loads
         if not checked.requests and not done:
@@ -71,7 +76,7 @@ def batch(
                                 fast_path)
         settings = Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense)
         try:
-            summary = _run(path, name, library, options, settings, seed, done, target, feedback,
+            summary = _run(path, name, library, options, settings, seed, done, target, fmt, feedback,
                            checked.rows)
         except BaseException as e:
             if target is not None:
@@ -103,15 +108,11 @@ def _readable(source: str):
         yield Path(spool.name), "<stdin>"
 
 
-def _run(path, name, library, options, settings, seed, done, target, feedback, total_rows):
+def _run(path, name, library, options, settings, seed, done, target, fmt, feedback, total_rows):
     from ..engine.loop import engine_for
     from ..serve.batch import BatchRun, requests
 
-    out = target.stream if target is not None else sys.stdout
-
-    def write(line: dict) -> None:
-        out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        out.flush()
+    writer = batch_writer(fmt, target.stream if target is not None else sys.stdout)
 
     loaded = load_model_for(options, feedback)
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the answers
@@ -123,9 +124,10 @@ def _run(path, name, library, options, settings, seed, done, target, feedback, t
                              "use generate --prompts-file with this model, or choose a Llama-architecture model")
         started = time.perf_counter()
         with feedback.generating(total_rows, None) as (_, row_done):
-            run = BatchRun(loaded, library, engine, write, seed=seed, on_row=row_done)
+            run = BatchRun(loaded, library, engine, writer.add, seed=seed, on_row=row_done)
             summary = run.run(requests(path, name, done))
         elapsed = time.perf_counter() - started
+        writer.close()
     feedback.info(f"{summary.answered} requests answered, {len(summary.refused)} refused; {summary.rows} rows, "
                   f"{summary.tokens} new tokens in {elapsed:.1f} s "
                   f"({summary.tokens / elapsed if elapsed else 0:.0f} tokens/s)")

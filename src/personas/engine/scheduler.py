@@ -10,14 +10,20 @@ No torch: slots and pages are numbers here; the engine hands them to the runner.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from ..sampling.grid import NO_RULES, Row, Sample, Settings, TokenLogprob
 from .config import REFILL_SHARE
-from .job import ChosenLogprobs, Job, Prefix, TokenListener, common_prefix
+from .job import ChosenLogprobs, Job, Prefix, TokenListener
 from .pages import PAGE, Slot, ceil_div
+from .prefix_groups import shared_prefixes
+
+# A persona's prompts of earlier submissions that a new one may share a start with: a server's
+# requests come one at a time, each its own submission. A few dozen cover the system texts in use
+# at once under one name (inline personas) and keep each grouping (a sort over them) cheap.
+RECENT_PROMPTS = 64
 
 
 class PrefixHolds(Protocol):
@@ -37,7 +43,7 @@ class Scheduler:
         self.end_ids = set(end_ids)
         self.queue: deque[Job] = deque()
         self.running: dict[Slot, Job] = {}
-        self.seen: dict[str, tuple[int, ...]] = {}  # persona -> a prompt of theirs seen before
+        self.recent: dict[str, deque[tuple[int, ...]]] = {}  # persona -> its distinct prompts submitted lately
 
     @property
     def busy(self) -> bool:
@@ -49,25 +55,30 @@ class Scheduler:
 
     def submit(self, rows: Iterable[Row], settings: Settings, deliver: Callable[[Sample], None], *,
                on_token: TokenListener | None = None, logprobs: bool = False) -> list[Job]:
-        """Queue rows; each persona's rows share the longest prompt start they have in common
-        (with a prompt of that persona seen before, so one request at a time still shares)."""
+        """Queue rows, each holding the start of its prompt that it shares with the other rows of
+        its persona (prefix_groups.py: grouped by their prompts' common starts, so inline personas
+        under one name share by their texts — and with the persona's recent prompts, so requests
+        arriving one at a time still share). Returns the rows' jobs, in the order given."""
+        rows = list(rows)
+        kept: dict[tuple[int, ...], int] = {}
         by_persona: dict[str, list[Row]] = {}
         for row in rows:
             by_persona.setdefault(row.persona, []).append(row)
-        jobs = []
         for persona, members in by_persona.items():
-            prompts = list(dict.fromkeys(r.prompt_ids for r in members))
-            if persona in self.seen:
-                prompts.append(self.seen[persona])
-            self.seen[persona] = members[0].prompt_ids
-            shared = common_prefix(prompts)
-            for row in members:
-                job = Job(row, row.limit(settings), settings.min_new_tokens, settings.top_k or 0,
-                          settings.top_p if settings.top_p is not None else 1.0, deliver,
-                          prefix=row.prompt_ids[:shared], on_token=on_token, logprobs=logprobs,
-                          rules=(row.rules or NO_RULES).over(settings.rules))
-                self.pool.hold(job.prefix)
-                jobs.append(job)
+            recent = self.recent.setdefault(persona, deque(maxlen=RECENT_PROMPTS))
+            readers = Counter(row.prompt_ids for row in members)
+            for prompt in recent:
+                readers.setdefault(prompt, 1)
+            kept.update(shared_prefixes(readers))
+            recent.extend(prompt for prompt in dict.fromkeys(row.prompt_ids for row in members) if prompt not in recent)
+        jobs = []
+        for row in rows:
+            job = Job(row, row.limit(settings), settings.min_new_tokens, settings.top_k or 0,
+                      settings.top_p if settings.top_p is not None else 1.0, deliver,
+                      prefix=row.prompt_ids[:kept[row.prompt_ids]], on_token=on_token, logprobs=logprobs,
+                      rules=(row.rules or NO_RULES).over(settings.rules))
+            self.pool.hold(job.prefix)
+            jobs.append(job)
         # Longest rows first, so the last steps are not a few long rows decoding alone; identical
         # prompts next to each other, so one prefill serves them all and they share its pages.
         self.queue.extend(sorted(jobs, key=lambda j: (-j.max_new, j.prefix, j.suffix)))

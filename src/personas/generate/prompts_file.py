@@ -6,6 +6,9 @@ Two forms, told apart by the first non-blank line:
 * JSONL: one object per line, `{"prompt": ..., "persona": ..., "temperatures": [...], "n": ...,
   "seed": ..., "max_new_tokens": ..., "id": ...}` and the logits rules a persona may set
   (`min_p`, `presence_penalty`, `logit_bias`, …), only `prompt` required; unknown keys are errors.
+  A line may carry its persona inline — `system` and/or `examples` (`[{"user", "assistant"}]`),
+  `persona` then only its name in the output (default "inline") — for personas kept as data
+  (PersonaHub's one-line personas), not in a TOML library.
 
 Every row carries its line's `id`, or the line number (from 1) when it has none. Errors name
 the file and line.
@@ -22,9 +25,11 @@ from pydantic import Field, ValidationError, field_validator
 
 from ..errors import InputError, PersonaFileError
 from ..library.load import Library
-from ..library.schema import Persona, RuleFields, Temperature
+from ..library.schema import Example, Persona, RuleFields, Temperature
 from ..sampling.grid import NO_RULES, rules_from
 from .request import Cell
+
+INLINE = "inline"  # the name of a line's inline persona when the line gives none
 
 
 class PromptLine(RuleFields):
@@ -38,11 +43,13 @@ class PromptLine(RuleFields):
     seed: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1)
     id: str | int | None = None
+    system: str | None = None  # an inline persona: its system context ...
+    examples: list[Example] | None = None  # ... and few-shot exchanges
 
-    @field_validator("prompt")
+    @field_validator("prompt", "system")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
 
@@ -86,7 +93,10 @@ def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Per
             raise PersonaFileError(name, number, f"{where}: {what}",
                                    "keys: " + ", ".join(PromptLine.model_fields)) from None
         try:
-            targets = [library.get(item.persona)] if item.persona else list(personas)
+            if item.system is not None or item.examples:
+                targets = [Persona(name=item.persona or INLINE, system=item.system, examples=item.examples or [])]
+            else:
+                targets = [library.get(item.persona)] if item.persona else list(personas)
         except InputError as e:
             raise PersonaFileError(name, number, e.what, e.todo) from None
         temperatures = tuple(item.temperatures) if item.temperatures else None

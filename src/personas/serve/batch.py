@@ -176,18 +176,23 @@ class BatchRun:
         self.on_row = on_row
         self.summary = BatchSummary()
         self._stopped: list[Job] = []  # rows ended by a stop string, cancelled after the step
+        self._live: dict[int, LiveRequest] = {}  # id of a row in the engine -> its request
         self._decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)
         self._token_text = lambda token: token_text(loaded.tokenizer, token)
 
     def run(self, lines: Iterator[BatchLine]) -> BatchSummary:
         exhausted = False
         while True:
-            while not exhausted and self.engine.rows_waiting < self.queue_rows:
+            planned: list[tuple[LiveRequest, list[Row]]] = []
+            room = self.queue_rows - self.engine.rows_waiting
+            while not exhausted and room > 0:
                 line = next(lines, None)
                 if line is None:
                     exhausted = True
-                else:
-                    self._start(line)
+                elif (request := self._plan(line)) is not None:
+                    planned.append(request)
+                    room -= len(request[1])
+            self._submit(planned)
             if self.engine.busy:
                 self.engine.step()
                 if self._stopped:
@@ -196,7 +201,8 @@ class BatchRun:
             elif exhausted:
                 return self.summary
 
-    def _start(self, line: BatchLine) -> None:
+    def _plan(self, line: BatchLine) -> tuple[LiveRequest, list[Row]] | None:
+        """The request's rows; None when it is refused (its error line is written)."""
         try:
             chat = parse_request(line.body)
             if chat.stream:
@@ -205,27 +211,40 @@ class BatchRun:
         except ApiError as error:
             self.summary.refused.append(line.number)
             self.write(output_line(line.custom_id, error.status, completion_id(), error.body()))
-            return
-        live = LiveRequest(line, plan, Choices(plan, self._decode, self._token_text), prompt_tokens)
-        watch = live.choices.watch_tokens
-        jobs = self.engine.submit(
-            rows, plan_settings(plan), lambda sample: self._sample(live, sample),
-            on_token=(lambda row, token, logprob: self._token(live, row, token, logprob)) if watch else None,
-            logprobs=plan.logprobs is not None)
-        live.jobs = {job.row.sample: job for job in jobs}
+            return None
+        return LiveRequest(line, plan, Choices(plan, self._decode, self._token_text), prompt_tokens), rows
 
-    def _token(self, live: LiveRequest, row: Row, token: int, logprob: TokenLogprob | None) -> None:
+    def _submit(self, planned: list[tuple[LiveRequest, list[Row]]]) -> None:
+        """Into the engine together, one submission per way of sampling: the scheduler groups the
+        rows of one submission by their prompts' common starts, so requests read together share
+        their system text's cache from the first step."""
+        groups: dict[tuple, list[tuple[LiveRequest, list[Row]]]] = {}
+        for live, rows in planned:
+            key = (plan_settings(live.plan), live.choices.watch_tokens, live.plan.logprobs is not None)
+            groups.setdefault(key, []).append((live, rows))
+        for (settings, watch, logprobs), members in groups.items():
+            rows = [row for _, request_rows in members for row in request_rows]
+            for live, request_rows in members:
+                self._live.update((id(row), live) for row in request_rows)
+            jobs = self.engine.submit(rows, settings, self._sample, on_token=self._token if watch else None,
+                                      logprobs=logprobs)
+            for job in jobs:
+                self._live[id(job.row)].jobs[job.row.sample] = job
+
+    def _token(self, row: Row, token: int, logprob: TokenLogprob | None) -> None:
+        live = self._live.get(id(row))
         i = row.sample - 1
-        if live.choices.finish[i]:
+        if live is None or live.choices.finish[i]:  # its request is answered; a stop string ended it
             return
         live.choices.add_token(i, token, logprob)
         if live.choices.finish[i]:  # a stop string: the row ends here
             self._stopped.append(live.jobs[row.sample])
             self._row_done(live)
 
-    def _sample(self, live: LiveRequest, sample: Sample) -> None:
+    def _sample(self, sample: Sample) -> None:
+        live = self._live.get(id(sample.row))
         i = sample.row.sample - 1
-        if live.choices.finish[i]:
+        if live is None or live.choices.finish[i]:
             return
         live.choices.add_sample(i, sample.token_ids, sample.finish_reason)
         self._row_done(live)
@@ -234,6 +253,8 @@ class BatchRun:
         self.on_row()
         self.summary.rows += 1
         if live.choices.done:
+            for job in live.jobs.values():
+                self._live.pop(id(job.row), None)
             self.summary.answered += 1
             self.summary.tokens += live.choices.completion_tokens()
             self.write(output_line(live.line.custom_id, 200, live.id, live.choices.completion(live.id,
