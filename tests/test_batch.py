@@ -271,3 +271,20 @@ def test_parquet_output_is_typed_read_by_datasets_and_written_atomically(answere
     assert loaded.num_rows == len(BODIES) and loaded.features["prompt_tokens"].dtype == "int64"
     refused = run_cli(["batch", str(source), "-f", "parquet", "--file", str(TWO)], cache_dir)
     assert refused.returncode == 2 and "pass --output FILE.parquet" in refused.stderr
+
+
+def test_ten_thousand_lines_of_inline_personas(tiny_llama_dir, cache_dir, tmp_path):
+    """A data-scale file: 10,000 requests, 50 system texts given inline, one token each — every
+    custom_id answered exactly once (the benchmark runs 100,000 on the embedded model)."""
+    source = tmp_path / "in.jsonl"
+    with source.open("w") as f:
+        for i in range(10_000):
+            f.write(line(f"r{i}", {"model": "base", "max_tokens": 1, "seed": i, "messages": [
+                {"role": "system", "content": f"You are persona {i % 50}, who keeps a lighthouse."},
+                {"role": "user", "content": f"Question {i}: what do you see?"}]}) + "\n")
+    output = tmp_path / "out.jsonl"
+    result = run_cli(["batch", str(source), "-o", str(output), "--model", str(tiny_llama_dir)], cache_dir)
+    assert result.returncode == 0, result.stderr
+    out = read_output(output)
+    assert set(out) == {f"r{i}" for i in range(10_000)}
+    assert all(item["response"]["body"]["usage"]["completion_tokens"] <= 1 for item in out.values())

@@ -131,6 +131,43 @@ def test_interrupt_keeps_finished_rows_and_resume_completes_them(files, runtime,
     assert everything == keyed(alone.stdout), "interrupted + resumed on Ray = one uninterrupted process"
 
 
+def test_a_batch_file_on_ray_answers_as_one_process(files, runtime, tiny_llama_dir, cache_dir, tmp_path):
+    """`batch --ray`: the same answers as one process, stop strings found in finished samples as the
+    engine finds them token by token; log-probabilities are refused there, on their own line."""
+    personas, _ = files
+
+    def body(i: int) -> dict:
+        system = [{"role": "system", "content": "You keep bees."}] if i % 3 == 0 else []
+        return {"model": "base" if system else ("sailor", "cook")[i % 2], "seed": i, "n": 1 + i % 2,
+                "max_tokens": 10, "messages": system + [{"role": "user", "content": f"Question {i}?"}],
+                **({"stop": ["e"]} if i % 4 == 0 else {})}
+
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": body(i)}
+             for i in range(24)]
+    lines.append({"custom_id": "lp", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "cook", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True}})
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["batch", str(source), "--file", str(personas), "--model", str(tiny_llama_dir)]
+    alone = run_cli(common, cache_dir)
+    spread = run_cli([*common, "--ray", runtime, "--batch-size", "4"], cache_dir)
+    assert alone.returncode == 0, alone.stderr
+    assert spread.returncode == 1 and "1 of 25 requests were refused (lines 25 of" in spread.stderr, spread.stderr
+
+    def answers(stdout: str) -> dict:
+        out = {}
+        for item in map(json.loads, stdout.splitlines()):
+            body = item["response"]["body"]
+            out[item["custom_id"]] = body.get("error", {}).get("param") if "error" in body else (
+                [(c["message"]["content"], c["finish_reason"]) for c in body["choices"]], body["usage"])
+        return out
+
+    on_ray, expected = answers(spread.stdout), answers(alone.stdout)
+    assert on_ray.pop("lp") == "logprobs" and expected.pop("lp")
+    assert on_ray == expected
+    assert any(reason == "stop" for choices, _ in expected.values() for _, reason in choices)
+
+
 def test_unreachable_cluster_fails_within_seconds(files, tiny_llama_dir, cache_dir):
     started = time.monotonic()
     result = run_cli(job(files, tiny_llama_dir, "--ray", "127.0.0.1:1"), cache_dir)

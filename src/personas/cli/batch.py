@@ -19,7 +19,7 @@ from ..sampling.grid import Settings
 from .feedback import Feedback
 from .loading import load_model_for, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend,
-                      GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt)
+                      GptqBackendOpt, ModelOpt, QuietOpt, RayOpt, RayWorkersOpt, TrustRemoteCodeOpt, check_ray)
 
 
 def batch(
@@ -38,6 +38,8 @@ def batch(
     seed: Annotated[Optional[int], typer.Option(
         "--seed", "-s", help="Seed for requests whose body names none (default: a fresh one per request, "
         "as serve --http draws it).", min=0, show_default=False)] = None,
+    ray_address: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
     file: FileOpt = None,
     model: ModelOpt = None,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
@@ -63,6 +65,7 @@ def batch(
         raise InputError("--resume needs --output FILE", "the requests already answered are read from FILE")
     if fmt == BatchFormat.PARQUET and output is None:
         raise InputError("--format parquet writes a binary file", "pass --output FILE.parquet")
+    check_ray(ray_address, ray_workers)
     library = load_library(find_library_file(file))
     with _readable(source) as (path, name):
         target = OutputFile(output, fmt.value, resume and output.exists()) if output is not None else None
@@ -77,7 +80,7 @@ def batch(
         settings = Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense)
         try:
             summary = _run(path, name, library, options, settings, seed, done, target, fmt, feedback,
-                           checked.rows)
+                           checked.rows, ray_address, ray_workers)
         except BaseException as e:
             if target is not None:
                 target.abandon()
@@ -108,24 +111,41 @@ def _readable(source: str):
         yield Path(spool.name), "<stdin>"
 
 
-def _run(path, name, library, options, settings, seed, done, target, fmt, feedback, total_rows):
+def _run(path, name, library, options, settings, seed, done, target, fmt, feedback, total_rows, ray_address,
+         ray_workers):
     from ..engine.loop import engine_for
     from ..serve.batch import BatchRun, requests
 
     writer = batch_writer(fmt, target.stream if target is not None else sys.stdout)
-
-    loaded = load_model_for(options, feedback)
+    # With Ray the workers hold the model; this process needs only its tokenizer, for the prompts
+    # and the texts.
+    loaded = load_model_for(options, feedback, tokenizer_only=ray_address is not None)
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the answers
-        engine = engine_for(loaded, settings, expect_more=True)
-        if engine is None:
-            kind = getattr(loaded.model.config, "model_type", "?")
-            raise InputError(f"batch runs on the decode engine, which runs Llama-architecture models; "
-                             f"{loaded.label} is '{kind}'",
-                             "use generate --prompts-file with this model, or choose a Llama-architecture model")
+        engine = None
+        if ray_address is None:
+            engine = engine_for(loaded, settings, expect_more=True)
+            if engine is None:
+                kind = getattr(loaded.model.config, "model_type", "?")
+                raise InputError(f"batch runs on the decode engine, which runs Llama-architecture models; "
+                                 f"{loaded.label} is '{kind}'", "run it with --ray local (its workers sample any "
+                                 "model), or choose a Llama-architecture model")
         started = time.perf_counter()
         with feedback.generating(total_rows, None) as (_, row_done):
-            run = BatchRun(loaded, library, engine, writer.add, seed=seed, on_row=row_done)
-            summary = run.run(requests(path, name, done))
+            if engine is not None:
+                run = BatchRun(loaded, library, engine, writer.add, seed=seed, on_row=row_done)
+                summary = run.run(requests(path, name, done))
+            else:
+                from ..generate.ray import RayPool
+
+                with RayPool(ray_address, ray_workers, options.choice, options.load_kwargs(),
+                             on_workers=lambda pids: feedback.info(
+                                 f"{len(pids)} Ray worker{'s' if len(pids) != 1 else ''} ready, the model loaded in each"),
+                             on_lost=lambda left, requeued: feedback.warn(
+                                 f"a Ray worker died; its {requeued} unfinished rows go to the {left} left")) as pool:
+                    # Enough rows a chunk for every worker twice over at its batch size.
+                    rows = 2 * len(pool.actors) * pool.chunk_rows(settings, 1 << 30)
+                    run = BatchRun(loaded, library, None, writer.add, seed=seed, queue_rows=rows, on_row=row_done)
+                    summary = run.run_on(requests(path, name, done), pool)
         elapsed = time.perf_counter() - started
         writer.close()
     feedback.info(f"{summary.answered} requests answered, {len(summary.refused)} refused; {summary.rows} rows, "

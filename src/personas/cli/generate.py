@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ from .loading import ModelOptions, load_model_for, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt,
                       DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend,
                       GptqBackendOpt, LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt,
-                      RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
-                      rules_from_flags, sampling_settings, seed_in_force)
+                      RayOpt, RayWorkersOpt, RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
+                      check_ray, rules_from_flags, sampling_settings, seed_in_force)
 
 
 def generate(
@@ -83,12 +82,8 @@ def generate(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Draw diversity against temperature into this PNG.", dir_okay=False,
         show_default=False)] = None,
-    ray_address: Annotated[Optional[str], typer.Option(
-        "--ray", help="Spread the rows over Ray workers: 'local' (start a runtime here), 'auto', or a cluster's "
-        "address (ray://head:10001). Needs personas[ray].", show_default=False)] = None,
-    ray_workers: Annotated[Optional[int], typer.Option(
-        "--ray-workers", help="Workers, each with the model loaded once (default: one per GPU of the cluster, "
-        "else 2).", min=1, show_default=False)] = None,
+    ray_address: RayOpt = None,
+    ray_workers: RayWorkersOpt = None,
     file: FileOpt = None,
     model: ModelOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -107,15 +102,9 @@ def generate(
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
     if fmt == SampleFormat.PARQUET and output is None:
         raise InputError("--format parquet writes a binary file", "pass --output FILE.parquet")
-    if ray_address is not None:
-        try:
-            importlib.import_module("ray")  # only the check: generate.ray uses it
-        except ImportError:
-            raise InputError("--ray needs the ray package, which is not installed", "pip install 'personas[ray]'") from None
-        if diverge:
-            raise InputError("--diverge cannot be combined with --ray", "it reads the model's logits in this process")
-    elif ray_workers is not None:
-        raise InputError("--ray-workers goes with --ray", "pass --ray local (or a cluster's address)")
+    check_ray(ray_address, ray_workers)
+    if ray_address is not None and diverge:
+        raise InputError("--diverge cannot be combined with --ray", "it reads the model's logits in this process")
     library = load_library(find_library_file(file))
     defaults = library.defaults
     personas = [library.get(name) for name in names] if names else list(library.personas.values())

@@ -7,6 +7,7 @@ Every import here is free of torch: Typer builds every command's options for `--
 from __future__ import annotations
 
 import enum
+import importlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,3 +193,22 @@ def seed_in_force(seed: int | None, defaults: Defaults) -> Seed:
     """--seed, else `[defaults].seed`, else a random seed."""
     chosen = defaults.pick("seed", seed)
     return Seed(secrets.randbelow(2**31), True) if chosen is None else Seed(chosen, False)
+
+
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", help="Spread the rows over Ray workers: 'local' (start a runtime here), 'auto', or a cluster's "
+    "address (ray://head:10001). Needs personas\\[ray].", show_default=False)]
+RayWorkersOpt = Annotated[Optional[int], typer.Option(
+    "--ray-workers", help="Workers, each with the model loaded once (default: one per GPU of the cluster, "
+    "else 2).", min=1, show_default=False)]
+
+
+def check_ray(address: str | None, workers: int | None) -> None:
+    """--ray needs the ray package; --ray-workers needs --ray. Checked before anything slow."""
+    if address is not None:
+        try:
+            importlib.import_module("ray")  # only the check: generate.ray uses it
+        except ImportError:
+            raise InputError("--ray needs the ray package, which is not installed", "pip install 'personas[ray]'") from None
+    elif workers is not None:
+        raise InputError("--ray-workers goes with --ray", "pass --ray local (or a cluster's address)")

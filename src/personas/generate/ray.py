@@ -16,6 +16,7 @@ Imported only when `--ray` is given: `ray` is an optional extra (`personas[ray]`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import socket
@@ -114,33 +115,65 @@ def worker_count(requested: int | None) -> int:
     return gpus or LOCAL_CPU_WORKERS
 
 
-def sample_on_ray(address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any],
-                  settings: Settings, rows: Sequence[Row], on_sample: Callable[[Sample], None], *,
-                  on_workers: Callable[[list[int]], None] = lambda _pids: None,
-                  on_lost: Callable[[int, int], None] = lambda _left, _requeued: None) -> None:
-    """Sample every row on Ray actors; `on_sample` gets each sample once, as it arrives.
+class RayPool:
+    """Ray actors, each with the model loaded once, sampling as many lists of rows as asked;
+    a context manager: the actors are killed at its end, and a runtime it started shut down.
 
     `on_workers` hears the actors' process ids once they are up; `on_lost(actors left, rows
     requeued)` when one dies.
     """
-    started_here = connect(address)
-    actors: list[Any] = []
-    try:
-        count = worker_count(workers)
-        on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        options = {"num_gpus": 1} if on_gpu else {"num_cpus": 1}
-        actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
+
+    def __init__(self, address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any], *,
+                 on_workers: Callable[[list[int]], None] = lambda _pids: None,
+                 on_lost: Callable[[int, int], None] = lambda _left, _requeued: None):
+        self.started_here = connect(address)
+        self.actors: list[Any] = []
+        self.on_lost = on_lost
         try:
-            on_workers(ray.get([a.pid.remote() for a in actors]))
-        except RayActorError as e:
-            raise ModelError(f"a Ray worker could not load the model: {str(e).strip().splitlines()[-1]}",
-                             "run without --ray to see the loading error") from None
-        _run(actors, settings, rows, on_sample, on_lost, chunk_rows(settings, len(rows), count, on_gpu))
-    finally:
-        for actor in actors:
+            count = worker_count(workers)
+            self.on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+            options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
+            self.actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
+            try:
+                on_workers(ray.get([a.pid.remote() for a in self.actors]))
+            except RayActorError as e:
+                raise ModelError(f"a Ray worker could not load the model: {str(e).strip().splitlines()[-1]}",
+                                 "run without --ray to see the loading error") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> RayPool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in self.actors:
             ray.kill(actor)
-        if started_here:
+        self.actors = []
+        if self.started_here:
             ray.shutdown()
+            self.started_here = False
+
+    def chunk_rows(self, settings: Settings, rows: int) -> int:
+        return chunk_rows(settings, rows, len(self.actors), self.on_gpu)
+
+    def sample(self, work: Sequence[tuple[Settings, Sequence[Row]]], on_sample: Callable[[Sample], None]) -> None:
+        """Every row of every (settings, rows) pair, all handed out at once; `on_sample` gets each
+        sample once, as it arrives, its `row` the very object given here."""
+        _run(self.actors, [(settings, rows, self.chunk_rows(settings, len(rows))) for settings, rows in work],
+             on_sample, self.on_lost)
+
+
+def sample_on_ray(address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any],
+                  settings: Settings, rows: Sequence[Row], on_sample: Callable[[Sample], None], *,
+                  on_workers: Callable[[list[int]], None] = lambda _pids: None,
+                  on_lost: Callable[[int, int], None] = lambda _left, _requeued: None) -> None:
+    """Sample every row on Ray actors; `on_sample` gets each sample once, as it arrives."""
+    with RayPool(address, workers, choice, load, on_workers=on_workers, on_lost=on_lost) as pool:
+        pool.sample([(settings, rows)], on_sample)
 
 
 def chunk_rows(settings: Settings, rows: int, workers: int, on_gpu: bool) -> int:
@@ -150,25 +183,31 @@ def chunk_rows(settings: Settings, rows: int, workers: int, on_gpu: bool) -> int
     return max(1, min(batch, -(-rows // workers)))
 
 
-def _run(actors: list[Any], settings: Settings, rows: Sequence[Row], on_sample: Callable[[Sample], None],
-         on_lost: Callable[[int, int], None], size: int) -> None:
-    pending = deque(list(range(start, min(start + size, len(rows)))) for start in range(0, len(rows), size))
-    delivered: set[int] = set()
-    running: dict[Any, tuple[Any, list[int]]] = {}  # generator -> (actor, its chunk's row indices)
+def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row], int]],
+         on_sample: Callable[[Sample], None], on_lost: Callable[[int, int], None]) -> None:
+    """Each (settings, rows, chunk size)'s rows in chunks to idle actors until all are back."""
+    # A row is (its work's index, its index there); a chunk's rows share their settings.
+    pending = deque((w, list(range(start, min(start + size, len(rows)))))
+                    for w, (_, rows, size) in enumerate(work) for start in range(0, len(rows), size))
+    total = sum(len(rows) for _, rows, _ in work)
+    delivered: set[tuple[int, int]] = set()
+    running: dict[Any, tuple[Any, int, list[int]]] = {}  # generator -> (actor, its work, its chunk's rows)
     idle = list(actors)
 
     def hand_out() -> None:
         while idle and pending:
-            chunk = [i for i in pending.popleft() if i not in delivered]
+            w, indices = pending.popleft()
+            chunk = [i for i in indices if (w, i) not in delivered]
             if chunk:
                 actor = idle.pop()
-                running[actor.sample.remote(settings, [rows[i] for i in chunk])] = (actor, chunk)
+                settings, rows, _ = work[w]
+                running[actor.sample.remote(settings, [rows[i] for i in chunk])] = (actor, w, chunk)
 
     hand_out()
     while running:
         ready, _ = ray.wait(list(running), num_returns=1)
         generator = ready[0]
-        actor, chunk = running[generator]
+        actor, w, chunk = running[generator]
         try:
             position, sample = ray.get(next(generator))
         except StopIteration:
@@ -184,15 +223,16 @@ def _run(actors: list[Any], settings: Settings, rows: Sequence[Row], on_sample: 
                              "run without --ray to see the error in full") from None
         except RayActorError:
             del running[generator]
-            left = [i for i in chunk if i not in delivered]
-            pending.appendleft(left)
+            left = [i for i in chunk if (w, i) not in delivered]
+            pending.appendleft((w, left))
             on_lost(len(idle) + len(running), len(left))
             if not idle and not running:
-                raise ModelError(f"every Ray worker died; {len(rows) - len(delivered)} rows were not sampled",
+                raise ModelError(f"every Ray worker died; {total - len(delivered)} rows were not sampled",
                                  "the finished rows are written; rerun with --resume to sample the rest") from None
             hand_out()
             continue
         index = chunk[position]
-        if index not in delivered:
-            delivered.add(index)
-            on_sample(sample)
+        if (w, index) not in delivered:
+            delivered.add((w, index))
+            # The driver's own row: the actor's copy came back through pickling.
+            on_sample(dataclasses.replace(sample, row=work[w][1][index]))

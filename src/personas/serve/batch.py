@@ -20,7 +20,8 @@ instead) — and the others run.
 The file is read twice: first every line's envelope is checked, before the model loads (a line
 that is not JSON, lacks a custom_id, repeats one or names another url stops the run, naming the
 file and line); then the requests are read again as the engine has room for them, so a file of
-any length holds only the requests in flight. All requests share one engine queue.
+any length holds only the requests in flight. All requests share one engine queue — or, with
+`--ray`, go to Ray workers a chunk at a time (generate/ray.py).
 """
 
 from __future__ import annotations
@@ -164,15 +165,19 @@ class BatchSummary:
 
 
 class BatchRun:
-    """The requests on one engine: each planned as the engine has room for it, each output line
-    written (`write`) as its request completes. `on_row` hears each finished row (a progress bar)."""
+    """The requests on one engine (`run`: each planned as the engine has room for it) or on Ray
+    workers (`run_on`: a chunk of requests at a time); each output line written (`write`) as its
+    request completes. `on_row` hears each finished row (a progress bar)."""
 
-    def __init__(self, loaded: LoadedModel, library: Library, engine: Engine, write: Callable[[dict[str, Any]], None],
-                 *, seed: int | None = None, queue_rows: int | None = None, on_row: Callable[[], None] = lambda: None):
+    def __init__(self, loaded: LoadedModel, library: Library, engine: Engine | None,
+                 write: Callable[[dict[str, Any]], None], *, seed: int | None = None, queue_rows: int | None = None,
+                 on_row: Callable[[], None] = lambda: None):
+        """engine: None when the rows run on Ray workers (`run_on`); then `queue_rows` is needed."""
         self.loaded, self.library, self.engine, self.write = loaded, library, engine, write
         self.seed = seed
         # Enough queued rows to refill every slot as rows end, no more: the rest stay in the file.
         self.queue_rows = queue_rows or 2 * engine.slot_cap
+        self.on_workers = False  # finished samples only: no token-by-token view
         self.on_row = on_row
         self.summary = BatchSummary()
         self._stopped: list[Job] = []  # rows ended by a stop string, cancelled after the step
@@ -201,12 +206,42 @@ class BatchRun:
             elif exhausted:
                 return self.summary
 
+    def run_on(self, lines: Iterator[BatchLine], pool: Any) -> BatchSummary:
+        """The requests on Ray workers (`pool`: generate.ray.RayPool), read and planned `queue_rows`
+        rows at a time, each such chunk handed out whole. A worker returns finished samples, so a
+        stop string is found by reading each sample's tokens in order, as the engine's rows are
+        read token by token: the same text, finish reason and token count."""
+        self.on_workers = True
+        exhausted = False
+        while not exhausted:
+            planned: list[tuple[LiveRequest, list[Row]]] = []
+            room = self.queue_rows
+            while room > 0:
+                line = next(lines, None)
+                if line is None:
+                    exhausted = True
+                    break
+                if (request := self._plan(line)) is not None:
+                    planned.append(request)
+                    room -= len(request[1])
+            work = []
+            for key, members in self._groups(planned).items():
+                work.append((key[0], [row for _, rows in members for row in rows]))
+                for live, rows in members:
+                    self._live.update((id(row), live) for row in rows)
+            if work:
+                pool.sample(work, self._sample)
+        return self.summary
+
     def _plan(self, line: BatchLine) -> tuple[LiveRequest, list[Row]] | None:
         """The request's rows; None when it is refused (its error line is written)."""
         try:
             chat = parse_request(line.body)
             if chat.stream:
                 raise ApiError(400, "stream: a batch request is answered whole, not streamed", param="stream")
+            if chat.logprobs and self.on_workers:
+                raise ApiError(400, "logprobs: not available with --ray, whose workers return finished samples",
+                               param="logprobs")
             plan, rows, prompt_tokens = plan_rows(chat, self.library, self.loaded, self.seed)
         except ApiError as error:
             self.summary.refused.append(line.number)
@@ -218,11 +253,7 @@ class BatchRun:
         """Into the engine together, one submission per way of sampling: the scheduler groups the
         rows of one submission by their prompts' common starts, so requests read together share
         their system text's cache from the first step."""
-        groups: dict[tuple, list[tuple[LiveRequest, list[Row]]]] = {}
-        for live, rows in planned:
-            key = (plan_settings(live.plan), live.choices.watch_tokens, live.plan.logprobs is not None)
-            groups.setdefault(key, []).append((live, rows))
-        for (settings, watch, logprobs), members in groups.items():
+        for (settings, watch, logprobs), members in self._groups(planned).items():
             rows = [row for _, request_rows in members for row in request_rows]
             for live, request_rows in members:
                 self._live.update((id(row), live) for row in request_rows)
@@ -230,6 +261,15 @@ class BatchRun:
                                       logprobs=logprobs)
             for job in jobs:
                 self._live[id(job.row)].jobs[job.row.sample] = job
+
+    @staticmethod
+    def _groups(planned: list[tuple[LiveRequest, list[Row]]]) -> dict[tuple, list[tuple[LiveRequest, list[Row]]]]:
+        """The planned requests by how their rows are sampled (settings, tokens watched, logprobs)."""
+        groups: dict[tuple, list[tuple[LiveRequest, list[Row]]]] = {}
+        for live, rows in planned:
+            key = (plan_settings(live.plan), live.choices.watch_tokens, live.plan.logprobs is not None)
+            groups.setdefault(key, []).append((live, rows))
+        return groups
 
     def _token(self, row: Row, token: int, logprob: TokenLogprob | None) -> None:
         live = self._live.get(id(row))
@@ -246,7 +286,13 @@ class BatchRun:
         i = sample.row.sample - 1
         if live is None or live.choices.finish[i]:
             return
-        live.choices.add_sample(i, sample.token_ids, sample.finish_reason)
+        if self.on_workers and live.plan.stops:  # read its tokens in order, as the engine's are
+            for token in sample.token_ids:
+                live.choices.add_token(i, token, None)
+                if live.choices.finish[i]:
+                    break
+        if not live.choices.finish[i]:
+            live.choices.add_sample(i, sample.token_ids, sample.finish_reason)
         self._row_done(live)
 
     def _row_done(self, live: LiveRequest) -> None:
