@@ -152,7 +152,7 @@ def test_a_batch_file_on_ray_answers_as_one_process(files, runtime, tiny_llama_d
     alone = run_cli(common, cache_dir)
     spread = run_cli([*common, "--ray", runtime, "--batch-size", "4"], cache_dir)
     assert alone.returncode == 0, alone.stderr
-    assert spread.returncode == 1 and "1 of 25 requests were refused (lines 25 of" in spread.stderr, spread.stderr
+    assert spread.returncode == 1 and "1 of 25 requests was refused (line 25 of" in spread.stderr, spread.stderr
 
     def answers(stdout: str) -> dict:
         out = {}

@@ -75,6 +75,9 @@ def batch(
             raise InputError(f"no requests in {name}", "write one batch request per line")
         if done:
             feedback.info(f"resuming: {len(done)} requests already answered in {output}, {checked.requests} to go")
+            if not checked.requests:
+                target.commit()
+                return
         options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code,
                                 fast_path)
         settings = Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense)
@@ -92,8 +95,10 @@ def batch(
     if summary.refused:
         lines = ", ".join(str(n) for n in summary.refused[:10]) + (", …" if len(summary.refused) > 10 else "")
         where = output if output is not None else "the output"
-        raise PersonasError(f"{len(summary.refused)} of {checked.requests} requests were refused "
-                            f"(lines {lines} of {name})", f"their error lines are in {where}")
+        one = len(summary.refused) == 1
+        raise PersonasError(f"{len(summary.refused)} of {checked.requests} requests {'was' if one else 'were'} refused "
+                            f"({'line' if one else 'lines'} {lines} of {name})",
+                            f"{'its error line is' if one else 'their error lines are'} in {where}")
 
 
 @contextlib.contextmanager
