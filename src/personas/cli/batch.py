@@ -130,10 +130,11 @@ def _run(path, name, library, options, settings, seed, done, target, fmt, feedba
         if ray_address is None:
             engine = engine_for(loaded, settings, expect_more=True)
             if engine is None:
-                kind = getattr(loaded.model.config, "model_type", "?")
-                raise InputError(f"batch runs on the decode engine, which runs Llama-architecture models; "
-                                 f"{loaded.label} is '{kind}'", "run it with --ray local (its workers sample any "
-                                 "model), or choose a Llama-architecture model")
+                from ..engine.decoder import unsupported_reason
+
+                raise InputError(f"batch runs on the decode engine, and {unsupported_reason(loaded.model)}",
+                                 "run it with --ray local (its workers sample any model), or choose a Llama, "
+                                 "Mistral or Qwen model")
         started = time.perf_counter()
         with feedback.generating(total_rows, None) as (_, row_done):
             if engine is not None:

@@ -48,6 +48,7 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
     it took. Library output (gptqmodel's banner, for one) goes to stderr: stdout is for data."""
     from ..model.load import load_model
     from ..engine.chunked.graphed import graph_safe
+    from ..engine.decoder import unsupported_reason
 
     choice = options.choice
     if choice.reason and not tokenizer_only:
@@ -59,6 +60,9 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
         return loaded
     kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
     feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
+    reason = unsupported_reason(loaded.model)
+    if reason:
+        feedback.info(f"{reason}; sampling through transformers' generate in chunks")
     if loaded.device.type == "cuda" and options.fast_path and not graph_safe(loaded.model, loaded.gptq_kernel):
         feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
                       "decoding without the fast path (--gptq-backend marlin enables it)")

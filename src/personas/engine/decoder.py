@@ -38,12 +38,33 @@ from .kernels.prefix import PrefixPart, prefix_attention
 NOTHING_VISIBLE = -1e30
 
 
-def supports(model: Any) -> bool:
-    """True for models this decoder can run: Llama-architecture causal LMs (Llama 2, SmolLM2 …)."""
+# The families whose layers are Llama's, and how each differs (read from transformers' modeling
+# files): llama — Llama 2, Llama 3.x (llama3 rope scaling lives in the model's own rotary module,
+# which the decoder calls), SmolLM2; mistral — a sliding window (LoadedModel.context_length keeps
+# every row inside it); qwen2 — bias on q/k/v (inside the projections the decoder calls), tied
+# embeddings in the small ones; qwen3 — an RMSNorm over each head of q and of k before rotary.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Gemma's layers differ in ways that would give wrong tokens if run as Llama's.
+GEMMA = ("(1 + w) RMSNorms, a scaled embedding, attention and final logit soft-capping, alternating local and "
+         "global layers and a query scale of their own")
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why this decoder cannot run `model`, or None when it can."""
     config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
     inner = getattr(model, "model", None)
-    return (getattr(config, "model_type", None) == "llama" and inner is not None
-            and hasattr(inner, "layers") and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head"))
+    if kind not in FAMILIES:
+        why = GEMMA if str(kind).startswith("gemma") else "its layers are not Llama's"
+        return f"the decode engine does not run '{kind}' models: {why}"
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
+        return f"the decode engine does not run this '{kind}' model: it lacks the usual layers"
+    return None
+
+
+def supports(model: Any) -> bool:
+    """True for models this decoder can run: Llama 2 and 3.x, SmolLM2, Mistral, Qwen 2/2.5 and 3."""
+    return unsupported_reason(model) is None
 
 
 @dataclass
@@ -156,7 +177,7 @@ OwnKeys = Callable[[int, torch.Tensor, torch.Tensor], "Part | PagedPart"]
 
 
 class Decoder:
-    """A Llama model's modules, run by `run` over the shared and own parts.
+    """A Llama-family model's modules (FAMILIES), run by `run` over the shared and own parts.
 
     layer_kernels: on CUDA, run the layers' small steps — residual add and RMSNorm, rotary
     embedding, the MLP's activation, the merge of the two attention parts — as the fused Triton
@@ -174,6 +195,7 @@ class Decoder:
         attention = self.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.scale = attention.scaling
+        self.head_norms = hasattr(attention, "q_norm") and hasattr(attention, "k_norm")
         self.layer_count = len(self.layers)
         self.device, self.dtype = model.device, model.dtype
         self.layer_kernels = layer_kernels and self.device.type == "cuda"
@@ -208,6 +230,8 @@ class Decoder:
             hidden, x = add_norm(hidden, delta, layer.input_layernorm)
             q = attention.q_proj(x).view(rows, queries, self.heads, self.head_dim)
             k = attention.k_proj(x).view(rows, queries, self.kv_heads, self.head_dim)
+            if self.head_norms:  # Qwen 3: each head of q and of k normalised before rotary
+                q, k = attention.q_norm(q), attention.k_norm(k)
             v = attention.v_proj(x).view(rows, queries, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = rope(q, k, cos, sin)  # (rows, heads, queries, head_dim), (rows, kv_heads, queries, head_dim)
             # Query head h reads kv head h // (heads / kv_heads), as transformers' repeat_kv does.

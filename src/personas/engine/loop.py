@@ -99,7 +99,7 @@ def refuse_rules_without_engine(model: LoadedModel, settings: Settings, rows: Se
     if settings.rules.used or any(row.rules is not None and row.rules.used for row in rows):
         kind = getattr(model.model.config, "model_type", "?")
         raise InputError(f"min_p, the penalties, logit_bias and DRY run in the decode engine, which does not run "
-                         f"'{kind}' models", "drop those settings, or choose a Llama-architecture model")
+                         f"'{kind}' models", "drop those settings, or choose a Llama, Mistral or Qwen model")
 
 
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],

@@ -64,7 +64,14 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        return getattr(self.config, "max_position_embeddings", None)
+        """The positions a prompt and its new tokens may take: the model's, or its sliding
+        attention window when one is in force (Mistral v0.1's 4,096), since the decode engine
+        attends to every earlier position — a row longer than the window is refused."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        window = getattr(self.config, "sliding_window", None)
+        if window and getattr(self.config, "use_sliding_window", True) and (limit is None or window < limit):
+            return window
+        return limit
 
 
 Status = Callable[[str], None]

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..engine.decoder import supports
+from ..engine.decoder import unsupported_reason
 from ..engine.loop import engine_for
 from ..errors import InputError
 from ..library.load import Library
@@ -98,10 +98,10 @@ class PersonaServer:
     def _load(self) -> None:
         try:
             loaded = self.load()
-            if not supports(loaded.model):
-                raise InputError(f"serve --http runs on the decode engine, which runs Llama-architecture models; "
-                                 f"{loaded.label} is '{getattr(loaded.model.config, 'model_type', '?')}'",
-                                 "serve it with --stdio, or choose a Llama-architecture model")
+            reason = unsupported_reason(loaded.model)
+            if reason:
+                raise InputError(f"serve --http runs on the decode engine, and {reason}",
+                                 "serve it with --stdio, or choose a Llama, Mistral or Qwen model")
             self.worker = EngineWorker(lambda: engine_for(loaded, self.settings, expect_more=True), self.alert,
                                        self.metrics.events)
             self.metrics.watch(self.worker)

@@ -6,7 +6,7 @@ the persona's own). Each sample comes back as one line with the `generate` JSONL
 `id` (the request's, else its line number). A malformed line gets `{"error": ..., "line": N}`
 and the server goes on.
 
-On the models the decode engine runs (Llama-architecture), the engine worker (worker.py) decodes
+On the models the decode engine runs (engine/decoder.py's FAMILIES), the engine worker (worker.py) decodes
 while lines are read: a request's rows join the running batch as soon as slots are free, and a
 failed decode step answers the requests in it with `{"error": "decoding failed: …", "line": N}`
 while the server goes on with a fresh engine, as `serve --http` does. Other models answer the
