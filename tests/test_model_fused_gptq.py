@@ -166,3 +166,49 @@ def test_marlin_fused_layers_equal_the_unfused_ones(tiny_gptq_dir, tmp_path):
         assert torch.allclose(got[key].float(), want[key].float(), atol=2e-3, rtol=1e-3), key
     ids = joined.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
     assert torch.allclose(logits(joined, ids), logits(plain, ids), atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_gptq_dir(tmp_path_factory):
+    """A tiny Qwen 2.5 (q/k/v with bias, tied embeddings, the real Qwen2 vocabulary) quantized to
+    4 bits by optimum + gptqmodel on the CPU."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    from conftest import CORPUS, TESTDATA
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    if not (TESTDATA / "ggml-vocab-qwen2.gguf").is_file():
+        pytest.skip(f"the real Qwen2 vocabulary is not here ({TESTDATA})")
+    tokenizer = AutoTokenizer.from_pretrained(TESTDATA, gguf_file="ggml-vocab-qwen2.gguf")
+    config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=True, use_sliding_window=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:  # zero at init: make the biases count
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.normal_(0.0, 1.0)
+    plain = tmp_path_factory.mktemp("tiny-qwen")
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    quantize = GPTQConfig(bits=4, group_size=32, dataset=CORPUS * 2, tokenizer=tokenizer, backend="gptq_torch",
+                          desc_act=False, act_group_aware=False, sym=True, format="gptq")
+    quantized = AutoModelForCausalLM.from_pretrained(plain, quantization_config=quantize, device_map="cpu")
+    out = tmp_path_factory.mktemp("tiny-qwen-gptq")
+    quantized.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_qwens_fused_qkv_carries_the_three_biases(tiny_qwen_gptq_dir):
+    unfused, fused = load(tiny_qwen_gptq_dir, fuse=False), load(tiny_qwen_gptq_dir, fuse=True)
+    assert unfused.gptq_fused == 0 and fused.gptq_fused == 2 * fused.config.num_hidden_layers
+    group = fused.model.model.layers[0].self_attn.qkv_proj
+    assert group.linear.bias is not None and group.linear.bias.abs().sum() > 0
+    x = torch.randn(3, 5, fused.config.hidden_size)
+    want, got = projections(unfused, x), projections(fused, x)
+    for key in want:
+        assert torch.allclose(got[key], want[key], atol=1e-5), key
+    ids = fused.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    assert torch.allclose(logits(fused, ids), logits(unfused, ids), atol=1e-4)

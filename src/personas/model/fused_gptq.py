@@ -77,12 +77,17 @@ class ProjectionSlice(nn.Module):
         return self.fused.piece(x, self.index)
 
 
+# The families whose q/k/v and gate/up projections fuse as Llama's do (engine/decoder.py runs them).
+FUSABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def fuse_gptq_projections(model: Any, directory: str, stored: dict) -> int:
     """Fuse q/k/v and gate/up of every layer of a GPTQ Llama loaded from `directory`.
 
     Returns how many groups were fused (0 when the checkpoint does not allow it: act-order,
-    biases, mixed layer kinds, or not a Llama)."""
-    if stored.get("desc_act") or getattr(model.config, "model_type", None) != "llama":
+    mixed layer kinds, or not one of the Llama-like families). Qwen 2's q/k/v carry a bias: the
+    fused layer carries the three, end to end."""
+    if stored.get("desc_act") or getattr(model.config, "model_type", None) not in FUSABLE_FAMILIES:
         return 0
     files = _TensorFiles(Path(directory))
     names = {module: name for name, module in model.named_modules()}
@@ -116,8 +121,9 @@ def fuse_gptq_projections(model: Any, directory: str, stored: dict) -> int:
 def _fusable(parts: list[nn.Module]) -> bool:
     first = parts[0]
     same = ("in_features", "bits", "group_size", "sym", "pack_dtype")
-    return (is_quantized(first)
-            and all(type(p) is type(first) and getattr(p, "bias", None) is None for p in parts)
+    with_bias = {getattr(p, "bias", None) is not None for p in parts}
+    return (is_quantized(first) and len(with_bias) == 1  # all with a bias, or none
+            and all(type(p) is type(first) for p in parts)
             and all(getattr(p, attr, None) == getattr(first, attr, None) for p in parts for attr in same))
 
 
@@ -133,9 +139,10 @@ def _build(parts: list[nn.Module], names: list[str], files: "_TensorFiles", stor
     if not all(torch.equal(files.get(name + ".g_idx"), plain) for name in names):
         return None
     device = first.qweight.device
+    bias = getattr(first, "bias", None) is not None
     layer = type(first)(
         bits=first.bits, group_size=first.requested_group_size, desc_act=False, sym=stored.get("sym", True) is not False,
-        in_features=first.in_features, out_features=sum(p.out_features for p in parts), bias=False,
+        in_features=first.in_features, out_features=sum(p.out_features for p in parts), bias=bias,
         pack_dtype=first.pack_dtype, backend=first.backend, adapter=None, register_buffers=True,
         dtype=first.scales.dtype, format=getattr(first, "format", None), name=names[0].rsplit(".", 1)[0] + ".fused")
     with torch.no_grad():
@@ -143,6 +150,8 @@ def _build(parts: list[nn.Module], names: list[str], files: "_TensorFiles", stor
             joined = torch.cat([files.get(f"{name}.{tensor}") for name in names], dim=1)
             getattr(layer, tensor).data = joined.to(getattr(layer, tensor).dtype)
         layer.g_idx.data = plain.to(layer.g_idx.dtype)
+        if bias:  # the projections' own biases, in the fused output's order
+            layer.bias.data = torch.cat([p.bias.detach().cpu() for p in parts]).to(layer.bias.dtype)
     checkpoint_format = str(stored.get("checkpoint_format") or stored.get("format") or "gptq")
     if checkpoint_format == "gptq" and getattr(layer, "REQUIRES_FORMAT_V2", False):
         convert_gptq_v1_to_v2_format_module(layer, bits=layer.bits, pack_dtype=layer.pack_dtype)
