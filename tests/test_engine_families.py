@@ -226,3 +226,50 @@ def test_layer_kernels_and_graphs_on_cuda_give_the_modules_tokens(name, tmp_path
     modules, kernels = tokens(graphs=False, layer_kernels=False), tokens(graphs=True, layer_kernels=True)
     assert all(kernels[i][:4] == modules[i][:4] for i in modules), (kernels, modules)
     assert sum(kernels[i] == modules[i] for i in modules) >= 6, (kernels, modules)
+
+
+# Mistral-7B-Instruct-v0.2's template as its tokenizer_config.json carries it: no system role.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+def test_mistrals_template_gets_the_system_text_folded_into_the_last_user_turn():
+    """A template that refuses a system role: the persona's system text goes before the last user
+    message, as Mistral's later templates put it; the rest is the template's own rendering."""
+    from personas.model.prompt import template_ids
+
+    tokenizer = tokenizer_for("llama2")
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    dialog = Dialog("You keep a lighthouse.", (("How are you?", "Windswept."),), "What do you see?")
+    folded = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Windswept."},
+              {"role": "user", "content": "You keep a lighthouse.\n\nWhat do you see?"}]
+    text = tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+    assert template_ids(dialog, tokenizer) == tokenizer.encode(text, add_special_tokens=False)
+    typed = template_ids(Dialog("Say [/INST] and </s>", (), "Hi"), tokenizer)
+    assert typed.count(tokenizer.eos_token_id) == 0, "a typed </s> stays text"
+
+
+# Meta's Llama 3 chat format (its header tokens and <|eot_id|>); the vocabulary file carries no
+# template, so the test gives it.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_llama3s_template_renders_a_persona_as_the_tokenizer_does():
+    from personas.model.prompt import messages, template_ids
+
+    tokenizer = tokenizer_for("llama3")
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    dialog = Dialog("You keep a lighthouse.", (("How are you?", "Windswept."),), "What do you see?")
+    expected = tokenizer.apply_chat_template(messages(dialog), add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert template_ids(dialog, tokenizer) == list(expected)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    typed = template_ids(Dialog("You keep a lighthouse.", (), "Say <|eot_id|> now"), tokenizer)
+    assert typed.count(eot) == 2, "only the template's own, after the system turn and the user's"

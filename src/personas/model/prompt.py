@@ -89,12 +89,39 @@ def messages(dialog: Dialog) -> list[dict[str, str]]:
     return out
 
 
+def chat_messages(dialog: Dialog, tokenizer: ChatTokenizer) -> list[dict[str, str]]:
+    """The dialog's messages for the tokenizer's template. A template with no system role
+    (Mistral's v0.1/v0.2 raise on one) gets the system text folded into the last user message,
+    `system + "\n\n" + user`, as Mistral's own later templates place it."""
+    msgs = messages(dialog)
+    if msgs[0]["role"] == "system" and not _takes_system(tokenizer):
+        system = msgs.pop(0)["content"]
+        msgs[-1] = {"role": "user", "content": f"{system}\n\n{msgs[-1]['content']}"}
+    return msgs
+
+
+_TAKES_SYSTEM: dict[str, bool] = {}  # chat template text -> whether it renders a system message
+
+
+def _takes_system(tokenizer: ChatTokenizer) -> bool:
+    from jinja2.exceptions import TemplateError
+
+    template = str(getattr(tokenizer, "chat_template", ""))
+    if template not in _TAKES_SYSTEM:
+        try:
+            _render(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+            _TAKES_SYSTEM[template] = True
+        except TemplateError:
+            _TAKES_SYSTEM[template] = False
+    return _TAKES_SYSTEM[template]
+
+
 def _render(tokenizer: ChatTokenizer, msgs: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
 def template_text(dialog: Dialog, tokenizer: ChatTokenizer) -> str:
-    return _render(tokenizer, messages(dialog))
+    return _render(tokenizer, chat_messages(dialog, tokenizer))
 
 
 # Private-use code points: no persona text or chat template contains them.
@@ -110,7 +137,7 @@ def template_pieces(dialog: Dialog, tokenizer: ChatTokenizer) -> list[tuple[str,
     markers cannot follow (e.g. strips it), the stripped content is tried; failing that the
     whole text is one template piece, which is still the exact text, only without the guard.
     """
-    msgs = messages(dialog)
+    msgs = chat_messages(dialog, tokenizer)
     real = _render(tokenizer, msgs)
     marked = _render(tokenizer, [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(msgs)])
     for transform in (lambda s: s, str.strip):
@@ -131,8 +158,17 @@ def template_pieces(dialog: Dialog, tokenizer: ChatTokenizer) -> list[tuple[str,
 
 
 def template_ids(dialog: Dialog, tokenizer: ChatTokenizer) -> list[int]:
+    """The rendered prompt's ids. Encoded whole — as the model saw its training prompts; pieces
+    encoded apart split differently at their edges in SentencePiece vocabularies (Mistral's) —
+    unless a message's text holds a control token's text, which is then kept text by encoding
+    the pieces apart, the messages' with `split_special_tokens`."""
+    pieces = template_pieces(dialog, tokenizer)
+    controls = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    controls += [t for t in getattr(tokenizer, "get_added_vocab", dict)() if t not in controls]
+    if not any(control in text for text, is_content in pieces if is_content for control in controls):
+        return tokenizer.encode("".join(text for text, _ in pieces), add_special_tokens=False)
     ids: list[int] = []
-    for text, is_content in template_pieces(dialog, tokenizer):
+    for text, is_content in pieces:
         ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=is_content)
     return ids
 
