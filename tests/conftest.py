@@ -96,14 +96,21 @@ def tiny_gptq_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     copy itself."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return quantize_tiny(tiny_llama_dir, tokenizer, tmp_path_factory.mktemp("tiny-gptq"))
+
+
+def quantize_tiny(source: Path, tokenizer, out: Path) -> Path:
+    """A tiny checkpoint quantized to 4 bits by optimum + gptqmodel on the CPU, saved to `out`:
+    no act-order, symmetric, as TheBloke's GPTQ files are (so its projections fuse)."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
     # group_size must divide every in_features (64 and 128 here).
     config = GPTQConfig(bits=4, group_size=32, dataset=CORPUS * 2, tokenizer=tokenizer, backend="gptq_torch",
                         desc_act=False, act_group_aware=False, sym=True, format="gptq")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config, device_map="cpu")
-    out = tmp_path_factory.mktemp("tiny-gptq")
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

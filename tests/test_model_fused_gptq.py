@@ -174,8 +174,8 @@ def tiny_qwen_gptq_dir(tmp_path_factory):
     4 bits by optimum + gptqmodel on the CPU."""
     pytest.importorskip("gptqmodel")
     pytest.importorskip("optimum")
-    from conftest import CORPUS, TESTDATA
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from conftest import TESTDATA, quantize_tiny
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (TESTDATA / "ggml-vocab-qwen2.gguf").is_file():
         pytest.skip(f"the real Qwen2 vocabulary is not here ({TESTDATA})")
@@ -192,13 +192,7 @@ def tiny_qwen_gptq_dir(tmp_path_factory):
     plain = tmp_path_factory.mktemp("tiny-qwen")
     model.save_pretrained(plain)
     tokenizer.save_pretrained(plain)
-    quantize = GPTQConfig(bits=4, group_size=32, dataset=CORPUS * 2, tokenizer=tokenizer, backend="gptq_torch",
-                          desc_act=False, act_group_aware=False, sym=True, format="gptq")
-    quantized = AutoModelForCausalLM.from_pretrained(plain, quantization_config=quantize, device_map="cpu")
-    out = tmp_path_factory.mktemp("tiny-qwen-gptq")
-    quantized.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return quantize_tiny(plain, tokenizer, tmp_path_factory.mktemp("tiny-qwen-gptq"))
 
 
 def test_qwens_fused_qkv_carries_the_three_biases(tiny_qwen_gptq_dir):
