@@ -288,3 +288,22 @@ def test_ten_thousand_lines_of_inline_personas(tiny_llama_dir, cache_dir, tmp_pa
     out = read_output(output)
     assert set(out) == {f"r{i}" for i in range(10_000)}
     assert all(item["response"]["body"]["usage"]["completion_tokens"] <= 1 for item in out.values())
+
+
+def test_an_interrupted_parquet_run_leaves_no_file(tiny_llama_dir, cache_dir, tmp_path):
+    bodies = {f"q{i}": {"model": "a", "messages": user(f"Question {i}?"), "seed": i, "max_tokens": 40,
+                        "min_tokens": 40} for i in range(200)}
+    source = write_batch(tmp_path / "in.jsonl", bodies)
+    target = tmp_path / "out.parquet"
+    process = subprocess.Popen([sys.executable, "-m", "personas", "batch", str(source), "-f", "parquet", "-o", str(target),
+                                "--model", str(tiny_llama_dir), "--file", str(TWO), "--batch-size", "2"],
+                               cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "loaded" not in (err := process.stderr.readline()):
+        pass
+    time.sleep(1.0)  # decoding now
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode == 130, err + rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"], "neither the file nor its temporary copy"
