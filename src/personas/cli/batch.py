@@ -57,8 +57,8 @@ def batch(
     is the persona). A request refused on its own merits gets its error as its output line and
     the others run; the exit status is then 1.
     """
-    from ..output.files import OutputFile
-    from ..serve.batch import answered_ids, check_file
+    from ..output.files import OutputFile, answered_ids
+    from ..serve.batch import check_file
 
     feedback = Feedback(quiet)
     if resume and output is None:

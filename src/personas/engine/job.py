@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from ..sampling.grid import NO_RULES, Row, Rules, Sample, TokenLogprob
 from .pages import PAGE, Slot, pages_for
+from .prefix_groups import common_start
 
 Prefix = tuple[int, ...]  # the start of a prompt that rows share, stored once in the prefix pool
 TokenListener = Callable[[Row, int, TokenLogprob | None], None]
@@ -42,11 +43,7 @@ class Placement(NamedTuple):
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """How many first tokens all prompts share, leaving each at least its last token."""
     limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    k = 0
-    while k < limit and all(p[k] == first[k] for p in prompts):
-        k += 1
-    return k
+    return max(0, min([limit] + [common_start(prompts[0], p) for p in prompts[1:]]))
 
 
 @dataclass(eq=False)

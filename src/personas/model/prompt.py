@@ -15,6 +15,7 @@ Text from a persona or a user never becomes a control token: it is encoded with
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -157,14 +158,26 @@ def template_pieces(dialog: Dialog, tokenizer: ChatTokenizer) -> list[tuple[str,
     return [(real, False)]
 
 
+_CONTROLS: "weakref.WeakKeyDictionary[Any, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _controls(tokenizer: ChatTokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's control and added tokens, found once per tokenizer (a batch
+    file asks for them on every line)."""
+    if tokenizer not in _CONTROLS:
+        found = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        found += [t for t in getattr(tokenizer, "get_added_vocab", dict)() if t not in found]
+        _CONTROLS[tokenizer] = tuple(found)
+    return _CONTROLS[tokenizer]
+
+
 def template_ids(dialog: Dialog, tokenizer: ChatTokenizer) -> list[int]:
     """The rendered prompt's ids. Encoded whole — as the model saw its training prompts; pieces
     encoded apart split differently at their edges in SentencePiece vocabularies (Mistral's) —
     unless a message's text holds a control token's text, which is then kept text by encoding
     the pieces apart, the messages' with `split_special_tokens`."""
     pieces = template_pieces(dialog, tokenizer)
-    controls = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-    controls += [t for t in getattr(tokenizer, "get_added_vocab", dict)() if t not in controls]
+    controls = _controls(tokenizer)
     if not any(control in text for text, is_content in pieces if is_content for control in controls):
         return tokenizer.encode("".join(text for text, _ in pieces), add_special_tokens=False)
     ids: list[int] = []

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from ..errors import InputError
+from ..errors import InputError, PersonaFileError
 from ..record import resume_key
 
 
@@ -82,18 +83,38 @@ def _check_writable(path: Path) -> None:
         raise PermissionError(13, "Permission denied")
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, its JSON value, or None where the line is not JSON) of a jsonl output."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                yield number, json.loads(line)
+            except ValueError:
+                yield number, None
+
+
 def finished_rows(path: Path) -> set[tuple]:
     """(persona, prompt, temperature, sample, seed) of every valid line of a jsonl output."""
     done: set[tuple] = set()
     if not path.is_file():
         return done
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-                done.add(resume_key(r["persona"], r["prompt"], r["temperature"], r["sample"], r["seed"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # not one of ours, or torn: generated again
+    for _, r in _json_lines(path):
+        try:
+            done.add(resume_key(r["persona"], r["prompt"], r["temperature"], r["sample"], r["seed"]))
+        except (KeyError, TypeError):
+            continue  # not one of ours, or torn: generated again
+    return done
+
+
+def answered_ids(path: Path) -> set[str]:
+    """The custom_ids an earlier `batch` run wrote to `path`; a line that is not one of its output
+    lines is an error (the file is not a batch output, and appending to it would mix the two)."""
+    done: set[str] = set()
+    for number, item in _json_lines(path):
+        if not isinstance(item, dict) or not isinstance(item.get("custom_id"), str):
+            raise PersonaFileError(str(path), number, "not a batch output line",
+                                   "--resume continues a file that batch wrote; check --output")
+        done.add(item["custom_id"])
     return done
 
 

@@ -129,19 +129,6 @@ def output_line(custom_id: str, status: int, request_id: str, body: dict[str, An
             "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
 
 
-def answered_ids(path: Path) -> set[str]:
-    """The custom_ids an earlier run wrote to `path` (one whole JSON object per line)."""
-    done: set[str] = set()
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                done.add(json.loads(raw)["custom_id"])
-            except (ValueError, KeyError, TypeError):
-                raise PersonaFileError(str(path), number, "not a batch output line",
-                                       "--resume continues a file that batch wrote; check --output") from None
-    return done
-
-
 @dataclass(eq=False)
 class LiveRequest:
     """A request whose rows are in the engine."""
@@ -188,16 +175,9 @@ class BatchRun:
     def run(self, lines: Iterator[BatchLine]) -> BatchSummary:
         exhausted = False
         while True:
-            planned: list[tuple[LiveRequest, list[Row]]] = []
-            room = self.queue_rows - self.engine.rows_waiting
-            while not exhausted and room > 0:
-                line = next(lines, None)
-                if line is None:
-                    exhausted = True
-                elif (request := self._plan(line)) is not None:
-                    planned.append(request)
-                    room -= len(request[1])
-            self._submit(planned)
+            if not exhausted:
+                planned, exhausted = self._read(lines, self.queue_rows - self.engine.rows_waiting)
+                self._submit(planned)
             if self.engine.busy:
                 self.engine.step()
                 if self._stopped:
@@ -214,16 +194,7 @@ class BatchRun:
         self.on_workers = True
         exhausted = False
         while not exhausted:
-            planned: list[tuple[LiveRequest, list[Row]]] = []
-            room = self.queue_rows
-            while room > 0:
-                line = next(lines, None)
-                if line is None:
-                    exhausted = True
-                    break
-                if (request := self._plan(line)) is not None:
-                    planned.append(request)
-                    room -= len(request[1])
+            planned, exhausted = self._read(lines, self.queue_rows)
             work = []
             for key, members in self._groups(planned).items():
                 work.append((key[0], [row for _, rows in members for row in rows]))
@@ -232,6 +203,18 @@ class BatchRun:
             if work:
                 pool.sample(work, self._sample)
         return self.summary
+
+    def _read(self, lines: Iterator[BatchLine], room: int) -> tuple[list[tuple[LiveRequest, list[Row]]], bool]:
+        """Requests read and planned until they fill `room` rows: (them, whether the file ended)."""
+        planned: list[tuple[LiveRequest, list[Row]]] = []
+        while room > 0:
+            line = next(lines, None)
+            if line is None:
+                return planned, True
+            if (request := self._plan(line)) is not None:
+                planned.append(request)
+                room -= len(request[1])
+        return planned, False
 
     def _plan(self, line: BatchLine) -> tuple[LiveRequest, list[Row]] | None:
         """The request's rows; None when it is refused (its error line is written)."""
