@@ -165,3 +165,16 @@ def test_requests_one_at_a_time_share_with_recent_ones():
         (job,) = scheduler.submit([row("base", system + (7, i))], Settings(), lambda s: None)
         prefixes.append(job.prefix)
     assert prefixes[2:] == [sys_a + (7,), sys_b + (7,)] * 2
+
+
+def test_questions_a_few_words_apart_share_the_persona_context_only():
+    """Many questions to one persona, some starting with the same words: a run sharing a few
+    tokens more than the context (less than MIN_EXTRA) is no prefix of its own — one prefix."""
+    from personas.engine.prefix_groups import MIN_EXTRA, shared_prefixes
+
+    context = tuple(range(100, 130))
+    asks = [(1, 2, 3), (4, 5, 6)]
+    prompts = [context + ask + (50 + i, 60 + i) for ask in asks for i in range(20)]
+    assert len(asks[0]) < MIN_EXTRA
+    kept = shared_prefixes(dict.fromkeys(prompts, 2))
+    assert set(kept.values()) == {len(context)}

@@ -5,8 +5,8 @@ before each prompt, or one system text on ten thousand batch lines that name no 
 (`model: "base"`). The pool keeps one prefix per row, so the choice is a grouping. The scheduler
 asks once per persona name (inline personas all carry one name), and here the distinct prompts
 are sorted: the common starts of neighbours form a tree, each node a run of prompts and the start
-they all share, its children runs that share longer starts. A node either shares its start among
-all its rows — saving (rows − 1) × start tokens of cache stored and read — or leaves each child
+they all share, its children runs that share longer starts (by two pages at least: MIN_EXTRA).
+A node either shares its start among all its rows — saving (rows − 1) × start tokens of cache stored and read — or leaves each child
 to share its own longer start; bottom-up, each node takes whichever saves more. So lines with
 one system text share it, lines with ten texts make ten prefixes, and a long preamble that a
 template puts before every text (Llama 3's dates) does not swallow them into one group.
@@ -24,6 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from .pages import PAGE
+
+# A run of prompts becomes a prefix of its own only if it shares at least this many tokens more
+# than its parent run: fewer save each row at most one page of its own cache (and often none),
+# while one more prefix is stored, and read, every step.
+MIN_EXTRA = 2 * PAGE
 
 Prompt = tuple[int, ...]
 
@@ -73,8 +80,28 @@ def shared_prefixes(rows_of: Mapping[Prompt, int]) -> dict[Prompt, int]:
         top = stack.pop()
         top.children.append(last)
         last = top
+    _merge_close(last)
     _decide(last)
     return _assign(last)
+
+
+def _merge_close(root: _Node) -> None:
+    """Fold into its parent every run whose start is less than MIN_EXTRA longer than the parent's
+    (512 distinct questions to one persona share its context, not dozens of starts a few words
+    apart)."""
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        kept: list[_Node] = []
+        queue = list(node.children)
+        while queue:
+            child = queue.pop(0)
+            if child.prompt is None and child.depth - node.depth < MIN_EXTRA:
+                queue[0:0] = child.children
+            else:
+                kept.append(child)
+        node.children = kept
+        pending.extend(child for child in kept if child.prompt is None)
 
 
 def _post_order(root: _Node) -> list[_Node]:
