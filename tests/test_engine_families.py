@@ -204,6 +204,10 @@ def test_serve_http_answers_with_a_qwen_model_and_gemma_falls_back_with_its_reas
     assert "the decode engine does not run 'gemma2' models" in result.stderr
     assert "sampling through transformers' generate in chunks" in result.stderr
     assert len(result.stdout.splitlines()) >= 2
+    # Answer formats run in the engine only: refused on the fallback, never sampled free.
+    result = run_cli(["generate", "--model", str(tmp_path / "gemma2"), "--prompt", "Hello?", "--json",
+                      "--max-new-tokens", "6", "-f", "jsonl"], cache_dir)
+    assert result.returncode == 2 and "answer formats" in result.stderr and "'gemma2'" in result.stderr
 
 
 @pytest.mark.gpu

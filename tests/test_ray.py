@@ -131,6 +131,18 @@ def test_interrupt_keeps_finished_rows_and_resume_completes_them(files, runtime,
     assert everything == keyed(alone.stdout), "interrupted + resumed on Ray = one uninterrupted process"
 
 
+def test_an_answer_format_on_ray_answers_as_one_process(files, runtime, tiny_llama_dir, cache_dir):
+    """--json-schema travels with the rows: the workers' engines follow it, the driver parses it."""
+    schema = '{"type": "object", "properties": {"w": {"enum": ["fox", "dog", "sea"]}}, "required": ["w"], ' \
+             '"additionalProperties": false}'
+    alone = run_cli(job(files, tiny_llama_dir, "--json-schema", schema), cache_dir)
+    spread = run_cli(job(files, tiny_llama_dir, "--json-schema", schema, "--ray", runtime), cache_dir)
+    assert alone.returncode == 0 and spread.returncode == 0, alone.stderr + spread.stderr
+    assert keyed(spread.stdout) == keyed(alone.stdout)
+    records = [json.loads(line) for line in spread.stdout.splitlines()]
+    assert all(r["json"]["w"] in ("fox", "dog", "sea") for r in records)
+
+
 def test_a_batch_file_on_ray_answers_as_one_process(files, runtime, tiny_llama_dir, cache_dir, tmp_path):
     """`batch --ray`: the same answers as one process, stop strings found in finished samples as the
     engine finds them token by token; log-probabilities are refused there, on their own line."""

@@ -475,6 +475,50 @@ def test_sampling_controls_are_taken_checked_and_applied(server, tiny_llama_dir)
     assert code == 400 and "past this model's vocabulary" in body["message"]
 
 
+def test_response_format_parse_json_schema_json_object_streaming_and_bad_schemas(server):
+    """OpenAI's response_format: the official client's `parse` with a pydantic model, a json_schema
+    request with n = 4 and a seed (twice identical), json_object, streaming, and 400s that name
+    `response_format` for what llguidance refuses."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        word: Literal["fox", "dog", "tea"]
+        score: int = Field(ge=0, le=9)
+        tags: list[Literal["sea", "shop"]] = Field(max_length=2)
+
+    client = server.client()
+    parsed = client.chat.completions.parse(model="a", messages=HELLO, response_format=Verdict, max_tokens=60, seed=1,
+                                           temperature=1.0)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+    schema = {"type": "object", "properties": {"w": {"enum": ["fox", "dog", "tea", "sea"]}, "n": {"type": "integer",
+              "minimum": 0, "maximum": 99}}, "required": ["w", "n"], "additionalProperties": False}
+    shaped = {"type": "json_schema", "json_schema": {"name": "shape", "schema": schema, "strict": True}}
+    first = ask(client, n=4, seed=8, temperature=1.0, max_tokens=40, response_format=shaped)
+    second = ask(client, n=4, seed=8, temperature=1.0, max_tokens=40, response_format=shaped)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in second.choices] and len(set(texts)) > 1
+    for text in texts:
+        value = json.loads(text)
+        assert set(value) == {"w", "n"} and value["w"] in ("fox", "dog", "tea", "sea") and 0 <= value["n"] <= 99
+    any_object = ask(client, seed=2, temperature=1.0, max_tokens=80, response_format={"type": "json_object"})
+    if any_object.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(any_object.choices[0].message.content), dict)
+    else:  # cut by max_tokens: an object begun, never passed off as whole
+        assert any_object.choices[0].message.content.startswith("{")
+    streamed = "".join(p.choices[0].delta.content or "" for p in
+                       ask(client, n=1, seed=8, temperature=1.0, max_tokens=40, response_format=shaped, stream=True)
+                       if p.choices)
+    assert streamed == texts[0]
+    for bad in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+                {"type": "json_schema", "json_schema": {"name": "x"}}, {"type": "xml"}):
+        code, body = status_of(lambda: ask(client, response_format=bad))
+        assert code == 400 and body["param"] == "response_format", body
+    assert "Invalid type: nonsense" in status_of(lambda: ask(client, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}))[1]["message"]
+
+
 def scrape(server) -> dict[tuple[str, tuple], float]:
     """The server's metrics, read by prometheus-client's own parser: (sample name, labels) -> value."""
     reply = http("GET", f"{server.url}/metrics")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -20,20 +21,25 @@ class Record:
     finish_reason: str  # "stop": the model ended its turn; "length": max_new_tokens reached
     model: str
     id: str | int | None = None  # the input line's id, for prompts files and `serve`
+    json: Any = None  # the answer parsed, for a row asked for JSON whose answer is complete; else None
+    asked_json: bool = field(default=False, repr=False)  # the row was asked for JSON: `json` is written
 
     @property
     def grid_key(self) -> tuple:
         return (self.id, self.persona, self.prompt, self.temperature, self.sample)
 
 
-FIELDS = list(Record.__dataclass_fields__)
+FIELDS = [name for name in Record.__dataclass_fields__ if name != "asked_json"]
 
 
 def as_dict(record: Record) -> dict:
-    """The record's fields in order; `id` only where the input gave rows ids."""
+    """The record's fields in order; `id` only where the input gave rows ids, `json` only where
+    the row was asked for JSON (null there when its answer was cut short)."""
     d = {name: getattr(record, name) for name in FIELDS}
     if d["id"] is None:
         del d["id"]
+    if not record.asked_json:
+        del d["json"]
     return d
 
 

@@ -18,9 +18,10 @@ from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt,
                       DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend,
-                      GptqBackendOpt, LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt,
-                      RayOpt, RayWorkersOpt, RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
-                      check_ray, rules_from_flags, sampling_settings, seed_in_force)
+                      GptqBackendOpt, GrammarOpt, JsonOpt, JsonSchemaOpt, LogitBiasOpt, MinPOpt, ModelOpt,
+                      PresencePenaltyOpt, QuietOpt, RayOpt, RayWorkersOpt, RegexOpt, RepetitionPenaltyOpt, SeedOpt,
+                      Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, answer_format_from_flags, check_ray,
+                      rules_from_flags, sampling_settings, seed_in_force)
 
 
 def generate(
@@ -55,6 +56,10 @@ def generate(
     dry_base: DryBaseOpt = None,
     dry_allowed_length: DryAllowedLengthOpt = None,
     dry_sequence_breaker: DryBreakerOpt = None,
+    json_schema: JsonSchemaOpt = None,
+    json_object: JsonOpt = False,
+    regex: RegexOpt = None,
+    grammar: GrammarOpt = None,
     fmt: Annotated[Optional[SampleFormat], typer.Option(
         "--format", "-f", help="Default: table on a terminal, else jsonl (parquet: with --output).",
         show_default=False)] = None,
@@ -98,7 +103,8 @@ def generate(
     from ..output.files import OutputFile
     feedback = Feedback(quiet)
     rules = rules_from_flags(min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
-                             dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker)
+                             dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breaker,
+                             answer_format_from_flags(json_schema, json_object, regex, grammar))
     fmt = fmt or (SampleFormat.TABLE if output is None and sys.stdout.isatty() else SampleFormat.JSONL)
     if fmt == SampleFormat.PARQUET and output is None:
         raise InputError("--format parquet writes a binary file", "pass --output FILE.parquet")

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError
+from ..library.answer_format import AnswerFormat, checked, from_schema
 from ..library.schema import Defaults
 from ..model.gptq import GPTQ_BACKENDS
 from ..sampling.grid import NO_RULES, Rules, Settings, check_rules, rules_from, token_key
@@ -135,17 +136,60 @@ DryBreakerOpt = Annotated[Optional[list[str]], typer.Option(
     "(default: newline, ':', '\"', '*').", show_default=False, rich_help_panel="Sampling controls")]
 
 
+# The answer's shape (library/answer_format.py; README: Structured output).
+JsonSchemaOpt = Annotated[Optional[str], typer.Option(
+    "--json-schema", metavar="FILE_OR_JSON", help="Every answer valid JSON for this JSON schema (a file, or "
+    "the schema itself). Compact JSON unless the schema says \"x-guidance\": {\"whitespace_flexible\": true}.",
+    show_default=False, rich_help_panel="Answer format")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Every answer a JSON object (any keys).", rich_help_panel="Answer format")]
+RegexOpt = Annotated[Optional[str], typer.Option(
+    "--regex", metavar="PATTERN", help="Every answer matches this regular expression, whole.", show_default=False,
+    rich_help_panel="Answer format")]
+GrammarOpt = Annotated[Optional[Path], typer.Option(
+    "--grammar", metavar="FILE", help="Every answer follows this Lark grammar (llguidance's dialect).",
+    show_default=False, dir_okay=False, rich_help_panel="Answer format")]
+
+
+def answer_format_from_flags(json_schema: str | None = None, json_object: bool = False, regex: str | None = None,
+                             grammar: Path | None = None) -> AnswerFormat | None:
+    """The answer format the flags ask for (at most one of them), checked by llguidance now,
+    before anything slow."""
+    given = [flag for flag, value in (("--json-schema", json_schema), ("--json", json_object), ("--regex", regex),
+                                      ("--grammar", grammar)) if value]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)} cannot be combined", "choose one answer format")
+    try:
+        if json_schema:
+            return from_schema(json_schema)
+        if json_object:
+            return AnswerFormat.json_object()
+        if regex:
+            return checked(AnswerFormat("regex", regex))
+        if grammar:
+            try:
+                text = grammar.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ValueError(f"cannot read the grammar file {grammar}: {e.strerror or e}") from None
+            return checked(AnswerFormat("lark", text))
+    except ValueError as e:
+        raise InputError(f"{given[0]}: {e}", "fix it (README: Structured output)") from None
+    return None
+
+
 def rules_from_flags(min_p: float | None = None, repetition_penalty: float | None = None,
                      frequency_penalty: float | None = None, presence_penalty: float | None = None,
                      logit_bias: list[str] | None = None, dry_multiplier: float | None = None,
                      dry_base: float | None = None, dry_allowed_length: int | None = None,
-                     dry_sequence_breaker: list[str] | None = None) -> Rules:
+                     dry_sequence_breaker: list[str] | None = None,
+                     answer_format: AnswerFormat | None = None) -> Rules:
     """The rules the flags give (None where a flag is not given), their ranges checked."""
     rules = Rules(min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                   presence_penalty=presence_penalty,
                   logit_bias=tuple(parse_logit_bias(item) for item in logit_bias) if logit_bias else None,
                   dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
-                  dry_sequence_breakers=tuple(dry_sequence_breaker) if dry_sequence_breaker else None)
+                  dry_sequence_breakers=tuple(dry_sequence_breaker) if dry_sequence_breaker else None,
+                  answer_format=answer_format)
     check_rules(rules)
     return rules
 

@@ -17,6 +17,7 @@ import torch
 
 from ..model.dense_gptq import drop_dense
 from ..model.load import LoadedModel
+from ..sampling.grammar import GrammarTokenizer
 from ..sampling.grid import Row, Sample, Settings
 from .config import EngineConfig
 from .decoder import Decoder
@@ -47,7 +48,8 @@ class Engine:
         self.pool = PrefixPool(decoder)
         self.scheduler = Scheduler(self.pool, loaded.eos_ids)
         self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,
-                             vocabulary=vocabulary)
+                             vocabulary=vocabulary, grammar_tokenizer=self._grammar_tokenizer)
+        self.grammar_tokenizer: GrammarTokenizer | None = None  # llguidance's view of the tokenizer, made once
         self.sizing = Sizing(loaded, decoder, vocabulary, expect_more=config.expect_more, max_pages=config.max_pages)
         self.slot_cap = config.slot_cap(self.device.type)  # halved by each out-of-memory back-off
         self.dense_weights = config.dense_weights  # False once an out-of-memory dropped the copies
@@ -210,6 +212,12 @@ class Engine:
             torch.cuda.empty_cache()
         self.on_split(old, self.slot_cap)
 
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        if self.grammar_tokenizer is None:
+            vocabulary = self.loaded.model.get_output_embeddings().weight.shape[0]
+            self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, vocabulary, self.loaded.eos_ids)
+        return self.grammar_tokenizer
+
     # --- one step ----------------------------------------------------------------------------------
 
     def _decode_step(self) -> None:
@@ -230,8 +238,11 @@ class Engine:
         self._take(chosen)
 
     def _take(self, chosen: Chosen) -> None:
-        """Record each slot's new token; deliver and free the rows that ended."""
-        ended = self.scheduler.record(chosen.tokens, chosen.logprobs)
+        """Record each slot's new token; deliver and free the rows that ended (an answer whose
+        format is complete ends there)."""
+        grammar = self.runner.grammar
+        complete = grammar.consume(chosen.tokens) if grammar is not None and grammar.active else set()
+        ended = self.scheduler.record(chosen.tokens, chosen.logprobs, complete)
         for b, reason in ended:
             self.stats.positions_held += PAGE * self.pages.own[b]
             self.stats.rows_delivered += 1

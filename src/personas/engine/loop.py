@@ -95,11 +95,15 @@ def engine_for(model: LoadedModel, settings: Settings, expect_more: bool = False
 
 
 def refuse_rules_without_engine(model: LoadedModel, settings: Settings, rows: Sequence[Row]) -> None:
-    """The chunked loops apply no per-row logits rules: rows that ask for them are refused."""
+    """The chunked loops apply no per-row logits rules and no answer formats: rows that ask for
+    them are refused."""
+    kind = getattr(model.model.config, "model_type", "?")
     if settings.rules.used or any(row.rules is not None and row.rules.used for row in rows):
-        kind = getattr(model.model.config, "model_type", "?")
         raise InputError(f"min_p, the penalties, logit_bias and DRY run in the decode engine, which does not run "
                          f"'{kind}' models", "drop those settings, or choose a Llama, Mistral or Qwen model")
+    if settings.rules.answer_format or any(row.rules is not None and row.rules.answer_format for row in rows):
+        raise InputError(f"answer formats (a JSON schema, --json, --regex, --grammar) run in the decode engine, which "
+                         f"does not run '{kind}' models", "drop the format, or choose a Llama, Mistral or Qwen model")
 
 
 def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],

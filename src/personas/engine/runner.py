@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..sampling.chooser import choose, token_logprobs, token_salts
+from ..sampling.grammar import GrammarTokenizer, allow_only
 from ..sampling.grid import TOP_LOGPROBS
 from ..sampling.rules import forbid_early_end
 from .config import PREFILL_TOKENS
@@ -23,6 +24,7 @@ from .job import ChosenLogprobs, Placement, Prefix, Prompt
 from .kernels.paged import PAGE, PagedPart, flat_positions, gather
 from .pages import SINK_PAGE, Slot
 from .prefix_pool import PrefixPool
+from .slot_grammar import SlotGrammar
 from .slot_rules import SlotRules
 
 # Which slots a step computes: all (None), the first N (an int: a view, so graphs capture it), or
@@ -65,6 +67,15 @@ class GraphKey(NamedTuple):
     logprobs: bool  # some row reports log-probabilities
     leading: int  # the first slots computed (a power of two)
     rules: bool = False  # some row uses min_p, a penalty, logit_bias or DRY
+    grammar: bool = False  # some row follows an answer format (two graphs: forward, then choice)
+
+
+class StepGraphs(NamedTuple):
+    """A captured decode step: one graph, or — when rows follow answer formats — the forward pass
+    and the choice, so the masks are filled on the host while the first runs."""
+
+    forward: Any
+    choice: Any = None
 
 
 class PageCopy(NamedTuple):
@@ -105,16 +116,18 @@ class Runner:
     """The slots' tensors and caches over one decoder; the CUDA graphs of its decode steps."""
 
     def __init__(self, decoder: Decoder, pool: PrefixPool, *, graphs: bool, end_ids: Sequence[int], pad_id: int,
-                 vocabulary: int):
+                 vocabulary: int, grammar_tokenizer: Callable[[], GrammarTokenizer] | None = None):
         self.decoder, self.pool, self.device = decoder, pool, decoder.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.end_ids, self.pad_id, self.vocabulary = list(end_ids), pad_id, vocabulary
-        self.graphs: dict[GraphKey, Any] = {}
+        self.graphs: dict[GraphKey, StepGraphs] = {}
         self.graph_pool = None
         self.cache_keys: list[torch.Tensor] = []
         self.cache_values: list[torch.Tensor] = []
         self.slots: SlotTensors | None = None
         self.rules: SlotRules | None = None
+        self.grammar_tokenizer = grammar_tokenizer  # made once, on a row's first answer format
+        self.grammar: SlotGrammar | None = None
         self.prefix_version = -1
 
     # --- allocation ------------------------------------------------------------------------------
@@ -145,6 +158,9 @@ class Runner:
     def release(self) -> None:
         self.cache_keys = self.cache_values = []
         self.slots = self.rules = None
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None
         self.drop_graphs()
 
     def drop_graphs(self) -> None:
@@ -198,6 +214,10 @@ class Runner:
             self.rules = SlotRules(s.tok.shape[0], self.vocabulary, device)
         if self.rules is not None:
             self.rules.place(placed, dry)
+        if self.grammar is None and any(j.rules.answer_format is not None for j in jobs):
+            self.grammar = SlotGrammar(self.grammar_tokenizer(), s.tok.shape[0], self.vocabulary, device, self.end_ids)
+        if self.grammar is not None:
+            self.grammar.place(placed)
         encoded = [p for p, o in zip(placed, one) if not o]
         return self._encode_and_choose(encoded, masks, rules) if encoded else Chosen({})
 
@@ -220,6 +240,8 @@ class Runner:
         s.prefix_bias[index] = float("-inf")
         s.prefix_starts[index] = 0
         s.prefix_lengths[index] = 0
+        if self.grammar is not None:
+            self.grammar.free(slots)
 
     def refresh_prefixes(self, slot_prefixes: Sequence[Prefix]) -> None:
         """Rebuild the slots' prefix masks and spans after the pool changed (a prefix added,
@@ -261,7 +283,8 @@ class Runner:
         slots = [p.slot for p in placed]
         index = torch.tensor(slots, device=self.device)
         logits = torch.stack([logits_of[b] for b in slots])
-        chosen = self._choose(logits, index, masks=masks, rules=rules)
+        allowed = self.grammar.now(slots) if self.grammar is not None and self.grammar.active else None
+        chosen = self._choose(logits, index, masks=masks, rules=rules, allowed=allowed)
         if rules:
             self._count(index, chosen)
         logprobs = None
@@ -319,16 +342,20 @@ class Runner:
 
     # --- choosing --------------------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, slots: SlotSelection, masks: bool, rules: bool = False) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, slots: SlotSelection, masks: bool, rules: bool = False,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
         """The next token of each slot (all slots, or `slots`) from its logits and rules (the
-        order: sampling/rules.py). `logits` keep the model's distribution but for the early end
-        of turn (log-probabilities are read from them)."""
+        order: sampling/rules.py), then its answer format's mask (`allowed`: the rows' bitmasks).
+        `logits` keep the model's distribution but for the early end of turn (log-probabilities
+        are read from them)."""
         s, pick = self.slots, picker(slots)
         generated = pick(s.generated)
         forbid_early_end(logits, self.end, generated, pick(s.min_new))
         min_p = None
         if rules:
             logits, min_p = self.rules.apply(logits, pick)
+        if allowed is not None:
+            logits = allow_only(logits, allowed, self.grammar.byte_bias)
         top_k, top_p = (pick(s.top_k), pick(s.top_p)) if masks else (None, None)
         return choose(logits, pick(s.temperatures), pick(s.seeds), generated, self.salts, top_k, top_p, min_p)
 
@@ -357,35 +384,73 @@ class Runner:
 
         Rows take the lowest free slots, so the busy ones sit near the front: a graph computes the
         first `leading` slots only, so a server's few busy rows do not pay for its many idle
-        slots. Powers of two keep the graphs few."""
+        slots. Powers of two keep the graphs few. Rows that follow answer formats have their
+        masks filled on the host while the forward pass runs."""
         slot_count = self.slots.tok.shape[0]
         leading = min(slot_count, max(16, 1 << max(busy).bit_length()))
-        key = GraphKey(self.pool.read_length(), masks, logprobs, leading, rules)
+        grammar = self.grammar is not None and self.grammar.active
+        key = GraphKey(self.pool.read_length(), masks, logprobs, leading, rules, grammar)
+        if grammar:
+            self.grammar.start()
         if not self.graphs_enabled:
             # Eagerly, only the slots in use are computed, each read as far as the longest of them.
             rows = None if len(busy) == slot_count else torch.tensor(sorted(busy), device=self.device)
-            self._decode(key.prefix_span, key.masks, key.logprobs, rows=rows, own_span=own_span, rules=rules)
+            self._decode(key.prefix_span, key.masks, key.logprobs, rows=rows, own_span=own_span, rules=rules,
+                         grammar=grammar)
         elif key in self.graphs:
-            self.graphs[key].replay()
+            self._replay(self.graphs[key], leading)
         else:
             with torch.inference_mode():
                 first = self.graph_pool is None
                 if first:
-                    self._decode(*key[:4], rules=rules)  # eager once: warms every kernel, and is this step
+                    # eager once: warms every kernel, and is this step
+                    self._decode(*key[:4], rules=rules, grammar=grammar)
                     self.graph_pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool):
-                    self._decode(*key[:4], rules=rules)  # recorded, not run
+                graphs = self._capture(key)
                 if not first:
-                    graph.replay()  # later keys: capture, then run it
-            self.graphs[key] = graph
+                    self._replay(graphs, leading)  # later keys: capture, then run it
+            self.graphs[key] = graphs
         chosen = self.slots.tok.tolist()
         return Chosen({b: chosen[b] for b in busy}, self.read_logprobs(busy) if logprobs else None)
 
+    def _capture(self, key: GraphKey) -> StepGraphs:
+        """Record the step `key` describes (recorded, not run): one graph, or with answer formats
+        the forward pass and the choice, which reads the masks from their device buffer."""
+        def recorded(step: Callable[[], Any]) -> tuple[Any, Any]:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                out = step()
+            return graph, out
+
+        if not key.grammar:
+            return StepGraphs(recorded(lambda: self._decode(*key[:4], rules=key.rules))[0])
+        forward, logits = recorded(lambda: self._forward(key.prefix_span, key.leading))
+        choice, _ = recorded(lambda: self._advance(logits, key.masks, key.logprobs, key.leading, key.rules,
+                                                   self.grammar.bits[:key.leading]))
+        return StepGraphs(forward, choice)
+
+    def _replay(self, graphs: StepGraphs, leading: int) -> None:
+        graphs.forward.replay()
+        if graphs.choice is not None:
+            self.grammar.ready(leading)  # the forward pass runs on the device meanwhile
+            graphs.choice.replay()
+
     def _decode(self, prefix_span: int, masks: bool, logprobs: bool, rows: SlotSelection = None,
-                own_span: int = 0, rules: bool = False) -> None:
+                own_span: int = 0, rules: bool = False, grammar: bool = False) -> None:
         """The next token of every slot, or of `rows` (the first N slots; or, eagerly only, a
-        tensor of slot indices), written to `tok`; all state advanced on the device.
+        tensor of slot indices), written to `tok`; all state advanced on the device. With
+        `grammar`, the masks `SlotGrammar.start` began filling are waited for after the forward
+        pass."""
+        logits = self._forward(prefix_span, rows, own_span)
+        allowed = None
+        if grammar:
+            count = self.slots.tok.shape[0] if rows is None or not isinstance(rows, int) else rows
+            allowed = picker(rows)(self.grammar.ready(count))
+        self._advance(logits, masks, logprobs, rows, rules, allowed)
+
+    def _forward(self, prefix_span: int, rows: SlotSelection = None, own_span: int = 0) -> torch.Tensor:
+        """The model's logits for every slot's current token (or `rows`'), its keys and values
+        written to the cache.
 
         On CUDA each row's own part is read through its pages by the paged kernel; on the CPU
         the rows' first `own_span` positions are gathered for the ordinary attention."""
@@ -417,8 +482,14 @@ class Runner:
             shared = self.pool.prefix_parts(pick(s.prefix_starts), pick(s.prefix_lengths))
         else:
             shared = self.pool.parts(pick(s.prefix_bias), prefix_span)
-        logits = self.decoder.run(pick(s.tok)[:, None], pick(s.pos)[:, None], own, shared, s.first_row[:len(write)])
-        chosen = self._choose(logits, rows, masks=masks, rules=rules)
+        return self.decoder.run(pick(s.tok)[:, None], pick(s.pos)[:, None], own, shared, s.first_row[:len(write)])
+
+    def _advance(self, logits: torch.Tensor, masks: bool, logprobs: bool, rows: SlotSelection, rules: bool,
+                 allowed: torch.Tensor | None) -> None:
+        """Choose each row's token from `logits`, keep what was asked of it, and advance the
+        slots' state on the device."""
+        s = self.slots
+        chosen = self._choose(logits, rows, masks=masks, rules=rules, allowed=allowed)
         if logprobs:
             self._keep_logprobs(logits, chosen, rows)
         if rules:

@@ -11,7 +11,7 @@ No torch: slots and pages are numbers here; the engine hands them to the runner.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
 from ..sampling.grid import NO_RULES, Row, Sample, Settings, TokenLogprob
@@ -136,9 +136,11 @@ class Scheduler:
             self.queue.appendleft(job)
         self.running.clear()
 
-    def record(self, tokens: dict[Slot, int], logprobs: dict[Slot, ChosenLogprobs] | None) -> list[tuple[Slot, str]]:
+    def record(self, tokens: dict[Slot, int], logprobs: dict[Slot, ChosenLogprobs] | None,
+               complete: Collection[Slot] = ()) -> list[tuple[Slot, str]]:
         """Each slot's new token onto its row (its listener told); returns the rows that ended,
-        with why: "stop" (an end-of-turn id) or "length" (max_new_tokens)."""
+        with why: "stop" (an end-of-turn id, or the token completed the row's answer format:
+        the slots in `complete`) or "length" (max_new_tokens)."""
         ended = []
         for b, token in tokens.items():
             job = self.running[b]
@@ -152,7 +154,9 @@ class Scheduler:
                 if job.logprobs and logprobs is not None:
                     told = TokenLogprob(token, *logprobs[b])
                 job.on_token(job.row, token, told)
-            if len(job.tokens) >= job.max_new:
+            if b in complete:
+                ended.append((b, "stop"))
+            elif len(job.tokens) >= job.max_new:
                 ended.append((b, "length"))
         return ended
 

@@ -5,7 +5,8 @@ Two forms, told apart by the first non-blank line:
 * plain text: one prompt per line (blank lines skipped); each runs on the command's personas;
 * JSONL: one object per line, `{"prompt": ..., "persona": ..., "temperatures": [...], "n": ...,
   "seed": ..., "max_new_tokens": ..., "id": ...}` and the logits rules a persona may set
-  (`min_p`, `presence_penalty`, `logit_bias`, …), only `prompt` required; unknown keys are errors.
+  (`min_p`, `presence_penalty`, `logit_bias`, …, `json_schema` — or OpenAI's `response_format`),
+  only `prompt` required; unknown keys are errors.
   A line may carry its persona inline — `system` and/or `examples` (`[{"user", "assistant"}]`),
   `persona` then only its name in the output (default "inline") — for personas kept as data
   (PersonaHub's one-line personas), not in a TOML library.
@@ -19,14 +20,17 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import InputError, PersonaFileError
+from ..library.answer_format import from_response_format
 from ..library.load import Library
 from ..library.schema import Example, Persona, RuleFields, Temperature
-from ..sampling.grid import NO_RULES, rules_from
+from ..sampling.grid import NO_RULES, Rules, rules_from
 from .request import Cell
 
 INLINE = "inline"  # the name of a line's inline persona when the line gives none
@@ -45,6 +49,26 @@ class PromptLine(RuleFields):
     id: str | int | None = None
     system: str | None = None  # an inline persona: its system context ...
     examples: list[Example] | None = None  # ... and few-shot exchanges
+    response_format: dict[str, Any] | None = None  # OpenAI's, beside json_schema (RuleFields)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from_response_format(value)  # checked now; read again by `answer_format`
+        return value
+
+    @model_validator(mode="after")
+    def _one_format(self) -> PromptLine:
+        if self.response_format is not None and self.json_schema is not None:
+            raise ValueError("json_schema and response_format cannot be combined: choose one")
+        return self
+
+    def rules(self) -> Rules:
+        """The line's own rules, its answer format from json_schema or response_format."""
+        rules = rules_from(self)
+        if self.response_format is not None:
+            rules = replace(rules, answer_format=from_response_format(self.response_format))
+        return rules
 
     @field_validator("prompt", "system")
     @classmethod
@@ -100,7 +124,7 @@ def parse_prompts(name: str, text: str, library: Library, personas: Sequence[Per
         except InputError as e:
             raise PersonaFileError(name, number, e.what, e.todo) from None
         temperatures = tuple(item.temperatures) if item.temperatures else None
-        rules = rules_from(item)
+        rules = item.rules()
         cells += [Cell(p, item.prompt, temperatures, item.n, item.seed, item.id if item.id is not None else number,
                        item.max_new_tokens, rules if rules != NO_RULES else None) for p in targets]
     if not cells:

@@ -6,9 +6,11 @@ grid, checks every prompt fits the model's context, and turns samples into recor
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine.loop import sample_rows
 from ..errors import InputError
@@ -113,10 +115,24 @@ def fitted_prompt_ids(persona: Persona, prompt: str, request: Request, model: Lo
 
 def to_record(sample: Sample, model: LoadedModel) -> Record:
     row = sample.row
+    text = model.decode(list(sample.token_ids))
+    answer_format = row.rules.answer_format if row.rules is not None else None
+    asked_json = answer_format is not None and answer_format.is_json
     return Record(persona=row.persona, prompt=row.prompt, temperature=row.temperature,
-                  sample=row.sample, seed=row.seed, text=model.decode(list(sample.token_ids)),
+                  sample=row.sample, seed=row.seed, text=text,
                   new_tokens=len(sample.token_ids), finish_reason=sample.finish_reason,
-                  model=model.label, id=row.id)
+                  model=model.label, id=row.id, json=parsed_json(text, sample.finish_reason) if asked_json else None,
+                  asked_json=asked_json)
+
+
+def parsed_json(text: str, finish_reason: str) -> Any:
+    """A JSON answer's value; None for one cut short by max_new_tokens (never half an object)."""
+    if finish_reason != "stop":
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # the format allowed an end here, so this is not expected
+        return None
 
 
 def sample_records(settings: Settings, model: LoadedModel, rows: Sequence[Row],

@@ -115,7 +115,7 @@ def parse_library(text: str, path: Path) -> Library:
     data = read_toml(text, path)
     lines = KeyLines(text)
     try:
-        top = _File.model_validate(data)
+        top = _File.model_validate(data, context={"folder": path.parent})
     except ValidationError as e:
         raise file_error(path, lines, e, root=_File) from None
     if not top.personas:
@@ -142,6 +142,6 @@ def validate_table(model: type[BaseModel], kind: str, name: str, body: Any, path
         raise PersonaFileError(str(path), lines.find(where), f"{kind} '{name}' must be a table",
                                f"write it as [{kind}s.{name}]")
     try:
-        return model.model_validate({**body, "name": name})
+        return model.model_validate({**body, "name": name}, context={"folder": path.parent})
     except ValidationError as e:
         raise file_error(path, lines, e, root=model, prefix=where) from None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from .answer_format import from_schema
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -50,6 +52,16 @@ class RuleFields(Strict):
     dry_base: float | None = Field(default=None, gt=1, allow_inf_nan=False)
     dry_allowed_length: int | None = Field(default=None, ge=1)
     dry_sequence_breakers: list[Annotated[str, Field(min_length=1)]] | None = None
+    # Every answer valid JSON for this schema: given as a table, JSON text or a file's path
+    # (relative to the file that names it); kept as the schema's JSON text, checked by llguidance.
+    json_schema: str | None = None
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema(cls, value: Any, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        return from_schema(value, (info.context or {}).get("folder")).source
 
 
 class Persona(RuleFields):

@@ -85,10 +85,15 @@ class JsonWriter(_Collecting):
 class CsvWriter(_Collecting):
     def close(self) -> None:
         records = self.ordered()
-        fields = FIELDS if any(r.id is not None for r in records) else [f for f in FIELDS if f != "id"]
+        fields = [f for f in FIELDS if (f != "id" or any(r.id is not None for r in records))
+                  and (f != "json" or any(r.asked_json for r in records))]
         writer = csv.DictWriter(self.stream, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(as_dict(r) for r in records)
+        for r in records:
+            row = as_dict(r)
+            if "json" in row:  # a cell holds the value as JSON text
+                row["json"] = json.dumps(row["json"], ensure_ascii=False)
+            writer.writerow(row)
         self.stream.flush()
 
 
@@ -101,7 +106,8 @@ class ParquetWriter(_Collecting):
         import pyarrow.parquet as pq
 
         records = self.ordered()
-        columns = {name: [getattr(r, name) for r in records] for name in FIELDS if name != "id"}
+        # A JSON answer's value has no one column type: its text is the `text` column.
+        columns = {name: [getattr(r, name) for r in records] for name in FIELDS if name not in ("id", "json")}
         types = {"persona": pa.string(), "prompt": pa.string(), "temperature": pa.float64(), "sample": pa.int64(),
                  "seed": pa.int64(), "text": pa.string(), "new_tokens": pa.int64(), "finish_reason": pa.string(),
                  "model": pa.string()}

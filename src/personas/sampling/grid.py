@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..errors import InputError
+from ..library.answer_format import AnswerFormat
 from ..library.schema import BUILT_IN
 from ..model.tokens import token_id_of
 
@@ -57,6 +58,9 @@ class Rules:
     dry_base: float | None = None
     dry_allowed_length: int | None = None
     dry_sequence_breakers: tuple[str, ...] | None = None
+    # Every answer in this shape (a JSON schema, any JSON object, a regex, a grammar); the
+    # engine's grammar masks, not a logits rule: `used` leaves it out.
+    answer_format: AnswerFormat | None = None
 
     def over(self, under: Rules) -> Rules:
         """These rules, with `under`'s value wherever a field here is None."""
@@ -96,7 +100,7 @@ def resolve_rules(rules: Rules, tokenizer: Any) -> Rules | None:
     return rules
 
 
-RULE_FIELDS = tuple(f.name for f in fields(Rules))
+RULE_FIELDS = tuple(f.name for f in fields(Rules) if f.name != "answer_format")  # the keys of RuleFields
 
 
 def token_key(key: str) -> int | str:
@@ -106,13 +110,15 @@ def token_key(key: str) -> int | str:
 
 def rules_from(table: object) -> Rules:
     """The rules a table sets (a persona, `[defaults]`, a prompts-file line, a request: anything
-    with the fields of library.schema.RuleFields), logit_bias keys read by `token_key`."""
+    with the fields of library.schema.RuleFields), logit_bias keys read by `token_key`, its
+    json_schema as the answer format."""
     values = {name: getattr(table, name, None) for name in RULE_FIELDS}
     if values["logit_bias"] is not None:
         values["logit_bias"] = tuple((token_key(k), float(v)) for k, v in values["logit_bias"].items())
     if values["dry_sequence_breakers"] is not None:
         values["dry_sequence_breakers"] = tuple(values["dry_sequence_breakers"])
-    return Rules(**values)
+    schema = getattr(table, "json_schema", None)  # already checked: RuleFields keeps its JSON text
+    return Rules(**values, answer_format=AnswerFormat("json_schema", schema) if schema is not None else None)
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InputError
+from ..library.answer_format import from_response_format
 from ..library.load import Library
 from ..library.schema import Persona, RuleFields
 from ..model.prompt import Dialog
@@ -94,6 +95,9 @@ class ChatRequest(RuleFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}};
+    # checked in plan_request, so its error names `response_format`
+    response_format: dict[str, Any] | None = None
 
 
 def parse_request(body: bytes | dict[str, Any]) -> ChatRequest:
@@ -173,13 +177,20 @@ def plan_request(request: ChatRequest, library: Library, seed_default: int | Non
     seed = request.seed if request.seed is not None else (
         seed_default if seed_default is not None else secrets.randbelow(2**31))
     top_k = defaults.pick("top_k", request.top_k)
+    rules = rules_from(request).over(rules_from(persona)).over(rules_from(defaults))
+    try:
+        answer_format = from_response_format(request.response_format)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="response_format") from None
+    if answer_format is not None:
+        rules = replace(rules, answer_format=answer_format)
     return ChatPlan(
         persona=persona, dialog=conversation(persona, request.messages), n=request.n, temperature=temperature,
         seed=seed, max_tokens=max_tokens, min_tokens=request.min_tokens, top_p=defaults.pick("top_p", request.top_p),
         top_k=top_k if top_k and top_k > 0 else None, stops=stops,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None, stream=request.stream,
         include_usage=bool(request.stream and request.stream_options and request.stream_options.include_usage),
-        rules=rules_from(request).over(rules_from(persona)).over(rules_from(defaults)))
+        rules=rules)
 
 
 def conversation(persona: Persona, messages: Sequence[Message]) -> Dialog:
