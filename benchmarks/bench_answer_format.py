@@ -9,6 +9,10 @@ integer, an enum, an array of 1–3 strings, a nested object, no other keys), co
     CPU (the embedded model): python benchmarks/bench_answer_format.py [--rows 64] [--steps 128]
     GPU: python benchmarks/bench_answer_format.py --model /tmp/personas-gptq --job bulk --job grid
 
+`--whitespace` measures instead why JSON is compact by default: 64 random walks (uniform random
+logits, the embedded model's tokenizer) through the nested schema, with llguidance's flexible
+whitespace and without, counting the objects that close within 200 tokens.
+
 Jobs: `cpu` (64 slots, distinct prompts to `customer`, T = 1.0), `bulk` (512 prompts × n = 2 at
 T = 1.0, the engine's slots), `grid` (the 24-row grid: 24 slots, three temperatures). Free and
 schema alternate, --repeats times; medians. Target: schema tokens/s ≥ 85% of free; on the grid,
@@ -60,6 +64,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--whitespace", action="store_true", help="compact against flexible whitespace, on random logits")
     return parser.parse_args()
 
 
@@ -106,6 +111,39 @@ def run(loaded, rows, settings, slots, steps: int, warm: int) -> dict:
             "batch": (engine.stats.rows_decoded - start_rows) / taken, "finished": finished, "slots": engine.slot_count}
 
 
+def whitespace(loaded, walks: int = 64, limit: int = 200) -> None:
+    """Random walks through the schema: how many objects close within `limit` tokens, compact
+    against flexible whitespace."""
+    import llguidance
+
+    from personas.sampling.grammar import GrammarTokenizer, allow_only, byte_bias, words_for
+
+    vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
+    grammar = GrammarTokenizer(loaded.tokenizer, vocabulary, loaded.eos_ids)
+    print(f"\n{walks} random walks through the nested schema, at most {limit} tokens, tokenizer of {loaded.label}\n")
+    print("| whitespace | objects closed | median tokens of those |")
+    print("|---|---:|---:|")
+    for flexible in (True, False):
+        text = llguidance.LLMatcher.grammar_from_json_schema(NESTED, defaults={"whitespace_flexible": flexible})
+        matchers = [llguidance.LLMatcher(grammar.tokenizer, text) for _ in range(walks)]
+        bitmask = torch.full((walks, words_for(vocabulary)), -1, dtype=torch.int32)
+        generator = torch.Generator().manual_seed(0)
+        lengths, live = {}, set(range(walks))
+        for step in range(limit):
+            grammar.fill([(matchers[i], i) for i in live], bitmask)
+            chosen = allow_only(torch.rand(walks, vocabulary, generator=generator), bitmask,
+                                byte_bias(torch.device("cpu"))).argmax(-1).tolist()
+            for i in list(live):
+                if chosen[i] in loaded.eos_ids or (matchers[i].consume_token(chosen[i]) and matchers[i].is_stopped()):
+                    lengths[i] = step + 1
+                    live.discard(i)
+            if not live:
+                break
+        closed = sorted(lengths.values())
+        print(f"| {'flexible' if flexible else 'compact (the default)'} | {len(closed)} of {walks} | "
+              f"{statistics.median(closed) if closed else '—'} |")
+
+
 def main() -> None:
     args = arguments()
     torch.set_num_threads(args.threads)
@@ -117,6 +155,9 @@ def main() -> None:
     log(f"loading {args.model}")
     loaded = load_model(resolve_model(args.model))
     on = loaded.model.device.type
+    if args.whitespace:
+        whitespace(loaded)
+        return
     jobs = args.job or (["cpu"] if on == "cpu" else ["bulk", "grid"])
     schema_format = checked(AnswerFormat.json_schema(NESTED))
     free = Settings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)

@@ -26,7 +26,7 @@ def user(text: str) -> list[dict]:
 
 
 # Named personas, inline ones (model "base": the messages as they stand), n > 1, seeds, a stop
-# string, log-probabilities — and two requests refused on their own merits.
+# string, log-probabilities, an answer format — and three requests refused on their own merits.
 BODIES = {
     "named": {"model": "a", "messages": user("Hello there"), "temperature": 0.9, "n": 3, "seed": 5,
               "max_tokens": 12},
@@ -36,8 +36,14 @@ BODIES = {
              "temperature": 1.0},
     "logprobs": {"model": "a", "messages": user("How is the sea?"), "seed": 9, "max_tokens": 8, "logprobs": True,
                  "top_logprobs": 2, "temperature": 0.7},
+    "schema": {"model": "a", "messages": user("Hello there"), "seed": 4, "n": 2, "max_tokens": 40, "temperature": 1.0,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {
+                   "type": "object", "properties": {"w": {"enum": ["fox", "dog"]}}, "required": ["w"],
+                   "additionalProperties": False}}}},
     "unknown-persona": {"model": "nobody", "messages": user("Hi")},
     "bad-value": {"model": "a", "messages": user("Hi"), "top_p": 7},
+    "bad-schema": {"model": "a", "messages": user("Hi"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}},
 }
 
 
@@ -67,9 +73,9 @@ def answered(tiny_llama_dir, cache_dir, tmp_path_factory):
 def test_good_requests_are_answered_and_bad_ones_get_error_lines(answered):
     result, out = answered
     assert result.returncode == 1, result.stderr
-    assert "2 of 6 requests were refused (lines 5, 6 of" in result.stderr
+    assert "3 of 8 requests were refused (lines 6, 7, 8 of" in result.stderr
     assert set(out) == set(BODIES)
-    for custom_id in ("named", "inline", "stop", "logprobs"):
+    for custom_id in ("named", "inline", "stop", "logprobs", "schema"):
         item = out[custom_id]
         assert item["id"].startswith("batch_req_") and item["error"] is None
         response = item["response"]
@@ -82,6 +88,10 @@ def test_good_requests_are_answered_and_bad_ones_get_error_lines(answered):
     assert out["unknown-persona"]["response"]["body"]["error"]["code"] == "model_not_found"
     assert out["bad-value"]["response"]["status_code"] == 400
     assert out["bad-value"]["response"]["body"]["error"]["param"] == "top_p"
+    assert out["bad-schema"]["response"]["status_code"] == 400
+    assert out["bad-schema"]["response"]["body"]["error"]["param"] == "response_format"
+    for choice in out["schema"]["response"]["body"]["choices"]:
+        assert json.loads(choice["message"]["content"])["w"] in ("fox", "dog") and choice["finish_reason"] == "stop"
     stopped = out["stop"]["response"]["body"]["choices"][0]
     assert "e" not in stopped["message"]["content"] and stopped["finish_reason"] == "stop"
     logprobs = out["logprobs"]["response"]["body"]["choices"][0]["logprobs"]["content"]
@@ -96,7 +106,7 @@ def test_answers_equal_the_servers_and_generates(answered, tiny_llama_dir, cache
     try:
         server.wait_ready()
         client = server.client()
-        for custom_id in ("named", "inline", "stop", "logprobs"):
+        for custom_id in ("named", "inline", "stop", "logprobs", "schema"):
             theirs = client.chat.completions.create(**BODIES[custom_id]).model_dump()
             ours = out[custom_id]["response"]["body"]
             assert [c["message"]["content"] for c in ours["choices"]] == \
@@ -250,7 +260,7 @@ def test_parquet_output_is_typed_read_by_datasets_and_written_atomically(answere
     source = write_batch(tmp_path / "in.jsonl", BODIES)
     result = run_cli(["batch", str(source), "-f", "parquet", "-o", str(target), "--model", str(tiny_llama_dir),
                       "--file", str(TWO)], cache_dir)
-    assert result.returncode == 1, result.stderr  # two requests refused, as in JSONL
+    assert result.returncode == 1, result.stderr  # three requests refused, as in JSONL
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.parquet"], "no temporary file left"
     table = pq.read_table(target)
     assert table.schema.field("status_code").type == pa.int32()
