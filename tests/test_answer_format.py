@@ -6,7 +6,9 @@ files, Ray; the server's are in test_serve_http.py)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import re
 from collections import Counter
@@ -237,10 +239,18 @@ def test_a_persona_files_schema_its_defaults_and_a_prompts_file_line(tmp_path, t
     assert all("ok" in r["json"] for r in by_id["own"])
     assert all(r["json"]["w"] in ("fox", "dog") for r in by_id["line"])
     assert all("n" in r["json"] for r in by_id["free"]), "null keeps the persona's, as for every rule"
-    # The command's flag goes over the persona's own.
+    as_csv = run_cli(["generate", "judge", *common[:-2], "-f", "csv"], cache_dir)
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert len(rows) == 4 and all(json.loads(row["json"]) == json.loads(row["text"]) for row in rows)
+    # The command's flag goes over the persona's own, and under a line's own.
     result = run_cli(["generate", "judge", *common, "--regex", "(fox|dog)"], cache_dir)
     assert {json.loads(line)["text"] for line in result.stdout.splitlines()} <= {"fox", "dog"}
     assert "json" not in json.loads(result.stdout.splitlines()[0])
+    result = run_cli(["generate", "--prompts-file", str(tmp_path / "lines.jsonl"), *common, "--json-schema",
+                      json.dumps(small)], cache_dir)
+    assert result.returncode == 0, result.stderr
+    for r in map(json.loads, result.stdout.splitlines()):
+        assert ("w" in r["json"]) if r["id"] == "line" else (set(r["json"]) == {"ok"}), r
 
 
 def test_bad_formats_exit_2_before_the_model_loads(tmp_path, cache_dir):

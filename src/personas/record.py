@@ -21,8 +21,10 @@ class Record:
     finish_reason: str  # "stop": the model ended its turn; "length": max_new_tokens reached
     model: str
     id: str | int | None = None  # the input line's id, for prompts files and `serve`
-    json: Any = None  # the answer parsed, for a row asked for JSON whose answer is complete; else None
-    asked_json: bool = field(default=False, repr=False)  # the row was asked for JSON: `json` is written
+    # The answer parsed, for a row asked for JSON whose answer is complete; else None. Derived from
+    # `text`, so left out of comparisons (and of the hash: a dict has none).
+    json: Any = field(default=None, compare=False)
+    asked_json: bool = field(default=False, repr=False, compare=False)  # the row was asked for JSON: `json` is written
 
     @property
     def grid_key(self) -> tuple:
