@@ -58,6 +58,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personas-gptq"))
+    parser.add_argument("--shape", default="13b", help="gptq_checkpoint.py's shape: 13b, llama3-8b, qwen2.5-7b, ...")
     parser.add_argument("--backend", default="marlin")
     parser.add_argument("--skip-old", action="store_true", help="skip the old chunked path")
     parser.add_argument("--hf-prompts", type=int, default=64,
@@ -244,7 +245,7 @@ def main() -> None:
     if args.memory_gb:
         results["memory_gb"] = args.memory_gb
 
-    model = load_checkpoint(args.checkpoint / "13b", args.backend)
+    model = load_checkpoint(args.checkpoint / args.shape, args.backend, shape=args.shape)
     results["kernel"], results["fused_groups"] = model.gptq_kernel, model.gptq_fused
     log(f"loaded in {model.load_seconds:.1f} s, kernel {model.gptq_kernel}, {model.gptq_fused} fused groups; "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -287,7 +288,7 @@ def main() -> None:
         del model
         gc.collect()  # transformers' modules hold reference cycles
         torch.cuda.empty_cache()
-        plain = load_checkpoint(args.checkpoint / "13b", args.backend, fuse=False)
+        plain = load_checkpoint(args.checkpoint / args.shape, args.backend, fuse=False, shape=args.shape)
         runs["engine_fixed_unfused"] = run_engine(plain, card, rows, at_256,
                                                   "engine, fixed length, 256 slots, unfused projections")
         del plain
