@@ -356,3 +356,16 @@ def test_on_cuda_the_split_graphs_equal_the_eager_step(tiny_cuda):
             if k[0] >= 10:
                 assert s.finish_reason == "stop" and re.fullmatch(ANSWER, text_of(tiny_cuda, s))
     assert texts[True] == texts[False]
+
+
+def test_a_server_keeps_only_its_latest_compiled_formats(tiny, monkeypatch):
+    from personas.sampling import grammar as module
+
+    monkeypatch.setattr(module, "COMPILED_FORMATS", 3)
+    compiler = GrammarTokenizer(tiny.tokenizer, 420, tiny.eos_ids)
+    formats = [AnswerFormat("regex", f"(fox|dog){{{k}}}") for k in range(1, 6)]
+    for fmt in formats:
+        compiler.matcher(fmt)
+    compiler.matcher(formats[2])  # used again: kept
+    compiler.matcher(AnswerFormat.json_object())
+    assert list(compiler.compiled) == [formats[4], formats[2], AnswerFormat.json_object()]

@@ -15,6 +15,7 @@ the same whatever the grammar forces.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from ..library.answer_format import AnswerFormat
 
 ALL_ALLOWED = -1  # a bitmask word with every bit set (int32)
+COMPILED_FORMATS = 256  # compiled formats kept for new rows to copy
 BITS = 32
 
 
@@ -62,16 +64,22 @@ class GrammarTokenizer:
         self.llguidance = llguidance
         # Every end-of-turn id ends an answer, and only where the format may end.
         self.tokenizer = llguidance.hf.from_tokenizer(_fast(tokenizer), n_vocab=vocabulary, eos_token=list(end_ids))
-        self.compiled: dict[AnswerFormat, Any] = {}
+        # The formats in use, latest last: a server whose every request brings its own schema keeps
+        # the last COMPILED_FORMATS of them, not all it has seen.
+        self.compiled: OrderedDict[AnswerFormat, Any] = OrderedDict()
         self.executor = llguidance.LLExecutor()
 
     def matcher(self, answer_format: AnswerFormat) -> Any:
         """A fresh matcher at the start of an answer in `answer_format`."""
-        if answer_format not in self.compiled:
+        if answer_format in self.compiled:
+            self.compiled.move_to_end(answer_format)
+        else:
             compiled = self.llguidance.LLMatcher(self.tokenizer, answer_format.grammar)
             if compiled.is_error():
                 raise ValueError(f"the answer format cannot run on this model's tokenizer: {compiled.get_error()}")
             self.compiled[answer_format] = compiled
+            if len(self.compiled) > COMPILED_FORMATS:
+                self.compiled.popitem(last=False)
         return self.compiled[answer_format].deep_copy()
 
     def fill(self, matchers: Sequence[tuple[Any, int]], bitmask: torch.Tensor) -> None:
