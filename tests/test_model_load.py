@@ -118,6 +118,76 @@ def test_gptq_checkpoint_loads_through_personas_and_generates(tiny_gptq_dir):
     assert len(greedy) == 1
 
 
+def write_awq(source: Path, out: Path, group: int = 32) -> Path:
+    """The tiny Llama's layers as a 4-bit AWQ checkpoint (GEMM layout: qweight (in, out / 8),
+    qzeros (in / group, out / 8), fp16 scales), random codes; its embeddings, norms and head kept."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(source / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    stored = {}
+    for name, tensor in weights.items():
+        if not name.endswith("proj.weight"):
+            stored[name] = tensor
+            continue
+        base, (out_f, in_f) = name.removesuffix(".weight"), tensor.shape
+        stored[base + ".qweight"] = torch.randint(-(2**31), 2**31, (in_f, out_f // 8), generator=generator,
+                                                  dtype=torch.int64).to(torch.int32)
+        stored[base + ".qzeros"] = torch.full((in_f // group, out_f // 8), 0x88888888 - 2**32,
+                                              dtype=torch.int64).to(torch.int32)
+        stored[base + ".scales"] = torch.full((in_f // group, out_f), 0.02, dtype=torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(stored, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                     "version": "gemm"}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in source.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def test_an_awq_checkpoint_loads_through_gptqmodel_and_runs_in_the_engine(tiny_llama_dir, tmp_path):
+    """AWQ goes where gptqmodel takes it (transformers' AWQ integration): its layers' kernel is
+    reported, never fused as GPTQ, kept off CUDA graphs unless known safe, and the engine's
+    greedy tokens equal transformers' `generate` on the same modules."""
+    pytest.importorskip("gptqmodel")
+    import torch
+
+    from personas.engine.chunked.graphed import GRAPH_SAFE_KERNELS
+    from personas.engine.decoder import supports
+
+    model = load_model(resolve_model(str(write_awq(tiny_llama_dir, tmp_path / "awq"))), device="cpu")
+    assert model.gptq_kernel and "Awq" in model.gptq_kernel and model.gptq_fused == 0
+    assert model.gptq_kernel not in GRAPH_SAFE_KERNELS and supports(model.model)
+    request = Request(personas=[PIRATE], temperatures=[0.0], n=1, seed=2, settings=Settings(max_new_tokens=12))
+    rows = plan(request, model)
+    records = []
+    sample_records(request.settings, model, rows, records.append)
+    ids = torch.tensor([rows[0].prompt_ids])
+    expected = model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=model.eos_ids, pad_token_id=model.pad_id)[0, ids.shape[1]:].tolist()
+    expected = expected[:next((i for i, t in enumerate(expected) if t in model.eos_ids), len(expected))]
+    assert records[0].text == model.decode(expected) and records[0].new_tokens == len(expected)
+
+
+def test_an_awq_checkpoint_gptqmodel_cannot_load_is_one_clear_line(tiny_llama_dir, tmp_path):
+    pytest.importorskip("gptqmodel")
+    import json
+
+    broken = write_awq(tiny_llama_dir, tmp_path / "awq")
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"]["bits"] = 3  # AWQ has no 3-bit layout
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as failure:
+        load_model(resolve_model(str(broken)), device="cpu")
+    assert "cannot load the AWQ checkpoint" in failure.value.what and "gptqmodel" in failure.value.todo
+
+
 def test_unknown_gptq_backend_is_bad_input(tiny_gptq_dir):
     with pytest.raises(InputError, match="unknown GPTQ backend 'warp'"):
         load_model(resolve_model(str(tiny_gptq_dir)), device="cpu", gptq_backend="warp")

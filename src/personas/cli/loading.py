@@ -58,12 +58,13 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
         loaded = load_model(choice, status=status, tokenizer_only=tokenizer_only, **options.load_kwargs())
     if tokenizer_only:
         return loaded
-    kernel = f", GPTQ kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
+    kernel = f", 4-bit kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
     feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
     reason = unsupported_reason(loaded.model)
     if reason:
         feedback.info(f"{reason}; sampling through transformers' generate in chunks")
     if loaded.device.type == "cuda" and options.fast_path and not graph_safe(loaded.model, loaded.gptq_kernel):
-        feedback.info(f"the GPTQ kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
-                      "decoding without the fast path (--gptq-backend marlin enables it)")
+        hint = "" if "awq" in loaded.gptq_kernel.lower() else " (--gptq-backend marlin enables it)"
+        feedback.info(f"the 4-bit kernel {loaded.gptq_kernel} is not known to work under a CUDA graph: "
+                      f"decoding without the fast path{hint}")
     return loaded

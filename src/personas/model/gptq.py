@@ -24,14 +24,25 @@ GPTQ_BACKENDS = {
 }
 
 
-def gptq_config_of(directory: str) -> dict | None:
-    """The checkpoint's GPTQ quantization config, or None for unquantized weights."""
+def quantization_of(directory: str) -> dict:
+    """The checkpoint's stored quantization config ({} for unquantized weights)."""
     config = Path(directory) / "config.json"
     try:
-        quant = json.loads(config.read_text()).get("quantization_config") or {}
+        return json.loads(config.read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
-        return None
-    return quant if str(quant.get("quant_method", "")).lower() == "gptq" else None
+        return {}
+
+
+def quant_method_of(directory: str) -> str | None:
+    """"gptq", "awq", … as the checkpoint's config names its quantization; None for none."""
+    method = quantization_of(directory).get("quant_method")
+    return str(method).lower() if method else None
+
+
+def gptq_config_of(directory: str) -> dict | None:
+    """The checkpoint's GPTQ quantization config, or None for unquantized (or otherwise
+    quantized) weights."""
+    return quantization_of(directory) if quant_method_of(directory) == "gptq" else None
 
 
 # Marlin's limits (gptqmodel's MarlinLinear): symmetric 4/8-bit, these group sizes, sm75 or newer.
@@ -88,6 +99,7 @@ def is_quantized(module: Any) -> bool:
 
 
 def kernel_name(model: Any) -> str | None:
+    """The class of the model's gptqmodel layers (GPTQ's or AWQ's kernel); None for none."""
     for module in model.modules():
         if is_quantized(module):
             return type(module).__name__

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from ..errors import InputError, ModelError
 from .choice import MODEL_HELP, ModelChoice
 from .embedded import embedded_checkpoint
-from .gptq import gptq_config_of, gptq_kernel_for, kernel_name, loading_config
+from .gptq import gptq_config_of, gptq_kernel_for, kernel_name, loading_config, quant_method_of
 from .prompt import Dialog, is_llama2_chat_template, llama2_ids, llama2_text, template_ids, template_text
 
 
@@ -38,7 +38,9 @@ class LoadedModel:
     pad_id: int
     device: Any
     load_seconds: float
-    gptq_kernel: str | None = None  # the GPTQ kernel class (e.g. MarlinLinear); None: not GPTQ
+    # The kernel class of its 4-bit layers (MarlinLinear, TorchCpuAvx512AwqLinear, …): GPTQ's or
+    # AWQ's, both through gptqmodel; None: not quantized.
+    gptq_kernel: str | None = None
     gptq_fused: int = 0  # q/k/v and gate/up groups fused into one GPTQ layer each (fused_gptq.py)
     config: Any = None  # the model's configuration, also when only the tokenizer was loaded
 
@@ -124,7 +126,7 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         directory, gguf_file, choice, torch_device, gptq_backend, status,
         {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
     fused = 0
-    if kernel is not None and fuse_gptq:
+    if kernel is not None and fuse_gptq and gptq_config_of(directory) is not None:
         from .fused_gptq import fuse_gptq_projections
 
         status("fusing the GPTQ projections")
@@ -194,7 +196,8 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["dtype"] = torch.float32 if device.type == "cpu" else "auto"
-    status(f"loading {choice.label} on {device.type}" + (" (GPTQ)" if gptq else ""))
+    method = None if gguf_file else quant_method_of(directory)
+    status(f"loading {choice.label} on {device.type}" + (f" ({method.upper()})" if method else ""))
     try:
         with warnings.catch_warnings():
             # We pass a GPTQConfig only to choose the kernel; transformers warns that the rest of it
@@ -206,10 +209,15 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
         raise ModelError(f"not enough GPU memory to load '{choice.label}'",
                          "use a smaller model (llama2-7b-gptq, embedded)") from e
     except Exception as e:
+        if method == "awq":  # transformers loads AWQ through gptqmodel, which must know this one
+            raise ModelError(f"cannot load the AWQ checkpoint '{choice.label}': {_first_line(e)}",
+                             "AWQ loads through gptqmodel (pip install 'personas[gptq]'); a GPTQ "
+                             "checkpoint of the same model is the tested path") from e
         raise ModelError(f"cannot load '{choice.label}': {_first_line(e)}",
                          "check that the folder holds a complete model") from e
     model.eval()
-    kernel = kernel_name(model) if gptq else None
+    # GPTQ's and AWQ's layers alike: their kernel decides whether a CUDA graph may capture them.
+    kernel = kernel_name(model)
     return model, kernel
 
 
