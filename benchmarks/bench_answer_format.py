@@ -32,21 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine, persona_rows, sync  # noqa: E402
+from common import REPO, log, machine, persona_rows, sync  # noqa: E402
 
-NESTED = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 18, "maximum": 99},
-        "mood": {"enum": ["happy", "tired", "curious"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                    "required": ["city"], "additionalProperties": False},
-    },
-    "required": ["name", "age", "mood", "tags", "address"],
-    "additionalProperties": False,
-}
+NESTED = json.loads((REPO / "tests" / "data" / "nested.schema.json").read_text())  # the tests' schema too
 JOBS = {  # slots (None: the engine's own), distinct prompts, samples each, temperatures
     "cpu": (64, 64, 1, (1.0,)),
     "bulk": (None, 512, 2, (1.0,)),

@@ -129,30 +129,13 @@ def main() -> None:
                     "min_tokens": args.tokens}
 
         chat(host, port, body("Warm up: say anything.", 0))
-        barrier = threading.Barrier(args.clients + 1)
-        results: list[tuple[float, float, dict]] = []
-
-        def client(i: int) -> None:
-            barrier.wait()
-            sent = time.perf_counter()
-            latency, answer = chat(host, port, body(asks[i], i + 1))
-            results.append((sent, latency, answer))
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        started = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        wall = max(sent + latency for sent, latency, _ in results) - started
+        run = concurrent_load(host, port, [body(asks[i], i + 1) for i in range(args.clients)])
         health = json.loads(health_of(host, port))
     finally:
         process.terminate()
         process.wait(120)
-    tokens = sum(answer["usage"]["completion_tokens"] for _, _, answer in results)
-    assert tokens == total, (tokens, total)
-    latencies = [latency for _, latency, _ in results]
+    wall = run["wall"]
+    assert run["tokens"] == total, (run["tokens"], total)
 
     print(f"machine: {machine()}, Python {platform.python_version()}")
     print(f"job: persona '{args.persona}' on {args.model}, {args.clients} requests × n={args.n} × exactly "
@@ -162,9 +145,33 @@ def main() -> None:
     print(f"| `generate --prompts-file` ({args.clients} lines, generation only; whole process {whole:.1f} s) "
           f"| {baseline:.2f} | {total / baseline:.0f} | — | — | 100% |")
     print(f"| `serve --http`, {args.clients} concurrent clients | {wall:.2f} | {total / wall:.0f} "
-          f"| {statistics.median(latencies):.2f} | {percentile(latencies, 0.95):.2f} "
+          f"| {run['p50']:.2f} | {run['p95']:.2f} "
           f"| {baseline / wall:.0%} |")
     print(f"\nthe server's most rows in one decode step: {health['most_rows_in_one_step']}")
+
+
+def concurrent_load(host: str, port: int, bodies: list[dict]) -> dict:
+    """All bodies at once, one connection each: wall time, tokens, latencies."""
+    barrier = threading.Barrier(len(bodies) + 1)
+    results: list[tuple[float, float, dict]] = []
+
+    def client(body: dict) -> None:
+        barrier.wait()
+        sent = time.perf_counter()
+        latency, answer = chat(host, port, body)
+        results.append((sent, latency, answer))
+
+    threads = [threading.Thread(target=client, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    latencies = [latency for _, latency, _ in results]
+    return {"wall": max(sent + latency for sent, latency, _ in results) - started,
+            "tokens": sum(answer["usage"]["completion_tokens"] for _, _, answer in results),
+            "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95)}
 
 
 def health_of(host: str, port: int) -> str:

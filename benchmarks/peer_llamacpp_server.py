@@ -25,12 +25,10 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_http import chat, machine, percentile, start_server  # noqa: E402
+from bench_http import chat, concurrent_load, machine, start_server  # noqa: E402
 from common import log, prompts  # noqa: E402
 from peer_llamacpp import BUILD_FLAGS, PEER, build_peer  # noqa: E402
 
@@ -56,30 +54,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def load(host: str, port: int, bodies: list[dict]) -> dict:
-    """All bodies at once, one connection each: wall time, tokens, latencies."""
-    barrier = threading.Barrier(len(bodies) + 1)
-    results: list[tuple[float, float, dict]] = []
-
-    def client(body: dict) -> None:
-        barrier.wait()
-        sent = time.perf_counter()
-        latency, answer = chat(host, port, body)
-        results.append((sent, latency, answer))
-
-    threads = [threading.Thread(target=client, args=(body,)) for body in bodies]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    latencies = [latency for _, latency, _ in results]
-    return {"wall": max(sent + latency for sent, latency, _ in results) - started,
-            "tokens": sum(answer["usage"]["completion_tokens"] for _, _, answer in results),
-            "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95)}
 
 
 def main() -> None:
@@ -116,7 +90,7 @@ def main() -> None:
             process, host, port, _ = start_server(command(), env)
             try:
                 chat(host, port, make_bodies(repeat)[0])  # warm-up: the first request's one-time work
-                run = load(host, port, make_bodies(repeat))
+                run = concurrent_load(host, port, make_bodies(repeat))
             finally:
                 process.terminate()
                 process.wait(120)

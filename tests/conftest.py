@@ -200,6 +200,24 @@ def run_cli(args: list[str], cache: Path, cwd: Path = REPO, timeout: float = 600
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def interrupt_once_decoding(args: list[str], cache: Path) -> tuple[int, str]:
+    """Run the CLI, send SIGINT a second after it says the model loaded (it is decoding then);
+    returns its exit status and stderr."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "personas", *args], cwd=REPO, env=cli_env(cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    err = ""
+    while time.monotonic() < deadline and "loaded" not in (err := process.stderr.readline()):
+        pass
+    time.sleep(1.0)  # decoding now
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    return process.returncode, err + rest
+
+
 @pytest.fixture(scope="session")
 def embedded_ready(cache_dir) -> Path:
     """The embedded model converted into the session cache (the first start's one-time work)."""

@@ -24,21 +24,9 @@ from personas.sampling.grid import Row, Rules, Settings
 
 TWO = REPO / "tests" / "data" / "two.toml"
 
-# The nested schema of the issue: a bounded string, a bounded integer, an enum, an array of 1–3
-# strings, a nested object, no other keys.
-NESTED = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 18, "maximum": 99},
-        "mood": {"enum": ["happy", "tired", "curious"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                    "required": ["city"], "additionalProperties": False},
-    },
-    "required": ["name", "age", "mood", "tags", "address"],
-    "additionalProperties": False,
-}
+# The nested schema of the issue (also the benchmark's): a bounded string, a bounded integer, an
+# enum, an array of 1–3 strings, a nested object, no other keys.
+NESTED = json.loads((REPO / "tests" / "data" / "nested.schema.json").read_text())
 
 
 # --- formats, checked before anything runs ----------------------------------------------------------

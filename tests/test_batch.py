@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, make_tiny_llama, run_cli
+from conftest import REPO, cli_env, interrupt_once_decoding, make_tiny_llama, run_cli
 
 TWO = REPO / "tests" / "data" / "two.toml"
 
@@ -305,15 +305,7 @@ def test_an_interrupted_parquet_run_leaves_no_file(tiny_llama_dir, cache_dir, tm
                         "min_tokens": 40} for i in range(200)}
     source = write_batch(tmp_path / "in.jsonl", bodies)
     target = tmp_path / "out.parquet"
-    process = subprocess.Popen([sys.executable, "-m", "personas", "batch", str(source), "-f", "parquet", "-o", str(target),
-                                "--model", str(tiny_llama_dir), "--file", str(TWO), "--batch-size", "2"],
-                               cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "loaded" not in (err := process.stderr.readline()):
-        pass
-    time.sleep(1.0)  # decoding now
-    process.send_signal(signal.SIGINT)
-    _, rest = process.communicate(timeout=120)
-    assert process.returncode == 130, err + rest
+    status, stderr = interrupt_once_decoding(["batch", str(source), "-f", "parquet", "-o", str(target), "--model",
+                                              str(tiny_llama_dir), "--file", str(TWO), "--batch-size", "2"], cache_dir)
+    assert status == 130, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"], "neither the file nor its temporary copy"

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, interrupt_once_decoding, run_cli
 
 from personas.cli import main
 
@@ -64,18 +64,10 @@ def test_an_interrupted_parquet_run_leaves_no_file(tmp_path, tiny_llama_dir, cac
     target = tmp_path / "out.parquet"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"hello {i}\n" for i in range(200)))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "personas", *gen(tiny_llama_dir, "--prompts-file", str(prompts), "--batch-size", "2",
-                                                "--max-new-tokens", "40", "--format", "parquet",
-                                                "--output", str(target))],
-        cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "loaded" not in (err := process.stderr.readline()):
-        pass
-    time.sleep(1.0)  # decoding now
-    process.send_signal(signal.SIGINT)
-    _, rest = process.communicate(timeout=120)
-    assert process.returncode == 130, err + rest
+    status, stderr = interrupt_once_decoding(gen(tiny_llama_dir, "--prompts-file", str(prompts), "--batch-size", "2",
+                                                 "--max-new-tokens", "40", "--format", "parquet",
+                                                 "--output", str(target)), cache_dir)
+    assert status == 130, stderr
     assert list(tmp_path.iterdir()) == [prompts], "neither the file nor its temporary copy"
 
 
