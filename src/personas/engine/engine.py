@@ -214,8 +214,7 @@ class Engine:
 
     def _grammar_tokenizer(self) -> GrammarTokenizer:
         if self.grammar_tokenizer is None:
-            vocabulary = self.loaded.model.get_output_embeddings().weight.shape[0]
-            self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, vocabulary, self.loaded.eos_ids)
+            self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.runner.vocabulary, self.loaded.eos_ids)
         return self.grammar_tokenizer
 
     # --- one step ----------------------------------------------------------------------------------

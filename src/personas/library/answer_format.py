@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,14 +64,20 @@ class AnswerFormat:
 
     def problem(self) -> str | None:
         """What llguidance refuses in this format (a keyword, a position), or None when it compiles."""
-        from llguidance import LLMatcher
+        return _problem(self)
 
-        try:
-            grammar = self.grammar
-        except Exception as e:  # llguidance raises ValueError or its own errors for bad input
-            return _one_line(str(e))
-        error = LLMatcher.validate_grammar(grammar)
-        return _one_line(error) if error else None
+
+# A batch file or a server sees the same format on line after line: it is compiled and checked once.
+@lru_cache(maxsize=256)
+def _problem(answer_format: AnswerFormat) -> str | None:
+    from llguidance import LLMatcher
+
+    try:
+        grammar = answer_format.grammar
+    except Exception as e:  # llguidance raises ValueError or its own errors for bad input
+        return _one_line(str(e))
+    error = LLMatcher.validate_grammar(grammar)
+    return _one_line(error) if error else None
 
 
 def _one_line(message: str) -> str:

@@ -42,7 +42,8 @@ def quant_method_of(directory: str) -> str | None:
 def gptq_config_of(directory: str) -> dict | None:
     """The checkpoint's GPTQ quantization config, or None for unquantized (or otherwise
     quantized) weights."""
-    return quantization_of(directory) if quant_method_of(directory) == "gptq" else None
+    quant = quantization_of(directory)
+    return quant if str(quant.get("quant_method", "")).lower() == "gptq" else None
 
 
 # Marlin's limits (gptqmodel's MarlinLinear): symmetric 4/8-bit, these group sizes, sm75 or newer.

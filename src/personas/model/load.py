@@ -126,11 +126,12 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         directory, gguf_file, choice, torch_device, gptq_backend, status,
         {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
     fused = 0
-    if kernel is not None and fuse_gptq and gptq_config_of(directory) is not None:
+    gptq = gptq_config_of(directory) if kernel is not None and fuse_gptq else None
+    if gptq is not None:  # AWQ's layers have their own layout: only GPTQ's are fused
         from .fused_gptq import fuse_gptq_projections
 
         status("fusing the GPTQ projections")
-        fused = fuse_gptq_projections(model, directory, gptq_config_of(directory) or {})
+        fused = fuse_gptq_projections(model, directory, gptq)
 
     config = model.config if model is not None else _load_config(directory, gguf_file, trust_remote_code)
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
@@ -188,7 +189,8 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
     kwargs: dict[str, Any] = {"device_map": {"": device}, "trust_remote_code": safety["trust_remote_code"]}
     if not gguf_file:
         kwargs["use_safetensors"] = safety["use_safetensors"]
-    gptq = None if gguf_file else gptq_config_of(directory)
+    method = None if gguf_file else quant_method_of(directory)
+    gptq = gptq_config_of(directory) if method == "gptq" else None
     if gptq is not None:
         kwargs["quantization_config"] = loading_config(gptq, gptq_kernel_for(gptq_backend, gptq, device))
         kwargs["dtype"] = torch.float16 if device.type == "cuda" else torch.float32
@@ -196,7 +198,6 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["dtype"] = torch.float32 if device.type == "cpu" else "auto"
-    method = None if gguf_file else quant_method_of(directory)
     status(f"loading {choice.label} on {device.type}" + (f" ({method.upper()})" if method else ""))
     try:
         with warnings.catch_warnings():
