@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from personas.model.choice import resolve_model
-from personas.model.fused_gptq import FusedProjection, ProjectionSlice, fuse_gptq_projections
+from personas.model.fused_gptq import fuse_gptq_projections
+from personas.model.projections import FusedProjection, ProjectionSlice
 from personas.model.gptq import gptq_config_of
 from personas.model.load import load_model
 from personas.engine.engine import Engine

@@ -132,7 +132,7 @@ def explain(model: LoadedModel, prompt_ids: Sequence[int], temperatures: Sequenc
     """One object per temperature: the first token's distribution, then `steps` more along the
     greedy continuation (the same tokens at every temperature: greedy ignores T); with `rules`
     (token ids resolved), the distributions after them."""
-    vocabulary = model.model.get_output_embeddings().weight.shape[0]
+    vocabulary = model.model.get_output_embeddings().out_features
     logits, chosen = greedy_logits(model, prompt_ids, steps, RuledLogits(rules, prompt_ids, model.tokenizer, vocabulary))
     tokenizer = model.tokenizer
     min_p = (rules.min_p or 0.0) if rules is not None else 0.0

@@ -82,7 +82,7 @@ class Part:
 
 
 def attention_part(q: torch.Tensor, part: Part | PagedPart | PrefixPart, scale: float,
-                   queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   queries: int, masks: "CpuMasks | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-sum-exp, normalised output) of softmax attention over one part, in float32.
 
     q is (rows, kv_heads, group, head_dim) with group = query heads per kv head × `queries`
@@ -94,7 +94,7 @@ def attention_part(q: torch.Tensor, part: Part | PagedPart | PrefixPart, scale: 
     if isinstance(part, PrefixPart):
         return prefix_attention(q, part, scale)
     if q.device.type == "cpu":
-        return cpu_part(q, part, scale, queries)
+        return cpu_part(q, part, scale, queries, masks)
     return matmul_part(q, part, scale, queries)
 
 
@@ -126,25 +126,52 @@ def matmul_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tupl
     return top + total.log(), out / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
-def cpu_part(q: torch.Tensor, part: Part, scale: float, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_part(q: torch.Tensor, part: Part, scale: float, queries: int,
+             masks: "CpuMasks | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_part` on the CPU through torch's fused flash-attention kernel, which also returns
     the log-sum-exp the merge needs; faster than `matmul_part` on the CPU (docs/performance.md).
     It gives a fully masked row log-sum-exp 0, not -inf: those are set here."""
     rows, kv_heads, group, head_dim = q.shape
+    masks = masks or CpuMasks()
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if part.shared:
-        span = part.bias.shape[-1]
-        mask = part.bias[:, None, :].expand(rows, group, span).reshape(1, 1, rows * group, span)
+        mask, sees_something = masks.shared(part.bias, rows, group)
         stacked = q.transpose(0, 1).reshape(1, kv_heads, rows * group, head_dim)
         out, lse = kernel(stacked, part.keys[None], part.values[None], 0.0, False, attn_mask=mask, scale=scale)
         out = out[0].view(kv_heads, rows, group, head_dim).transpose(0, 1)
         lse = lse[0].view(kv_heads, rows, group).transpose(0, 1)[..., None]
-        sees_something = torch.isfinite(part.bias).any(-1)[:, None, None, None]
         return torch.where(sees_something, lse, float("-inf")), out
-    span = part.bias.shape[-1]
-    mask = part.bias[:, None, None].expand(rows, 1, group // queries, queries, span).reshape(rows, 1, group, span)
-    out, lse = kernel(q, part.keys, part.values, 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = kernel(q, part.keys, part.values, 0.0, False, attn_mask=masks.own(part.bias, rows, group, queries),
+                      scale=scale)
     return lse[..., None], out
+
+
+class CpuMasks:
+    """One pass's attention masks in the layout the CPU kernel takes, made once for all layers:
+    every layer's parts carry the same biases, and expanding them to (rows × group, span) is a
+    copy that would otherwise be made twice per layer."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple, tuple[torch.Tensor, Any]] = {}
+
+    def _once(self, bias: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+        entry = self.made.get((id(bias), *key))
+        if entry is None or entry[0] is not bias:  # the bias itself is kept, so its id stays its own
+            entry = self.made[(id(bias), *key)] = (bias, make())
+        return entry[1]
+
+    def shared(self, bias: torch.Tensor, rows: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prefix pool's mask (1, 1, rows × group, P), which rows see any prefix at all)."""
+        span = bias.shape[-1]
+        return self._once(bias, ("shared", rows, group), lambda: (
+            bias[:, None, :].expand(rows, group, span).reshape(1, 1, rows * group, span),
+            torch.isfinite(bias).any(-1)[:, None, None, None]))
+
+    def own(self, bias: torch.Tensor, rows: int, group: int, queries: int) -> torch.Tensor:
+        """Each row's own mask (rows, 1, group, S), its queries repeated for each head of a group."""
+        span = bias.shape[-1]
+        return self._once(bias, ("own", rows, group, queries), lambda: bias[:, None, None].expand(
+            rows, 1, group // queries, queries, span).reshape(rows, 1, group, span))
 
 
 def matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,13 +188,15 @@ def matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """softmax over the union of the parts' keys, from each part's (log-sum-exp, output)."""
+    """softmax over the union of the parts' keys, from each part's (log-sum-exp, output): each
+    output weighed by its part's share of the whole sum, softmax over the log-sum-exps."""
     if len(parts) == 1:
         return parts[0][1]
-    lse = torch.stack([p[0] for p in parts])
-    weights = torch.exp(lse - lse.amax(0))
-    out = sum(w * p[1] for w, p in zip(weights, parts))
-    return out / weights.sum(0)
+    weights = torch.softmax(torch.stack([p[0] for p in parts]), 0)
+    out = parts[0][1] * weights[0]
+    for weight, part in zip(weights[1:], parts[1:]):
+        out = out + part[1] * weight
+    return out
 
 
 # own(layer index, keys, values) -> the Part of each row's own keys for that layer. The caller
@@ -202,8 +231,7 @@ class Decoder:
         # SiLU(gate) × up as one kernel needs the activation to be SiLU and gate/up one product.
         mlp = self.layers[0].mlp
         self.kernel_mlp = (self.layer_kernels and getattr(config, "hidden_act", None) == "silu"
-                           and getattr(mlp.gate_proj, "fused", None) is not None
-                           and mlp.gate_proj.fused is getattr(mlp.up_proj, "fused", None))
+                           and getattr(mlp, "gate_up_proj", None) is not None)
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers (keys and values)."""
@@ -215,28 +243,35 @@ class Decoder:
 
         ids, positions: (rows, queries). `shared`: the prefix pool's Part per layer, or None.
         """
-        if self.layer_kernels:
-            from .kernels import layer as kernels
-            add_norm, rope = kernels.add_rms_norm, kernels.rotary
-        else:
-            add_norm, rope = add_rms_norm_modules, rotary_modules
         rows, queries = ids.shape
         hidden = self.embed(ids)
         cos, sin = self.rotary(hidden, positions)
+        if self.layer_kernels:
+            from .kernels import layer as kernels
+            add_norm, rope = kernels.add_rms_norm, kernels.rotary
+        elif self.device.type == "cpu":
+            # The same arithmetic as the modules in fewer operations, which a CPU step of a few
+            # rows pays for one by one: a norm as one call, rotary with its sign folded into sin.
+            add_norm, rope = add_rms_norm_cpu, rotary_cpu
+            cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
+        else:
+            add_norm, rope = add_rms_norm_modules, rotary_modules
+        masks = CpuMasks()
         group = self.heads // self.kv_heads * queries
         delta = None
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
             hidden, x = add_norm(hidden, delta, layer.input_layernorm)
-            q = attention.q_proj(x).view(rows, queries, self.heads, self.head_dim)
-            k = attention.k_proj(x).view(rows, queries, self.kv_heads, self.head_dim)
+            q, k, v = project_qkv(attention, x)
+            q = q.view(rows, queries, self.heads, self.head_dim)
+            k = k.view(rows, queries, self.kv_heads, self.head_dim)
             if self.head_norms:  # Qwen 3: each head of q and of k normalised before rotary
                 q, k = attention.q_norm(q), attention.k_norm(k)
-            v = attention.v_proj(x).view(rows, queries, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(rows, queries, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = rope(q, k, cos, sin)  # (rows, heads, queries, head_dim), (rows, kv_heads, queries, head_dim)
             # Query head h reads kv head h // (heads / kv_heads), as transformers' repeat_kv does.
             q = q.reshape(rows, self.kv_heads, group, self.head_dim)
-            out = self.attend(q, own(index, k, v), shared[index] if shared is not None else None, queries)
+            out = self.attend(q, own(index, k, v), shared[index] if shared is not None else None, queries, masks)
             delta = attention.o_proj(out.view(rows, self.heads, queries, self.head_dim).transpose(1, 2)
                                      .reshape(rows, queries, -1))
             hidden, x = add_norm(hidden, delta, layer.post_attention_layernorm)
@@ -246,7 +281,7 @@ class Decoder:
         return self.head(self.norm(picked)).float()
 
     def attend(self, q: torch.Tensor, mine: Part | PagedPart, theirs: Part | PrefixPart | None,
-               queries: int) -> torch.Tensor:
+               queries: int, masks: CpuMasks | None = None) -> torch.Tensor:
         """Softmax attention over a row's own part and its prefix, in the model's dtype,
         (rows, kv_heads, group, head_dim)."""
         if self.layer_kernels and isinstance(mine, PagedPart):
@@ -254,17 +289,31 @@ class Decoder:
             if theirs is None:
                 return paged_attention(q, mine, self.scale)[1].to(self.dtype)
             return paged_attention_after(q, mine, self.scale, attention_part(q, theirs, self.scale, queries))
-        parts = [attention_part(q, mine, self.scale, queries)]
+        parts = [attention_part(q, mine, self.scale, queries, masks)]
         if theirs is not None:
-            parts.append(attention_part(q, theirs, self.scale, queries))
+            parts.append(attention_part(q, theirs, self.scale, queries, masks))
         return merge(parts).to(self.dtype)
 
     def mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        if not self.kernel_mlp:
+        """The MLP, as transformers' Llama MLP computes it: down(act(gate(x)) × up(x)), gate and
+        up as one product where they are fused (projections.py)."""
+        fused = getattr(mlp, "gate_up_proj", None)
+        if fused is None:
             return mlp(x)
-        from .kernels.layer import silu_mul
+        gate, up = fused(x)
+        if self.kernel_mlp:
+            from .kernels.layer import silu_mul
 
-        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            return mlp.down_proj(silu_mul(gate, up))
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def project_qkv(attention: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v of x: one product where they are fused (projections.py), else three."""
+    fused = getattr(attention, "qkv_proj", None)
+    if fused is not None:
+        return fused(x)
+    return attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
 
 
 def add_rms_norm_modules(hidden: torch.Tensor, delta: torch.Tensor | None,
@@ -281,3 +330,32 @@ def rotary_modules(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     return apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+
+
+def add_rms_norm_cpu(hidden: torch.Tensor, delta: torch.Tensor | None,
+                     norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm_modules` with the norm as torch's one `rms_norm` call, which in float32
+    gives the module's very numbers (tested) in one operation instead of seven."""
+    if delta is not None:
+        hidden = hidden + delta
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or hidden.dtype != torch.float32:
+        return hidden, norm(hidden)
+    return hidden, torch.nn.functional.rms_norm(hidden, hidden.shape[-1:], norm.weight, eps)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with the minus of rotate_half folded into its first half: rotate_half(x) · sin equals
+    swap_halves(x) · signed_sin(sin) exactly (only signs move), in fewer operations a layer."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_modules` with cos (rows, queries, 1, dim) and sin from `signed_sin`, bit for bit."""
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+        return (x * cos + swapped * sin).transpose(1, 2)
+
+    return rotate(q), rotate(k)

@@ -44,7 +44,7 @@ class Engine:
         self.on_split, self.on_dense = on_split, on_dense
         decoder = Decoder(loaded.model, layer_kernels=config.layer_kernels)
         self.device = decoder.device
-        vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
+        vocabulary = loaded.model.get_output_embeddings().out_features
         self.pool = PrefixPool(decoder)
         self.scheduler = Scheduler(self.pool, loaded.eos_ids)
         self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,

@@ -14,9 +14,8 @@ as they are stored, through gptqmodel's own layer class and `post_init`, exactly
 builds the unfused ones — then the unfused layers are dropped.
 
 transformers' Llama modules still call `q_proj(x)`, `k_proj(x)`, `v_proj(x)` (and gate/up): each
-becomes a `ProjectionSlice` of the fused layer, which computes the product once for an input and
-hands each caller its columns (see `FusedProjection.piece`), so every path — personas' decoder,
-transformers' own forward — runs one product.
+becomes a `ProjectionSlice` of the fused layer (projections.py), so every path — personas'
+decoder, transformers' own forward — runs one product.
 """
 
 from __future__ import annotations
@@ -29,56 +28,9 @@ import torch
 from torch import nn
 
 from .gptq import is_quantized
+from .projections import FUSABLE_FAMILIES, FUSED_GROUPS, install
 
-# Modules of one Llama layer that read the same input: (owner attribute, projections, fused name).
-FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
 GPTQ_TENSORS = ("qweight", "qzeros", "scales")
-
-
-class FusedProjection(nn.Module):
-    """One quantized layer over the concatenated output columns of several projections."""
-
-    def __init__(self, linear: nn.Module, sizes: list[int]):
-        super().__init__()
-        self.linear = linear
-        self.sizes = sizes
-        self._input: torch.Tensor | None = None
-        self._pieces: list[torch.Tensor] = []
-        self._left = 0
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.linear(x).split(self.sizes, dim=-1))
-
-    def piece(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Columns `index` of the product with x. The product is computed for the first caller
-        with a new input and kept until every slice has taken its columns, then dropped (keeping
-        it longer would hold a layer's activations per layer)."""
-        if self._input is not x or not self._left:
-            self._pieces = list(self.forward(x))
-            self._input, self._left = x, len(self.sizes)
-        piece = self._pieces[index]
-        self._left -= 1
-        if not self._left:
-            self._input, self._pieces = None, []
-        return piece
-
-
-class ProjectionSlice(nn.Module):
-    """What was `q_proj` (or k, v, gate, up): its columns of the fused layer."""
-
-    def __init__(self, fused: FusedProjection, index: int):
-        super().__init__()
-        object.__setattr__(self, "fused", fused)  # not a submodule: the layer owns it once
-        self.index = index
-        self.out_features = fused.sizes[index]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused.piece(x, self.index)
-
-
-# The families whose q/k/v and gate/up projections fuse as Llama's do (engine/decoder.py runs them).
-FUSABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def fuse_gptq_projections(model: Any, directory: str, stored: dict) -> int:
@@ -108,10 +60,7 @@ def fuse_gptq_projections(model: Any, directory: str, stored: dict) -> int:
                 return 0
             if linear is None:
                 continue
-            group = FusedProjection(linear, [p.out_features for p in parts])
-            setattr(owner, fused_name, group)
-            for index, name in enumerate(projection_names):
-                setattr(owner, name, ProjectionSlice(group, index))
+            install(owner, projection_names, fused_name, linear)
             fused += 1
     if fused and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unfused layers' memory

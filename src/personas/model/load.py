@@ -42,6 +42,8 @@ class LoadedModel:
     # AWQ's, both through gptqmodel; None: not quantized.
     gptq_kernel: str | None = None
     gptq_fused: int = 0  # q/k/v and gate/up groups fused into one GPTQ layer each (fused_gptq.py)
+    # Linear layers (fused groups once) kept as float16 weights on the CPU (half_weights.py); 0: none.
+    half_weights: int = 0
     config: Any = None  # the model's configuration, also when only the tokenizer was loaded
 
     def _encode_text(self, text: str) -> list[int]:
@@ -93,13 +95,18 @@ def _quiet_libraries() -> None:
 
 def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: str = "auto",
                status: Status = lambda _: None, tokenizer_only: bool = False,
-               allow_pickle: bool = False, trust_remote_code: bool = False, fuse_gptq: bool = True) -> LoadedModel:
+               allow_pickle: bool = False, trust_remote_code: bool = False, fuse_gptq: bool = True,
+               cpu_weights: str = "float16") -> LoadedModel:
     """Load `choice` once, on `device` (default: CUDA when present, else CPU).
 
     Safe by default: weights only from safetensors (pickle files can run code when loaded)
     unless `allow_pickle`, and a model's own Python code never runs unless `trust_remote_code`.
-    A GPTQ Llama's q/k/v and gate/up projections are fused unless `fuse_gptq` is False.
+    A GPTQ Llama's q/k/v and gate/up projections are fused unless `fuse_gptq` is False. On the
+    CPU a float32 model's linear layers keep float16 weights (half_weights.py) unless
+    `cpu_weights` is "float32".
     """
+    if cpu_weights not in CPU_WEIGHTS:
+        raise InputError(f"cpu weights '{cpu_weights}' are not one of {', '.join(CPU_WEIGHTS)}", "use float16 or float32")
     started = time.perf_counter()
     _quiet_libraries()
     import torch
@@ -133,6 +140,13 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         status("fusing the GPTQ projections")
         fused = fuse_gptq_projections(model, directory, gptq)
 
+    halved = 0
+    if model is not None and torch_device.type == "cpu" and cpu_weights == "float16":
+        from .half_weights import use_half_weights
+
+        status("packing the weights as float16")
+        halved = use_half_weights(model)
+
     config = model.config if model is not None else _load_config(directory, gguf_file, trust_remote_code)
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
         getattr(tokenizer, "chat_template", None)) else "model"
@@ -141,8 +155,12 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     return LoadedModel(label=choice.label, model=model, tokenizer=tokenizer, template=template,
                        eos_ids=eos_ids, pad_id=pad_id, device=torch_device,
                        load_seconds=time.perf_counter() - started, gptq_kernel=kernel, gptq_fused=fused,
-                       config=config)
+                       half_weights=halved,                        config=config)
 
+
+# What a CPU model's linear layers multiply with: float16 weights through fbgemm (half_weights.py)
+# or the float32 ones as loaded.
+CPU_WEIGHTS = ("float16", "float32")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
