@@ -93,14 +93,20 @@ def peak_gb() -> float:
 
 
 def quantized_bytes(model) -> int:
-    """Every parameter and buffer a decode step reads: all weights except the embedding table."""
-    total = 0
+    """Every parameter and buffer a decode step reads: all weights except the embedding table
+    (a tied head is read through its own copy), float16 weights packed for the CPU included."""
+    from personas.model.half_weights import HalfWeightLinear
+
+    total = sum(m.out_features * m.in_features * 2 for m in model.modules() if isinstance(m, HalfWeightLinear))
     seen = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.data_ptr() in seen or "embed_tokens" in name or "rotary" in name:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear) and head.weight.data_ptr() not in seen:  # tied to the embedding
+        total += head.weight.numel() * head.weight.element_size()
     return total
 
 

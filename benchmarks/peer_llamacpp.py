@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, cpu_name, log  # noqa: E402
+from common import REPO, cpu_name, log, quantized_bytes  # noqa: E402
 
 PEER = REPO / ".peer"
 BUILD_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
@@ -117,7 +117,8 @@ def main() -> None:
     model = load_model(resolve_model(EMBEDDED), device="cpu")
     customer = load_library(find_library_file(None)).get("customer")
     prompt_tokens = len(plan(Request(personas=[customer], temperatures=(1.0,), n=1, seed=1), model)[0].prompt_ids)
-    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    weights = quantized_bytes(model.model)
+    weight_kind = "float16" if model.half_weights else "float32"
     bandwidth = copy_bandwidth(args.threads)
     del model
 
@@ -146,7 +147,7 @@ def main() -> None:
           f"{args.new_tokens} new tokens each; the same GGUF ({gguf.name}, {gguf_bytes / 1e6:.0f} MB); "
           f"medians of {args.repeats} alternating runs")
     print(f"floor of one row's step at the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s): personas reads "
-          f"{weights / 1e6:.0f} MB of float32 weights -> {bandwidth / weights:.0f} tokens/s; llama.cpp reads "
+          f"{weights / 1e6:.0f} MB of {weight_kind} weights -> {bandwidth / weights:.0f} tokens/s; llama.cpp reads "
           f"~{gguf_bytes / 1e6:.0f} MB of quantized blocks -> {bandwidth / gguf_bytes:.0f} tokens/s\n")
     print("| rows | personas: generation tokens/s (prompt included) | llama.cpp: generation tokens/s | "
           "llama.cpp: prompt tokens/s | ratio (personas / llama.cpp) | whole process: personas vs llama.cpp (s) |")

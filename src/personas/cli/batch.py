@@ -18,8 +18,9 @@ from ..output.batch import BatchFormat, batch_writer
 from ..sampling.grid import Settings
 from .feedback import Feedback
 from .loading import load_model_for, model_options
-from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend,
-                      GptqBackendOpt, ModelOpt, QuietOpt, RayOpt, RayWorkersOpt, TrustRemoteCodeOpt, check_ray)
+from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, DenseWeightsOpt, DeviceOpt,
+                      FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt, RayOpt, RayWorkersOpt,
+                      TrustRemoteCodeOpt, check_ray)
 
 
 def batch(
@@ -43,6 +44,7 @@ def batch(
     file: FileOpt = None,
     model: ModelOpt = None,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
+    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = None,
     fast_path: FastPathOpt = True,
@@ -79,7 +81,7 @@ def batch(
                 target.commit()
                 return
         options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code,
-                                fast_path)
+                                fast_path, cpu_weights=cpu_weights)
         settings = Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense)
         try:
             summary = _run(path, name, library, options, settings, seed, done, target, fmt, feedback,

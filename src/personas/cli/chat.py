@@ -14,11 +14,11 @@ from ..library.load import find_library_file, load_library
 from ..output.transcripts import ChatFormat, LineJsonWriter, TranscriptWriter
 from .feedback import Feedback, truncation_warning
 from .loading import load_model_for, model_options
-from .options import (AllowPickleOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt, DryBreakerOpt, DryMultiplierOpt,
-                      FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, LineTokensOpt,
-                      LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt, RepetitionPenaltyOpt, SeedOpt,
-                      Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, rules_from_flags, sampling_settings,
-                      seed_in_force)
+from .options import (AllowPickleOpt, CpuWeights, CpuWeightsOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt,
+                      DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend,
+                      GptqBackendOpt, LineTokensOpt, LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt,
+                      RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
+                      rules_from_flags, sampling_settings, seed_in_force)
 
 
 def chat(
@@ -54,6 +54,7 @@ def chat(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
+    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -73,7 +74,8 @@ def chat(
     settings = sampling_settings(library.defaults, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
                                  fast_path=fast_path, rules=rules)
     validate_values(list(temperatures.values()), 1, settings)  # top-p/top-k are checked here
-    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
+    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path,
+                            cpu_weights=cpu_weights)
     base_seed = seed_in_force(seed, library.defaults)
     base_seed.announce(feedback)
     out = sys.stdout

@@ -15,10 +15,10 @@ from ..library.load import find_library_file, load_library
 from ..output.records import ReportFormat
 from .feedback import Feedback
 from .loading import load_model_for, model_options
-from .options import (AllowPickleOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt, DryBreakerOpt, DryMultiplierOpt,
-                      FileOpt, FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, LogitBiasOpt, MinPOpt, ModelOpt,
-                      PresencePenaltyOpt, PromptOpt, QuietOpt, RepetitionPenaltyOpt, Template, TemplateOpt,
-                      TrustRemoteCodeOpt, rules_from_flags)
+from .options import (AllowPickleOpt, CpuWeights, CpuWeightsOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt,
+                      DryBreakerOpt, DryMultiplierOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt,
+                      LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, PromptOpt, QuietOpt, RepetitionPenaltyOpt,
+                      Template, TemplateOpt, TrustRemoteCodeOpt, rules_from_flags)
 
 
 def explain(
@@ -50,6 +50,7 @@ def explain(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
+    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -75,7 +76,8 @@ def explain(
     if not text or not text.strip():
         raise InputError(f"persona '{name}' has no default prompt" if text is None else "the prompt is empty",
                          "pass --prompt TEXT")
-    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path=False)
+    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path=False,
+                            cpu_weights=cpu_weights)
     loaded = load_model_for(options, feedback)
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the report
         from ..diagnostics.distributions import explain as explain_prompt

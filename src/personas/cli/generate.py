@@ -16,12 +16,12 @@ from ..output.records import SampleFormat, make_writer
 from .diagnostics import Diagnostics
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, DryAllowedLengthOpt, DryBaseOpt,
-                      DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt, FrequencyPenaltyOpt, GptqBackend,
-                      GptqBackendOpt, GrammarOpt, JsonOpt, JsonSchemaOpt, LogitBiasOpt, MinPOpt, ModelOpt,
-                      PresencePenaltyOpt, QuietOpt, RayOpt, RayWorkersOpt, RegexOpt, RepetitionPenaltyOpt, SeedOpt,
-                      Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt, answer_format_from_flags, check_ray,
-                      rules_from_flags, sampling_settings, seed_in_force)
+from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, DenseWeightsOpt, DeviceOpt,
+                      DryAllowedLengthOpt, DryBaseOpt, DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt,
+                      FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, GrammarOpt, JsonOpt, JsonSchemaOpt,
+                      LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt, RayOpt, RayWorkersOpt, RegexOpt,
+                      RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
+                      answer_format_from_flags, check_ray, rules_from_flags, sampling_settings, seed_in_force)
 
 
 def generate(
@@ -94,6 +94,7 @@ def generate(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
+    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -139,7 +140,8 @@ def generate(
     if resume and (output is None or base_seed.random):
         raise InputError("--resume needs --output FILE and a fixed seed (--seed or [defaults].seed)",
                          "the samples already written are matched by their seeds")
-    options = model_options(defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
+    options = model_options(defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path,
+                            cpu_weights=cpu_weights)
     diagnostics = Diagnostics(stats_file, diverge, plot, fmt)
     diagnostics.open(resume)
     target = OutputFile(output, fmt, resume) if output is not None else None

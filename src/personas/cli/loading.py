@@ -23,15 +23,17 @@ class ModelOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     fast_path: bool = True  # only to tell the user when the GPU cannot take the fast path
+    cpu_weights: str = "float16"
 
     def load_kwargs(self) -> dict:
         """model.load.load_model's keyword arguments (a Ray worker loads with these)."""
         return {"device": self.device, "gptq_backend": self.gptq_backend, "allow_pickle": self.allow_pickle,
-                "trust_remote_code": self.trust_remote_code}
+                "trust_remote_code": self.trust_remote_code, "cpu_weights": self.cpu_weights}
 
 
 def model_options(defaults: Defaults, model: str | None, device: str | None = None, gptq_backend: str = "auto",
-                  allow_pickle: bool = False, trust_remote_code: bool = False, fast_path: bool = True) -> ModelOptions:
+                  allow_pickle: bool = False, trust_remote_code: bool = False, fast_path: bool = True,
+                  cpu_weights: str = "float16") -> ModelOptions:
     """The model flags, with --model (else [defaults].model, $PERSONAS_MODEL, auto) resolved now,
     so that a model that does not exist is refused before anything slow."""
     def has_cuda() -> bool:
@@ -40,7 +42,7 @@ def model_options(defaults: Defaults, model: str | None, device: str | None = No
         return cuda_available()
 
     choice = resolve_model(default_model_spec(model, defaults.model), has_cuda=has_cuda)
-    return ModelOptions(choice, device, str(gptq_backend), allow_pickle, trust_remote_code, fast_path)
+    return ModelOptions(choice, device, str(gptq_backend), allow_pickle, trust_remote_code, fast_path, str(cpu_weights))
 
 
 def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only: bool = False) -> Any:
@@ -59,6 +61,7 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
     if tokenizer_only:
         return loaded
     kernel = f", 4-bit kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
+    kernel += ", float16 weights" if loaded.half_weights else ""
     feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
     reason = unsupported_reason(loaded.model)
     if reason:

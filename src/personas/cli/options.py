@@ -35,6 +35,13 @@ class Template(enum.StrEnum):
         return None if self is Template.AUTO else self.value
 
 
+class CpuWeights(enum.StrEnum):
+    """--cpu-weights: what a float32 model's products multiply with on the CPU (model.load.CPU_WEIGHTS)."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
 GptqBackend = enum.StrEnum("GptqBackend", [(name.upper(), name) for name in GPTQ_BACKENDS])
 GptqBackend.__doc__ = "--gptq-backend: the GPTQ kernel (model.gptq.GPTQ_BACKENDS)."
 
@@ -53,6 +60,12 @@ GptqBackendOpt = Annotated[
     GptqBackend,
     typer.Option("--gptq-backend", help="GPTQ kernel. auto: Marlin on a CUDA card that supports it, else "
                  "gptqmodel's choice.", case_sensitive=False),
+]
+CpuWeightsOpt = Annotated[
+    CpuWeights,
+    typer.Option("--cpu-weights", help="On the CPU: float16 keeps the weights in half precision for fbgemm's "
+                 "half-precision products (about half the bytes a step reads; the rows stay float32); "
+                 "float32 multiplies with the weights as loaded.", case_sensitive=False),
 ]
 DeviceOpt = Annotated[
     Optional[str],

@@ -16,8 +16,8 @@ from ..library.load import Library, find_library_file, load_library
 from ..sampling.grid import Settings
 from .feedback import Feedback
 from .loading import ModelOptions, load_model_for, model_options
-from .options import (AllowPickleOpt, BatchSizeOpt, DenseWeightsOpt, DeviceOpt, FastPathOpt, FileOpt, GptqBackend,
-                      GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt)
+from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, DenseWeightsOpt, DeviceOpt,
+                      FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt)
 
 
 def serve(
@@ -41,6 +41,7 @@ def serve(
     file: FileOpt = None,
     model: ModelOpt = None,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
+    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = None,
     fast_path: FastPathOpt = True,
@@ -54,7 +55,8 @@ def serve(
         raise InputError("serve needs one transport", "pass --stdio or --http")
     feedback = Feedback(quiet)
     library = load_library(find_library_file(file))
-    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path)
+    options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path,
+                            cpu_weights=cpu_weights)
     if http:
         return serve_http(library, options, feedback, host, port, api_key, max_queue, seed,
                           Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense))
