@@ -13,8 +13,13 @@ llama.cpp is built from the source inside the llama-cpp-python sdist — PyPI is
 such a machine reaches — with CMake and Ninja into `.peer/` (ignored), once: GGML_NATIVE off,
 AVX2 and AVX-512 on, AMX off (some virtual machines advertise AMX and fault on it).
 
+A bigger model: `--gguf FILE --model FOLDER` runs llama.cpp on FILE and personas on FOLDER, the
+same weights as a plain checkpoint (benchmarks/random_gguf.py writes a random Llama-3.2-1B-shaped
+Q4_0 file and its folder).
+
     .venv/bin/python benchmarks/peer_llamacpp.py [--rows 1 16 64 128] [--new-tokens 64] [--threads 2]
                                                  [--repeats 2] [--sdist-version 0.3.36]
+                                                 [--gguf FILE --model FOLDER]
 """
 
 from __future__ import annotations
@@ -96,6 +101,17 @@ def copy_bandwidth(threads: int) -> float:
     return 2 * source.numel() * 4 / statistics.median(times[2:])
 
 
+def step_bytes(gguf: Path) -> int:
+    """The bytes of a GGUF's tensors one step reads: all but the embedding table, unless the output
+    matrix is the embedding (tied: no `output.weight`)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 128])
@@ -103,7 +119,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sdist-version", default="0.3.36")
+    parser.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model (default: the embedded GGUF)")
+    parser.add_argument("--model", default=None, help="personas' --model for the same weights (with --gguf)")
     args = parser.parse_args()
+    if (args.gguf is None) != (args.model is None):
+        parser.error("--gguf and --model go together: the same weights for both sides")
 
     import torch
 
@@ -113,8 +133,9 @@ def main() -> None:
     from personas.model.load import load_model
 
     binary, commit = build_peer(args.sdist_version)
-    gguf = embedded_gguf_path()
-    model = load_model(resolve_model(EMBEDDED), device="cpu")
+    gguf = args.gguf or embedded_gguf_path()
+    spec = args.model or EMBEDDED
+    model = load_model(resolve_model(spec), device="cpu")
     customer = load_library(find_library_file(None)).get("customer")
     prompt_tokens = len(plan(Request(personas=[customer], temperatures=(1.0,), n=1, seed=1), model)[0].prompt_ids)
     weights = quantized_bytes(model.model)
@@ -122,7 +143,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.threads)
     del model
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONAS_MODEL": EMBEDDED, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONAS_MODEL": spec, "OMP_NUM_THREADS": str(args.threads)}
     personas_runs: dict[int, list[tuple[float, float]]] = {n: [] for n in args.rows}
     peer_runs: dict[int, list[tuple[float, dict]]] = {n: [] for n in args.rows}
     for repeat in range(args.repeats):
@@ -141,14 +162,16 @@ def main() -> None:
                 f"llama.cpp {peer_runs[n][-1][1].get('speed_tg', float('nan')):.1f}")
 
     gguf_bytes = gguf.stat().st_size
+    peer_bytes = step_bytes(gguf)
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; torch {torch.__version__}; "
           f"llama.cpp {commit} from llama-cpp-python {args.sdist_version} (AVX2/AVX-512, no AMX)")
     print(f"work: one prompt of {prompt_tokens} tokens (the customer persona's) shared by N rows, "
           f"{args.new_tokens} new tokens each; the same GGUF ({gguf.name}, {gguf_bytes / 1e6:.0f} MB); "
-          f"medians of {args.repeats} alternating runs")
+          f"medians of {args.repeats} alternating runs"
+          + (f"; personas loads {spec}, the same weights dequantized" if args.model else ""))
     print(f"floor of one row's step at the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s): personas reads "
           f"{weights / 1e6:.0f} MB of {weight_kind} weights -> {bandwidth / weights:.0f} tokens/s; llama.cpp reads "
-          f"~{gguf_bytes / 1e6:.0f} MB of quantized blocks -> {bandwidth / gguf_bytes:.0f} tokens/s\n")
+          f"{peer_bytes / 1e6:.0f} MB of quantized blocks -> {bandwidth / peer_bytes:.0f} tokens/s\n")
     print("| rows | personas: generation tokens/s (prompt included) | llama.cpp: generation tokens/s | "
           "llama.cpp: prompt tokens/s | ratio (personas / llama.cpp) | whole process: personas vs llama.cpp (s) |")
     print("|---:|---:|---:|---:|---:|---|")

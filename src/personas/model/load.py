@@ -144,8 +144,7 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     if model is not None and torch_device.type == "cpu" and cpu_weights == "float16":
         from .half_weights import use_half_weights
 
-        status("packing the weights as float16")
-        halved = use_half_weights(model)
+        halved = use_half_weights(model)  # part of "loading": the final line says "float16 weights"
 
     config = model.config if model is not None else _load_config(directory, gguf_file, trust_remote_code)
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
