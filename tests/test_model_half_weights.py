@@ -36,6 +36,15 @@ def test_a_half_weight_product_is_the_float32_product_of_the_rounded_weights():
 
 
 @needs_fbgemm
+def test_rounding_before_packing_gives_fbgemms_own_values():
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 96, generator=generator) * torch.logspace(-9, 5, 96)  # subnormals to saturation
+    x = torch.randn(3, 96, generator=generator)
+    own = torch.ops.quantized.linear_dynamic_fp16(x, torch.ops.quantized.linear_prepack_fp16(weight, None))
+    assert torch.equal(HalfWeightLinear(weight, None)(x), own)
+
+
+@needs_fbgemm
 def test_a_rows_half_weight_product_does_not_depend_on_its_batch():
     generator = torch.Generator().manual_seed(1)
     layer = HalfWeightLinear(torch.randn(512, 256, generator=generator), None)
