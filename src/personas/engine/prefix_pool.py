@@ -98,8 +98,8 @@ class PrefixPool:
         positions and each row's 0 / -inf bias."""
         if not length:
             return None
-        return [Part(k[:, :length], v[:, :length], bias[:, :length], shared=True)
-                for k, v in zip(self.keys, self.values)]
+        visible = bias[:, :length]  # one tensor for every layer: the CPU makes its mask from it once
+        return [Part(k[:, :length], v[:, :length], visible, shared=True) for k, v in zip(self.keys, self.values)]
 
     def prefix_parts(self, starts: torch.Tensor, lengths: torch.Tensor) -> list[PrefixPart]:
         """Per layer, the pool as the prefix kernel reads it: each row's span (CUDA decode)."""
