@@ -118,3 +118,37 @@ def test_the_cpu_norm_and_rotary_equal_transformers_modules_bit_for_bit():
         got_q, got_k = rotary_cpu(q, k, cos[:, :, None], signed_sin(sin)[:, :, None])
         assert got_q.shape == want_q.shape and got_k.shape == want_k.shape
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+@pytest.mark.slow
+@needs_fbgemm
+def test_the_engines_greedy_text_equals_generate_on_the_embedded_models_float16_weights(embedded_ready):
+    """Real weights, real prompts: the engine and transformers' `generate` run the same packed
+    modules, and only the engine's attention (two parts merged) differs in its order of sums."""
+    from conftest import REPO
+
+    from personas.engine.engine import Engine
+    from personas.generate.request import Request, plan
+    from personas.library.load import load_library
+    from personas.model.choice import EMBEDDED, resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.grid import Settings
+
+    loaded = load_model(resolve_model(EMBEDDED), device="cpu")
+    assert loaded.half_weights
+    library = load_library(REPO / "personas.toml")
+    rows = plan(Request(personas=[library.get(name) for name in ("customer", "pirate", "critic")],
+                        temperatures=(0.0,), n=1, seed=1), loaded)
+    engine = Engine(loaded)
+    samples = {}
+    engine.submit(rows, Settings(max_new_tokens=48), lambda s: samples.__setitem__(s.row.persona, s))
+    with torch.inference_mode():
+        while engine.busy:
+            engine.step()
+        for row in rows:
+            ids = torch.tensor([row.prompt_ids])
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                                        eos_token_id=loaded.eos_ids, pad_token_id=loaded.pad_id)[0, ids.shape[1]:]
+            out = out.tolist()
+            expected = out[:next((i for i, t in enumerate(out) if t in loaded.eos_ids), len(out))]
+            assert list(samples[row.persona].token_ids) == expected, row.persona
