@@ -2,7 +2,7 @@
 # Build a folder of wheels for a GPU machine that reaches no package registry.
 # For an image that already has Python 3.12, torch, transformers (too old for gptqmodel), accelerate,
 # triton, typer and rich: this adds the GPTQ stack, pydantic, tomlkit (which the CLI imports) and the
-# server's FastAPI, uvicorn and openai (its tests' client), llguidance (answer formats) and jsonschema. transformers stays below 5.25, which
+# server's FastAPI, uvicorn and openai (its tests' client), llguidance (answer formats), jsonschema and pytest (the GPU tests). transformers stays below 5.25, which
 # needs a newer huggingface-hub than such images carry. Run it where pip works; copy the folder over.
 #   usage: make-wheelhouse.sh [OUT_DIR]   (default: .wheelhouse, about 20 MB)
 set -euo pipefail
@@ -12,7 +12,8 @@ tmp=$(mktemp -d)
 dl() { pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$out" "$@"; }
 dl "transformers>=5.20.2,<5.25" optimum==2.3.0 datasets dill multiprocess torchao gguf pydantic pydantic-core typing-inspection annotated-types \
   tomlkit fastapi starlette uvicorn openai jiter distro sniffio \
-  jsonschema jsonschema-specifications referencing rpds-py attrs
+  jsonschema jsonschema-specifications referencing rpds-py attrs \
+  pytest pluggy iniconfig packaging pygments
 # answer formats: llguidance's one abi3 wheel is built for glibc 2.31 and later
 pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux_2_31_x86_64 -d "$out" "llguidance>=1.9"
 # pure-python sdists: turn them into wheels here
