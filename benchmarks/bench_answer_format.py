@@ -22,6 +22,7 @@ at most +0.5 ms a step.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -95,8 +96,17 @@ def run(loaded, rows, settings, slots, steps: int, warm: int) -> dict:
         sync()
         seconds = time.perf_counter() - started
     taken = engine.stats.steps - start_steps
-    return {"seconds": seconds, "tokens": chosen - start_tokens, "steps": taken,
-            "batch": (engine.stats.rows_decoded - start_rows) / taken, "finished": finished, "slots": engine.slot_count}
+    result = {"seconds": seconds, "tokens": chosen - start_tokens, "steps": taken,
+              "batch": (engine.stats.rows_decoded - start_rows) / taken, "finished": finished,
+              "slots": engine.slot_count}
+    # The next run's engine sizes its slots by the memory free then: this one's cache must be
+    # given back first, not left in torch's caching allocator (on an 80 GB card the next engine
+    # otherwise got a few dozen slots).
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
 
 
 def whitespace(loaded, walks: int = 64, limit: int = 200) -> None:
