@@ -256,7 +256,7 @@ class Decoder:
             cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
         else:
             add_norm, rope = add_rms_norm_modules, rotary_modules
-        masks = CpuMasks()
+        masks = CpuMasks() if self.device.type == "cpu" else None  # only the CPU's attention reads them
         group = self.heads // self.kv_heads * queries
         delta = None
         for index, layer in enumerate(self.layers):
