@@ -11,7 +11,7 @@ import torch
 
 from personas.generate.request import Request, plan, sample_records
 from personas.library.schema import Example, Persona
-from personas.sampling.chooser import TokenChooser, counter_uniform, gumbel_noise, mix32, token_salts
+from personas.sampling.chooser import TokenChooser, counter_uniform, gumbel_noise, mix32, noisy_argmax, token_salts
 from personas.engine.chunked.eager import RowSampler
 from personas.sampling.grid import Row, Settings, TokenizedCell, build_grid, derive_seed
 from personas.engine.loop import generate_grid
@@ -275,3 +275,21 @@ def test_rows_sharing_a_persona_prefix_give_the_same_text_as_alone(tiny):
     together = collect(tiny, rows, settings)
     alone = collect(tiny, rows, Settings(max_new_tokens=10, max_batch=1))
     assert {k: s.token_ids for k, s in together.items()} == {k: s.token_ids for k, s in alone.items()}
+
+
+def test_the_cpu_choice_in_blocks_of_the_vocabulary_equals_one_pass():
+    """On the CPU the noise is made a block of the vocabulary at a time, wider for fewer rows: the
+    tokens equal one pass over the whole vocabulary's scores, and of two equal best scores in
+    different blocks the lower token wins, as argmax's."""
+    vocabulary = 50_000
+    salts = token_salts(vocabulary, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(5)
+    for rows in (1, 3, 17, 40):
+        tempered = torch.randn(rows, vocabulary, generator=generator) * 0.3
+        tempered[:, ::5] = float("-inf")
+        seeds = torch.randint(0, 2**62, (rows,), generator=generator)
+        want = gumbel_noise(seeds, 9, salts).add_(tempered).argmax(dim=-1)
+        assert noisy_argmax(tempered, seeds, 9, salts).tolist() == want.tolist(), rows
+    tempered = torch.zeros(40, vocabulary)
+    tempered[:, [9_000, 45_000]] = float("inf")
+    assert set(noisy_argmax(tempered, torch.arange(40), 0, salts).tolist()) == {9_000}

@@ -91,19 +91,24 @@ def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Ten
 
 # On the CPU the noise is made a block of the vocabulary at a time: its ~25 elementwise passes
 # then stay in cache, which halves their cost (docs/performance.md). The numbers, and so the
-# argmax, are the same.
+# argmax, are the same. A block spans about CPU_NOISE_ELEMENTS of (rows × tokens), at least
+# CPU_NOISE_BLOCK tokens: few rows take the vocabulary in one or two blocks, since each block's
+# passes pay ~25 operations' fixed overhead, which at one row outweighs the cache
+# (docs/performance.md, "How does the CPU compare with llama.cpp?").
 CPU_NOISE_BLOCK = 8192
+CPU_NOISE_ELEMENTS = 131072
 
 
 def noisy_argmax(tempered: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
                  salts: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary of tempered scores + Gumbel noise, per row."""
     vocabulary = tempered.shape[-1]
-    if tempered.device.type != "cpu" or vocabulary <= CPU_NOISE_BLOCK:
+    width = max(CPU_NOISE_BLOCK, CPU_NOISE_ELEMENTS // max(1, tempered.shape[0]))
+    if tempered.device.type != "cpu" or vocabulary <= width:
         return gumbel_noise(seeds, step, salts).add_(tempered).argmax(dim=-1)
     best = index = None
-    for start in range(0, vocabulary, CPU_NOISE_BLOCK):
-        block = slice(start, start + CPU_NOISE_BLOCK)
+    for start in range(0, vocabulary, width):
+        block = slice(start, start + width)
         values, at = gumbel_noise(seeds, step, salts[block]).add_(tempered[:, block]).max(dim=-1)
         if best is None:
             best, index = values, at
