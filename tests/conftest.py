@@ -194,6 +194,18 @@ def cli_env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_in_triton_interpreter(module: str, check: str) -> None:
+    """`module.check('cpu')` in a subprocess with Triton's interpreter on (`TRITON_INTERPRET=1`
+    must be set before triton is imported): how CI, without a GPU, runs the Triton kernels."""
+    pytest.importorskip("triton")
+    tests = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(tests), str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    script = f"import {module} as t; t.{check}('cpu'); print('ok')"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def run_cli(args: list[str], cache: Path, cwd: Path = REPO, timeout: float = 600, **env: str):
     """The real CLI in a subprocess, as a user's shell runs it."""
     return subprocess.run([sys.executable, "-m", "personas", *args], cwd=cwd, env=cli_env(cache, **env),

@@ -12,17 +12,14 @@ test_engine_kernels_paged.py does.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import run_in_triton_interpreter
 from personas.engine.decoder import Part, add_rms_norm_modules, matmul_part, merge, rotary_modules
 from personas.engine.kernels.paged import PagedPart, paged_attention, paged_attention_after
 from personas.engine.kernels.prefix import PrefixPart, prefix_attention
+
 
 def check_norm_rotary_silu(device: str) -> None:
     """Rotary equals transformers' bit for bit (the same roundings); the norm and SiLU up to the
@@ -110,13 +107,7 @@ def check_prefix_and_merge(device: str) -> None:
 
 
 def run_in_interpreter(check: str) -> None:
-    pytest.importorskip("triton")
-    tests = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(tests), str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    script = f"import test_engine_kernels_layer as t; t.{check}('cpu'); print('ok')"
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_in_triton_interpreter("test_engine_kernels_layer", check)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")

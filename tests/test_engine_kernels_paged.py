@@ -7,14 +7,10 @@ The Triton kernel runs compiled on a GPU, and on the CPU through Triton's interp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import run_in_triton_interpreter
 from personas.engine.decoder import Part, matmul_part
 from personas.engine.kernels.paged import PAGE, PagedPart, flat_positions, gather_positions, paged_attention
 
@@ -70,13 +66,7 @@ def test_the_kernel_equals_dense_attention_in_tritons_interpreter():
     """CI has no GPU: Triton's interpreter runs the same kernel on the CPU (with the triton that
     CI's torch brings; the GPU machine's triton 3.6 interpreter stops on the loop over a loaded
     length with a TypeError, so there the compiled kernel is what is tested)."""
-    pytest.importorskip("triton")
-    tests = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(tests), str(tests.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    script = "import test_engine_kernels_paged as t; t.check_against_dense('cpu'); print('ok')"
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_in_triton_interpreter("test_engine_kernels_paged", "check_against_dense")
 
 
 @pytest.mark.gpu
