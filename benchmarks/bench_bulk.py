@@ -9,7 +9,8 @@ GPTQ's layout), Marlin. Then the same prompts with max_new_tokens drawn per row 
 
     python benchmarks/bench_bulk.py [--prompts 512] [--n 2] [--new-tokens 128] [--skip-old]
                                     [--hf-prompts 64] [--compare-unfused] [--compare-layer-kernels]
-                                    [--compare-dense] [--memory-gb GB] [--out DIR]
+                                    [--compare-dense] [--compare-fused-noise] [--memory-gb GB]
+                                    [--out DIR]
 
 The engine decides by itself whether to keep dense half-precision copies of the GPTQ weights for
 its products of many rows (model/dense_gptq.py: when the memory left holds a row for each slot);
@@ -29,6 +30,9 @@ they make at the same rows per step (at 512 slots the second model finds less me
 --compare-layer-kernels runs the fixed job once more with the engine's fused layer kernels off
 (decoder.py: transformers' modules for norms, rotary and SiLU, matrix products for the prefix
 part and the merge).
+
+--compare-fused-noise runs the fixed job once more with the choice's Gumbel noise made by torch's
+elementwise operations instead of the one Triton kernel (sampling/noise_kernel.py).
 
 Prints a table; writes bulk.json to --out (default: $OUT if set, else the current folder).
 """
@@ -67,6 +71,8 @@ def arguments() -> argparse.Namespace:
                         help="also run the fixed job on the checkpoint loaded without fused projections")
     parser.add_argument("--compare-layer-kernels", action="store_true",
                         help="also run the fixed job with the engine's fused layer kernels off")
+    parser.add_argument("--compare-fused-noise", action="store_true",
+                        help="also run the fixed job with the noise made by torch operations, not the Triton kernel")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also run the fixed job with the dense copies of the GPTQ weights refused")
     parser.add_argument("--memory-gb", type=float, default=None,
@@ -262,6 +268,12 @@ def main() -> None:
     if args.compare_dense:
         runs["engine_fixed_dense_refused"] = run_engine(model, card, rows, fixed,
                                                         "engine, fixed length, dense copies refused", dense=False)
+    if args.compare_fused_noise:
+        from personas.sampling import chooser
+
+        chooser.FUSED_NOISE_ON_CUDA = False
+        runs["engine_fixed_torch_noise"] = run_engine(model, card, rows, fixed, "engine, fixed length, torch's noise")
+        chooser.FUSED_NOISE_ON_CUDA = True
     if args.compare_layer_kernels:
         runs["engine_fixed_layer_kernels_off"] = run_engine(model, card, rows, fixed,
                                                             "engine, fixed length, layer kernels off", layer_kernels=False)
@@ -314,6 +326,7 @@ def print_table(args: argparse.Namespace, results: dict, runs: dict, card: Card,
     labels = {"engine_fixed": "engine, fixed 128 tokens", "engine_ragged": "engine, ragged 16–256 tokens",
               "engine_fixed_dense_refused": "engine, fixed, dense copies refused (Marlin alone)",
               "engine_fixed_layer_kernels_off": "engine, fixed, layer kernels off",
+              "engine_fixed_torch_noise": "engine, fixed, the noise as torch operations (before the fused kernel)",
               "engine_fixed_256": "engine, fixed, 256 slots",
               "engine_fixed_unfused": "engine, fixed, 256 slots, q/k/v and gate/up unfused"}
     for key, label in labels.items():

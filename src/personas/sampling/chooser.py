@@ -99,10 +99,20 @@ CPU_NOISE_BLOCK = 8192
 CPU_NOISE_ELEMENTS = 131072
 
 
+# On CUDA one Triton kernel makes the same numbers and reduces them (noise_kernel.py); False
+# keeps the torch operations there too (benchmarks compare the two).
+FUSED_NOISE_ON_CUDA = True
+
+
 def noisy_argmax(tempered: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor,
                  salts: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary of tempered scores + Gumbel noise, per row."""
     vocabulary = tempered.shape[-1]
+    if tempered.is_cuda and FUSED_NOISE_ON_CUDA and tempered.dtype == torch.float32 and tempered.is_contiguous():
+        from .noise_kernel import fused_noisy_argmax
+
+        first, second = row_keys(seeds, step)
+        return fused_noisy_argmax(tempered, first, second, salts)
     width = max(CPU_NOISE_BLOCK, CPU_NOISE_ELEMENTS // max(1, tempered.shape[0]))
     if tempered.device.type != "cpu" or vocabulary <= width:
         return gumbel_noise(seeds, step, salts).add_(tempered).argmax(dim=-1)
