@@ -20,7 +20,7 @@ from .feedback import Feedback
 from .loading import load_model_for, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, DenseWeightsOpt, DeviceOpt,
                       FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt, RayOpt, RayWorkersOpt,
-                      TrustRemoteCodeOpt, check_ray)
+                      TrustRemoteCodeOpt, check_ray, ray_messages)
 
 
 def batch(
@@ -146,10 +146,7 @@ def _run(path, name, library, options, settings, seed, done, target, fmt, feedba
                 from ..generate.ray import RayPool
 
                 with RayPool(ray_address, ray_workers, options.choice, options.load_kwargs(),
-                             on_workers=lambda pids: feedback.info(
-                                 f"{len(pids)} Ray worker{'s' if len(pids) != 1 else ''} ready, the model loaded in each"),
-                             on_lost=lambda left, requeued: feedback.warn(
-                                 f"a Ray worker died; its {requeued} unfinished rows go to the {left} left")) as pool:
+                             **ray_messages(feedback)) as pool:
                     # Enough rows a chunk for every worker twice over at its batch size.
                     rows = 2 * len(pool.actors) * pool.chunk_rows(settings, 1 << 30)
                     run = BatchRun(loaded, library, None, writer.add, seed=seed, queue_rows=rows, on_row=row_done)

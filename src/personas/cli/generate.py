@@ -21,7 +21,8 @@ from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, D
                       FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, GrammarOpt, JsonOpt, JsonSchemaOpt,
                       LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt, RayOpt, RayWorkersOpt, RegexOpt,
                       RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
-                      answer_format_from_flags, check_ray, rules_from_flags, sampling_settings, seed_in_force)
+                      answer_format_from_flags, check_ray, ray_messages, rules_from_flags, sampling_settings,
+                      seed_in_force)
 
 
 def generate(
@@ -161,15 +162,27 @@ def generate(
 
 def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedback: Feedback,
               diagnostics: Diagnostics, ray_address: str | None, ray_workers: int | None) -> None:
+    out = target.stream if target is not None else sys.stdout
+    with contextlib.ExitStack() as stack:
+        # With Ray the workers hold the model: they start first, and load it while this process
+        # loads only its tokenizer (for the prompts and the texts) and plans the rows.
+        pool = None
+        if ray_address is not None:
+            from ..generate.ray import RayPool
+
+            pool = stack.enter_context(RayPool(ray_address, ray_workers, options.choice, options.load_kwargs(),
+                                               **ray_messages(feedback)))
+        loaded = load_model_for(options, feedback, tokenizer_only=pool is not None)
+        _sample_and_write(request, loaded, pool, fmt, target, out, feedback, diagnostics)
+
+
+def _sample_and_write(request, loaded, pool, fmt: SampleFormat, target, out, feedback: Feedback,
+                      diagnostics: Diagnostics) -> None:
     from ..generate.request import plan, to_record
     from ..output.files import finished_rows
     from ..record import resume_key
     from ..engine.loop import sample_rows
 
-    out = target.stream if target is not None else sys.stdout
-    # With Ray the workers hold the model; this process needs only its tokenizer, for the prompts
-    # and the texts.
-    loaded = load_model_for(options, feedback, tokenizer_only=ray_address is not None)
     # Libraries print to stdout now and then; only our records may go there.
     with contextlib.redirect_stdout(sys.stderr):
         rows = plan(request, loaded)
@@ -193,14 +206,8 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
                 diagnostics.add(record, sample)
                 sample_done()
 
-            if ray_address is not None:
-                from ..generate.ray import sample_on_ray
-
-                sample_on_ray(ray_address, ray_workers, options.choice, options.load_kwargs(), request.settings, rows,
-                              on_sample, on_workers=lambda pids: feedback.info(
-                                  f"{len(pids)} Ray worker{'s' if len(pids) != 1 else ''} ready, the model loaded in each"),
-                              on_lost=lambda left, requeued: feedback.warn(
-                                  f"a Ray worker died; its {requeued} unfinished rows go to the {left} left"))
+            if pool is not None:
+                pool.sample([(request.settings, rows)], on_sample)
             else:
                 sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
                             on_split=lambda size, half: feedback.warn(

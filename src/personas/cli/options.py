@@ -269,3 +269,11 @@ def check_ray(address: str | None, workers: int | None) -> None:
             raise InputError("--ray needs the ray package, which is not installed", "pip install 'personas[ray]'") from None
     elif workers is not None:
         raise InputError("--ray-workers goes with --ray", "pass --ray local (or a cluster's address)")
+
+
+def ray_messages(feedback: Feedback) -> dict:
+    """The Ray pool's `on_workers` and `on_lost` callbacks, as stderr lines."""
+    return dict(on_workers=lambda pids: feedback.info(
+                    f"{len(pids)} Ray worker{'s' if len(pids) != 1 else ''} ready, the model loaded in each"),
+                on_lost=lambda left, requeued: feedback.warn(
+                    f"a Ray worker died; its {requeued} unfinished rows go to the {left} left"))

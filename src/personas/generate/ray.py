@@ -119,8 +119,10 @@ class RayPool:
     """Ray actors, each with the model loaded once, sampling as many lists of rows as asked;
     a context manager: the actors are killed at its end, and a runtime it started shut down.
 
-    `on_workers` hears the actors' process ids once they are up; `on_lost(actors left, rows
-    requeued)` when one dies.
+    Making the pool starts the actors and returns: each imports its libraries and loads the
+    model in its own process while the caller goes on (the driver loads its tokenizer and plans
+    the rows meanwhile); the first `sample` waits for them. `on_workers` hears the actors'
+    process ids once they are up; `on_lost(actors left, rows requeued)` when one dies.
     """
 
     def __init__(self, address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any], *,
@@ -128,20 +130,27 @@ class RayPool:
                  on_lost: Callable[[int, int], None] = lambda _left, _requeued: None):
         self.started_here = connect(address)
         self.actors: list[Any] = []
-        self.on_lost = on_lost
+        self.on_lost, self.on_workers = on_lost, on_workers
+        self.pids: list[int] | None = None
         try:
             count = worker_count(workers)
             self.on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
             options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
             self.actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
-            try:
-                on_workers(ray.get([a.pid.remote() for a in self.actors]))
-            except RayActorError as e:
-                raise ModelError(f"a Ray worker could not load the model: {str(e).strip().splitlines()[-1]}",
-                                 "run without --ray to see the loading error") from None
         except BaseException:
             self.close()
             raise
+
+    def wait_ready(self) -> list[int]:
+        """The actors' process ids, once every one has loaded the model (at once after the first call)."""
+        if self.pids is None:
+            try:
+                self.pids = ray.get([a.pid.remote() for a in self.actors])
+            except RayActorError as e:
+                raise ModelError(f"a Ray worker could not load the model: {str(e).strip().splitlines()[-1]}",
+                                 "run without --ray to see the loading error") from None
+            self.on_workers(self.pids)
+        return self.pids
 
     def __enter__(self) -> RayPool:
         return self
@@ -163,6 +172,9 @@ class RayPool:
     def sample(self, work: Sequence[tuple[Settings, Sequence[Row]]], on_sample: Callable[[Sample], None]) -> None:
         """Every row of every (settings, rows) pair, all handed out at once; `on_sample` gets each
         sample once, as it arrives, its `row` the very object given here."""
+        if not any(rows for _, rows in work):
+            return
+        self.wait_ready()
         _run(self.actors, [(settings, rows, self.chunk_rows(settings, len(rows))) for settings, rows in work],
              on_sample, self.on_lost)
 
