@@ -3,8 +3,9 @@ operations against the one Triton kernel (sampling/noise_kernel.py), per step.
 
 For each (rows, vocabulary) — the engine's bulk and grid steps over Llama 2's 32,000, SmolLM2's
 49,152, Llama 3's 128,256 and Qwen 2.5's 152,064 tokens — `choose` at T = 1.0 on random float32
-logits, both ways alternating, CUDA-event timed (the median of 50 after a warm-up, the lower of two alternating rounds), the tokens
-compared; with the floor: the logits read once at the copy bandwidth measured in the same run.
+logits, both ways alternating, CUDA-event timed (the median of 50 after a warm-up, the lower of
+two alternating rounds), the tokens compared; with the floor: the logits read once at the copy
+bandwidth measured in the same run.
 
     python benchmarks/bench_choice.py
 """

@@ -106,20 +106,16 @@ def check_prefix_and_merge(device: str) -> None:
         assert torch.allclose(merged.float(), want, atol=2e-3), (merged.float() - want).abs().max()
 
 
-def run_in_interpreter(check: str) -> None:
-    run_in_triton_interpreter("test_engine_kernels_layer", check)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
 def test_norm_rotary_and_silu_kernels_in_tritons_interpreter():
-    run_in_interpreter("check_norm_rotary_silu")
+    run_in_triton_interpreter("test_engine_kernels_layer", "check_norm_rotary_silu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are tested instead")
 def test_prefix_kernel_and_merged_own_part_in_tritons_interpreter():
     """(The device's triton 3.6 interpreter stops on loops over loaded bounds; there the compiled
     kernels are what is tested.)"""
-    run_in_interpreter("check_prefix_and_merge")
+    run_in_triton_interpreter("test_engine_kernels_layer", "check_prefix_and_merge")
 
 
 @pytest.mark.gpu

@@ -78,7 +78,7 @@ def runtime(cache_dir):
 
 def test_a_killed_worker_loses_no_row_and_writes_none_twice(runtime, tiny_llama_dir):
     from personas.generate.request import Request, plan
-    from personas.generate.ray import sample_on_ray
+    from personas.generate.ray import RayPool
     from personas.library.schema import Persona
     from personas.model.choice import resolve_model
     from personas.model.load import load_model
@@ -98,8 +98,9 @@ def test_a_killed_worker_loses_no_row_and_writes_none_twice(runtime, tiny_llama_
             os.kill(pids[0], signal.SIGKILL)  # mid-run: it holds a chunk now
 
     try:
-        sample_on_ray(runtime, 2, choice, {"device": "cpu"}, settings, rows, on_sample,
-                      on_workers=pids.extend, on_lost=lambda left, requeued: lost.append((left, requeued)))
+        with RayPool(runtime, 2, choice, {"device": "cpu"}, on_workers=pids.extend,
+                     on_lost=lambda left, requeued: lost.append((left, requeued))) as pool:
+            pool.sample([(settings, rows)], on_sample)
     finally:
         ray.shutdown()  # this process leaves the runtime (which the fixture stops)
     assert len(lost) == 1 and lost[0][0] == 1, "one worker died, one was left"

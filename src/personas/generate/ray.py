@@ -179,15 +179,6 @@ class RayPool:
              on_sample, self.on_lost)
 
 
-def sample_on_ray(address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any],
-                  settings: Settings, rows: Sequence[Row], on_sample: Callable[[Sample], None], *,
-                  on_workers: Callable[[list[int]], None] = lambda _pids: None,
-                  on_lost: Callable[[int, int], None] = lambda _left, _requeued: None) -> None:
-    """Sample every row on Ray actors; `on_sample` gets each sample once, as it arrives."""
-    with RayPool(address, workers, choice, load, on_workers=on_workers, on_lost=on_lost) as pool:
-        pool.sample([(settings, rows)], on_sample)
-
-
 def chunk_rows(settings: Settings, rows: int, workers: int, on_gpu: bool) -> int:
     """Rows handed to an actor at a time: --batch-size, else the device's batch, but small
     enough that every actor gets work (a lost chunk also costs less)."""
