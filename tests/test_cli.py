@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import subprocess
@@ -92,6 +93,22 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, monkeypatch):
     assert err.startswith("Error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert " — " in err, "says what to do"
+
+
+def test_a_folder_that_is_no_model_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """An existing folder with no config.json is bad input, refused as the options are read: the
+    one line is all stderr holds, so with --ray no runtime was started for it and nothing loaded."""
+    monkeypatch.chdir(REPO)
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("weights go here")
+    with_ray = [["--ray", "local"]] if importlib.util.find_spec("ray") else []
+    for extra in [[], *with_ray]:
+        status = main(["generate", "customer", "--model", str(empty), *extra])
+        err = capsys.readouterr().err
+        assert status == 2, err
+        assert err == (f"Error: model folder '{empty}' holds no config.json: it is not a model — point --model at "
+                       "a folder save_pretrained wrote (config.json, weights, tokenizer), a .gguf file or a hub id\n")
 
 
 def test_broken_toml_names_file_and_line(tmp_path, capsys):
@@ -262,3 +279,20 @@ def test_light_commands_import_neither_torch_nor_transformers(args, cache_dir):
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[-1] == "heavy: ", result.stderr
     assert result.stdout.strip()
+
+
+REFUSED = [["generate", "nobody"], ["generate", "customer", "--model", "{folder}"],
+           ["generate", "--prompts-file", "{prompts}"], ["batch", "{prompts}"]]
+
+
+@pytest.mark.parametrize("args", REFUSED, ids=[" ".join(a) for a in REFUSED])
+def test_sampling_commands_refuse_bad_input_before_importing_torch(args, cache_dir, tmp_path):
+    """A command that will sample still reads and checks its input before torch and transformers
+    (seconds of imports): bad input is refused at once."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "prompts.jsonl").write_text("{not json\n")
+    args = [a.format(folder=tmp_path / "folder", prompts=tmp_path / "prompts.jsonl") for a in args]
+    result = subprocess.run([sys.executable, "-c", WHICH_HEAVY, *args], cwd=REPO, env=cli_env(cache_dir),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.splitlines()[-1] == "heavy: ", result.stderr

@@ -23,7 +23,14 @@ def test_resolve_presets_paths_and_hub_ids(tmp_path):
     assert resolve_model("llama2-13b-gptq") == ModelChoice(
         "llama2-13b-gptq", "hub", "TheBloke/Llama-2-13B-chat-GPTQ", llama2_chat=True)
     assert resolve_model("llama2-7b-gptq").location == "TheBloke/Llama-2-7B-chat-GPTQ"
+    with pytest.raises(InputError, match="holds no config.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)).kind == "dir"
+    tokenizer_only = tmp_path / "tokenizer-only"
+    tokenizer_only.mkdir()
+    (tokenizer_only / "tokenizer_config.json").write_text("{}")
+    assert resolve_model(str(tokenizer_only)).kind == "dir", "a tokenizer alone serves render --ids"
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"")
     assert resolve_model(str(gguf)).kind == "gguf"

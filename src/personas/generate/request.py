@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.loop import sample_rows
 from ..errors import InputError
 from ..library.schema import BUILT_IN, Persona
 from ..model.load import LoadedModel, fit_dialog
@@ -140,4 +139,7 @@ def sample_records(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                    on_step: Callable[[int], None] = lambda _: None,
                    on_split: Callable[[int, int], None] = lambda _a, _b: None) -> None:
     """Sample `rows` on the model; each record as its row finishes."""
+    # Imported here: the engine brings torch, which a command refused for its input never needs.
+    from ..engine.loop import sample_rows
+
     sample_rows(settings, model, rows, lambda s: on_record(to_record(s, model)), on_step, on_split)

@@ -28,6 +28,10 @@ MODEL_HELP = (
 
 Kind = Literal["embedded", "hub", "dir", "gguf"]
 
+# What a model folder holds at least one of: a checkpoint's config.json, or a tokenizer's own
+# config (a tokenizer alone serves `render --ids`).
+MODEL_FOLDER_MARKERS = ("config.json", "tokenizer_config.json")
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -62,6 +66,12 @@ def resolve_model(spec: str, has_cuda: Callable[[], bool] | None = None) -> Mode
         return ModelChoice(spec, "hub", PRESETS[spec], llama2_chat=True)
     path = Path(spec).expanduser()
     if path.is_dir():
+        # Refused here, before anything slow (with --ray, before a runtime starts): a folder that
+        # is no model would otherwise fail only inside transformers' loader, as a runtime error.
+        if not any((path / name).is_file() for name in MODEL_FOLDER_MARKERS):
+            raise InputError(f"model folder '{spec}' holds no config.json: it is not a model",
+                             "point --model at a folder save_pretrained wrote (config.json, weights, tokenizer), "
+                             "a .gguf file or a hub id")
         return ModelChoice(spec, "dir", str(path))
     if path.is_file():
         if path.suffix != ".gguf":

@@ -31,9 +31,8 @@ import secrets
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine.engine import Engine
 from ..engine.job import Job
 from ..errors import PersonaFileError
 from ..library.load import Library
@@ -42,6 +41,9 @@ from ..model.tokens import token_text
 from ..sampling.grid import Row, Sample, TokenLogprob
 from .openai import ApiError, ChatPlan, Choices, completion_id, parse_request
 from .rows import plan_rows, plan_settings
+
+if TYPE_CHECKING:  # the engine brings torch, which a file refused for its input never needs
+    from ..engine.engine import Engine
 
 URL = "/v1/chat/completions"
 
