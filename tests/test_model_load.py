@@ -23,8 +23,13 @@ def test_resolve_presets_paths_and_hub_ids(tmp_path):
     assert resolve_model("llama2-13b-gptq") == ModelChoice(
         "llama2-13b-gptq", "hub", "TheBloke/Llama-2-13B-chat-GPTQ", llama2_chat=True)
     assert resolve_model("llama2-7b-gptq").location == "TheBloke/Llama-2-7B-chat-GPTQ"
-    with pytest.raises(InputError, match="holds no config.json"):
+    with pytest.raises(InputError, match="holds no config.json: it is not a model"):
         resolve_model(str(tmp_path))
+    ggufs = tmp_path / "ggufs"
+    ggufs.mkdir()
+    (ggufs / "model.Q4_0.gguf").write_bytes(b"")
+    with pytest.raises(InputError, match=f"but GGUF files — pass one of them: --model {ggufs / 'model.Q4_0.gguf'}"):
+        resolve_model(str(ggufs))
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)).kind == "dir"
     tokenizer_only = tmp_path / "tokenizer-only"

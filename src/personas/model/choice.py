@@ -69,6 +69,10 @@ def resolve_model(spec: str, has_cuda: Callable[[], bool] | None = None) -> Mode
         # Refused here, before anything slow (with --ray, before a runtime starts): a folder that
         # is no model would otherwise fail only inside transformers' loader, as a runtime error.
         if not any((path / name).is_file() for name in MODEL_FOLDER_MARKERS):
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                raise InputError(f"model folder '{spec}' holds no config.json, but GGUF files",
+                                 f"pass one of them: --model {ggufs[0]}")
             raise InputError(f"model folder '{spec}' holds no config.json: it is not a model",
                              "point --model at a folder save_pretrained wrote (config.json, weights, tokenizer), "
                              "a .gguf file or a hub id")
