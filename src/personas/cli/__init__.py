@@ -23,15 +23,17 @@ from .serve import serve
 
 # Typer 0.29 prints a value type after every option in --help, flags too (`--resume <bool>`), which
 # reads as if they took a value. A flag takes none: its type column stays empty. Typer has no
-# setting for this, so its one method that names the type is wrapped here.
-_option_type = TyperOption.display_type_rich
+# setting for this, so its one method that names the type is wrapped here — where it exists: the
+# method is Typer's own, and a Typer without it must still run the CLI (only the column differs).
+_option_type = getattr(TyperOption, "display_type_rich", None)
 
 
 def _no_type_for_flags(self: TyperOption, ctx: typer.Context) -> str | None:
-    return None if self.is_flag else _option_type(self, ctx)
+    return None if self.is_flag else _option_type(self, ctx)  # type: ignore[misc]
 
 
-TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
+if _option_type is not None:
+    TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="personas",
