@@ -8,7 +8,7 @@ machine, both timings, the overhead, and whether the two runs wrote the same row
 texts up to floating point, so their agreement is counted).
 
     .venv/bin/python benchmarks/bench_ray.py [--prompts 200] [--new-tokens 32] [--workers 2] [--model embedded]
-                                             [--persona pirate] [--ray local]
+                                             [--persona pirate] [--ray local] [--warmup] [--timeout S]
 """
 
 from __future__ import annotations
@@ -21,20 +21,49 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(args: list[str]) -> tuple[float, list[dict], str]:
+def run(label: str, args: list[str], timeout: float | None) -> tuple[float, list[dict], str]:
+    """One whole `personas` process: its wall time, its JSONL rows and its stderr. The child's
+    progress lines are echoed as they come and the time printed when it ends, so a run cut short
+    (a time limit, a hang in a worker's start) still shows how far each process got."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "personas", *args], capture_output=True, text=True, env=env, cwd=REPO)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"failed: personas {' '.join(args)}\n{result.stderr}")
-    return elapsed, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+    with tempfile.TemporaryFile("w+") as rows:
+        child = subprocess.Popen([sys.executable, "-m", "personas", *args], stdout=rows, stderr=subprocess.PIPE,
+                                 text=True, env=env, cwd=REPO)
+        # A thread reads stderr so that the time limit below still holds while the child is silent.
+        err_lines: list[str] = []
+        reader = threading.Thread(target=_echo, args=(child.stderr, label, err_lines), daemon=True)
+        reader.start()
+        try:
+            returncode = child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            reader.join(timeout=5)
+            sys.exit(f"{label}: stopped after {time.perf_counter() - started:.1f} s (--timeout {timeout:g})")
+        reader.join()
+        elapsed = time.perf_counter() - started
+        err = "".join(err_lines)
+        if returncode != 0:
+            sys.exit(f"failed: personas {' '.join(args)}\n{err}")
+        rows.seek(0)
+        parsed = [json.loads(line) for line in rows]
+    print(f"[{elapsed:7.1f} s] {label} done: {len(parsed)} rows", file=sys.stderr, flush=True)
+    return elapsed, parsed, err
+
+
+def _echo(stream, label: str, into: list[str]) -> None:
+    # The CLI redraws its progress line with carriage returns: echo whole lines only.
+    for line in stream:
+        into.append(line)
+        print(f"  {label}: {line.rstrip()}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -46,6 +75,7 @@ def main() -> None:
     parser.add_argument("--persona", default="pirate")
     parser.add_argument("--ray", default="local", help="the --ray address for the Ray run")
     parser.add_argument("--warmup", action="store_true", help="one tiny run first (a GPU kernel's first-use compile)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds each process may take before it is stopped")
     args = parser.parse_args()
     import ray
     import torch
@@ -56,9 +86,10 @@ def main() -> None:
               "--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
               "--model", args.model, "--format", "jsonl"]
     if args.warmup:
-        run(["generate", args.persona, "-p", "Hello?", "--max-new-tokens", "2", "--model", args.model, "--format", "jsonl"])
-    one_s, one_rows, one_err = run(common)
-    ray_s, ray_rows, ray_err = run([*common, "--ray", args.ray, "--ray-workers", str(args.workers)])
+        run("warm-up", ["generate", args.persona, "-p", "Hello?", "--max-new-tokens", "2", "--model", args.model,
+                        "--format", "jsonl"], args.timeout)
+    one_s, one_rows, one_err = run("one process", common, args.timeout)
+    ray_s, ray_rows, ray_err = run("ray", [*common, "--ray", args.ray, "--ray-workers", str(args.workers)], args.timeout)
     one_gen, ray_gen = (float(re.search(r"new tokens in ([\d.]+) s", err).group(1)) for err in (one_err, ray_err))
     os.unlink(f.name)
 
