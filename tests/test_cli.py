@@ -264,6 +264,17 @@ def test_help_shows_no_value_after_flags_that_take_none():
     assert "--min-p" in generate and "<float>" in generate and "TOKEN=BIAS" in generate
 
 
+def test_a_typer_without_the_wrapped_method_still_runs_the_cli(tmp_path):
+    """The flag-type wrapper patches one of Typer's own methods; a Typer that lacks it must still
+    import the CLI and run commands (only --help's type column would differ)."""
+    script = ("import sys\nfrom typer.core import TyperOption\ndel TyperOption.display_type_rich\n"
+              "from personas.cli import main\nsys.exit(main(['list']))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(tmp_path),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "customer" in result.stdout
+
+
 # --- commands that only read TOML or format text pay for no torch ------------------------------
 
 LIGHT = [["--help"], ["list"], ["render", "customer", "--template", "llama2", "--raw"]]
