@@ -16,7 +16,7 @@ mkdir -p "$out"
 tmp=$(mktemp -d)
 dl() { pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$out" "$@"; }
 dl "transformers>=5.20.2,<5.25" optimum==2.3.0 datasets dill multiprocess torchao gguf pydantic pydantic-core typing-inspection annotated-types \
-  tomlkit "typer>=0.29,<0.30" annotated-doc fastapi starlette uvicorn openai jiter distro sniffio \
+  tomlkit "typer>=0.29,<0.30" annotated-doc fastapi starlette uvicorn openai jiter distro sniffio httpx2 httpcore2 truststore \
   jsonschema jsonschema-specifications referencing rpds-py attrs \
   pytest pluggy iniconfig packaging pygments
 # answer formats: llguidance's one abi3 wheel is built for glibc 2.31 and later
