@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +61,18 @@ def test_local_runtime_gives_the_same_rows_and_texts_as_one_process(files, tiny_
     assert keyed(spread.stdout) == expected
 
 
+def test_more_workers_than_a_local_runtime_has_room_for_is_refused_not_waited_on(files, tiny_llama_dir, cache_dir):
+    """Each worker holds a CPU (a GPU where there is one) for its life; Ray would leave the ones it
+    has no room for waiting forever, and the run with them."""
+    too_many = (os.cpu_count() or 1) + 1
+    result = run_cli(job(files, tiny_llama_dir, "--ray", "local", "--ray-workers", str(too_many)), cache_dir,
+                     timeout=180)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: --ray-workers {too_many} asks for {too_many} workers of one "), line
+    assert "or fewer" in line and not result.stdout
+
+
 @pytest.fixture(scope="module")
 def runtime(cache_dir):
     """One Ray runtime with 2 CPUs for the rest of the module; `--ray auto` finds it."""
@@ -106,6 +119,26 @@ def test_a_killed_worker_loses_no_row_and_writes_none_twice(runtime, tiny_llama_
     assert len(lost) == 1 and lost[0][0] == 1, "one worker died, one was left"
     assert sorted(s.row.seed for s in samples) == sorted(r.seed for r in rows), "every row exactly once"
     assert all(len(s.token_ids) == 16 for s in samples)
+
+
+def test_a_cluster_short_of_room_says_the_run_waits_for_it(files, runtime, tiny_llama_dir, cache_dir):
+    """A joined cluster may grow (an autoscaler), so more workers than it has room for are not
+    refused; but the wait is said, never silent. The fixture's runtime has 2 CPUs."""
+    process = subprocess.Popen([sys.executable, "-m", "personas",
+                                *job(files, tiny_llama_dir, "--ray", runtime, "--ray-workers", "3")],
+                               cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(process.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120  # the warning comes as the pool is made, before any load
+    while time.monotonic() < deadline and not any("room for" in line for line in said):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    reader.join(timeout=10)
+    assert any("the Ray cluster has room for 2 of the 3 workers (one CPU each) now" in line for line in said), said
+    assert process.returncode == 130, said
 
 
 def test_interrupt_keeps_finished_rows_and_resume_completes_them(files, runtime, tiny_llama_dir, cache_dir, tmp_path):

@@ -272,8 +272,11 @@ def check_ray(address: str | None, workers: int | None) -> None:
 
 
 def ray_messages(feedback: Feedback) -> dict:
-    """The Ray pool's `on_workers` and `on_lost` callbacks, as stderr lines."""
+    """The Ray pool's `on_workers`, `on_lost` and `on_short` callbacks, as stderr lines."""
     return dict(on_workers=lambda pids: feedback.info(
                     f"{len(pids)} Ray worker{'s' if len(pids) != 1 else ''} ready, the model loaded in each"),
                 on_lost=lambda left, requeued: feedback.warn(
-                    f"a Ray worker died; its {requeued} unfinished rows go to the {left} left"))
+                    f"a Ray worker died; its {requeued} unfinished rows go to the {left} left"),
+                on_short=lambda room, count, unit: feedback.warn(
+                    f"the Ray cluster has room for {room} of the {count} workers (one {unit} each) now; "
+                    f"the run starts when it has room for all — lower --ray-workers not to wait"))

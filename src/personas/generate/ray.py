@@ -106,13 +106,33 @@ def _check_reachable(address: str) -> None:
 
 
 def worker_count(requested: int | None) -> int:
-    """--ray-workers, else one per GPU of the cluster, else LOCAL_CPU_WORKERS."""
+    """--ray-workers, else one per GPU of the cluster, else LOCAL_CPU_WORKERS (at most one per
+    CPU of the cluster)."""
     if requested is not None:
         if requested < 1:
             raise InputError(f"--ray-workers {requested} is not allowed", "use 1 or more")
         return requested
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return gpus or LOCAL_CPU_WORKERS
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    return gpus or max(1, min(LOCAL_CPU_WORKERS, int(resources.get("CPU", 1))))
+
+
+def check_room(count: int, on_gpu: bool, started_here: bool,
+               on_short: Callable[[int, int, str], None]) -> None:
+    """Each worker holds one GPU (or one CPU) for its life, and Ray leaves a worker it has no room
+    for waiting, silently, until room appears. A runtime personas started is this machine's
+    alone and never grows: more workers than it has room for are refused. A cluster may grow
+    (an autoscaler, a machine joining): there `on_short(room, count, unit)` says that the run
+    waits for it."""
+    unit = "GPU" if on_gpu else "CPU"
+    room = int(ray.cluster_resources().get(unit, 0))
+    if count <= room:
+        return
+    if started_here:
+        raise InputError(f"--ray-workers {count} asks for {count} workers of one {unit} each, but this "
+                         f"machine has {room} {unit}{'s' if room != 1 else ''} for Ray",
+                         f"use --ray-workers {room} or fewer, or join a bigger cluster with --ray ADDRESS")
+    on_short(room, count, unit)
 
 
 class RayPool:
@@ -122,12 +142,15 @@ class RayPool:
     Making the pool starts the actors and returns: each imports its libraries and loads the
     model in its own process while the caller goes on (the driver loads its tokenizer and plans
     the rows meanwhile); the first `sample` waits for them. `on_workers` hears the actors'
-    process ids once they are up; `on_lost(actors left, rows requeued)` when one dies.
+    process ids once they are up; `on_lost(actors left, rows requeued)` when one dies;
+    `on_short(room, workers, unit)` when a joined cluster has room for fewer workers than asked
+    (the first `sample` then waits for it to grow).
     """
 
     def __init__(self, address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any], *,
                  on_workers: Callable[[list[int]], None] = lambda _pids: None,
-                 on_lost: Callable[[int, int], None] = lambda _left, _requeued: None):
+                 on_lost: Callable[[int, int], None] = lambda _left, _requeued: None,
+                 on_short: Callable[[int, int, str], None] = lambda _room, _count, _unit: None):
         self.started_here = connect(address)
         self.actors: list[Any] = []
         self.on_lost, self.on_workers = on_lost, on_workers
@@ -135,6 +158,7 @@ class RayPool:
         try:
             count = worker_count(workers)
             self.on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+            check_room(count, self.on_gpu, self.started_here, on_short)
             options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
             self.actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
         except BaseException:
