@@ -73,6 +73,36 @@ def test_more_workers_than_a_local_runtime_has_room_for_is_refused_not_waited_on
     assert "or fewer" in line and not result.stdout
 
 
+def test_workers_loading_on_the_cpu_hold_no_gpu(files, tiny_llama_dir):
+    """`--device cpu` on a cluster with GPUs: each worker holds a CPU, not a GPU it would not use.
+    The runtime here declares 1 GPU (Ray's resources are counts it schedules by) and 2 CPUs, so
+    2 workers fit only as CPU workers."""
+    from personas.generate.ray import RayPool
+    from personas.generate.request import Request, plan
+    from personas.library.schema import Persona
+    from personas.model.choice import resolve_model
+    from personas.model.load import load_model
+    from personas.sampling.grid import Settings
+
+    choice = resolve_model(str(tiny_llama_dir))
+    settings = Settings(max_new_tokens=4)
+    request = Request(personas=[Persona(name="sailor", system="You are an old sailor.")],
+                      prompts=["Ahoy?", "Where to?"], seed=3, settings=settings)
+    rows = plan(request, load_model(choice, tokenizer_only=True))
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    samples, short = [], []
+    try:
+        with RayPool("local", None, choice, {"device": "cpu"},
+                     on_short=lambda *said: short.append(said)) as pool:
+            assert not pool.on_gpu and len(pool.actors) == 2 and not short
+            pool.sample([(settings, rows)], samples.append)
+            with RayPool("local", None, choice, {"device": None}) as on_gpus:
+                assert on_gpus.on_gpu and len(on_gpus.actors) == 1, "otherwise one worker per GPU"
+    finally:
+        ray.shutdown()
+    assert sorted(s.row.seed for s in samples) == sorted(r.seed for r in rows)
+
+
 @pytest.fixture(scope="module")
 def runtime(cache_dir):
     """One Ray runtime with 2 CPUs for the rest of the module; `--ray auto` finds it."""

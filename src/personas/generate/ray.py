@@ -105,16 +105,25 @@ def _check_reachable(address: str) -> None:
                          "start one with `ray start --head`, check the address, or use --ray local") from None
 
 
-def worker_count(requested: int | None) -> int:
-    """--ray-workers, else one per GPU of the cluster, else LOCAL_CPU_WORKERS (at most one per
-    CPU of the cluster)."""
+def on_gpus(load: dict[str, Any]) -> bool:
+    """Whether the workers hold a GPU each: where the cluster has GPUs, unless the model is to
+    load on the CPU (`--device cpu`), where a GPU held would only keep other work off it."""
+    if str(load.get("device") or "").startswith("cpu"):
+        return False
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def worker_count(requested: int | None, on_gpu: bool) -> int:
+    """--ray-workers, else one per GPU of the cluster (workers on GPUs), else LOCAL_CPU_WORKERS
+    (at most one per CPU of the cluster)."""
     if requested is not None:
         if requested < 1:
             raise InputError(f"--ray-workers {requested} is not allowed", "use 1 or more")
         return requested
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    return gpus or max(1, min(LOCAL_CPU_WORKERS, int(resources.get("CPU", 1))))
+    if on_gpu:
+        return int(resources.get("GPU", 0))
+    return max(1, min(LOCAL_CPU_WORKERS, int(resources.get("CPU", 1))))
 
 
 def check_room(count: int, on_gpu: bool, started_here: bool,
@@ -156,8 +165,8 @@ class RayPool:
         self.on_lost, self.on_workers = on_lost, on_workers
         self.pids: list[int] | None = None
         try:
-            count = worker_count(workers)
-            self.on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+            self.on_gpu = on_gpus(load)
+            count = worker_count(workers, self.on_gpu)
             check_room(count, self.on_gpu, self.started_here, on_short)
             options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
             self.actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
