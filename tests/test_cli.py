@@ -275,6 +275,27 @@ def test_a_typer_without_the_wrapped_method_still_runs_the_cli(tmp_path):
     assert "customer" in result.stdout
 
 
+AT_EXIT = ("import atexit, sys\natexit.register(lambda: sys.stderr.write('teardown ran\\n'))\n"
+           "from personas.cli import run\nsys.argv[0] = 'personas'\nrun()\n")
+
+
+def test_a_sampling_run_ends_without_the_interpreters_teardown_and_loses_no_output(tiny_llama_dir, cache_dir):
+    """Once torch is loaded, `run` flushes both streams and ends the process at once (the teardown
+    of torch and transformers costs a short run about a second); its output, block-buffered in a
+    pipe here, and its exit status are whole. A command that never loaded torch exits normally."""
+    env = {k: v for k, v in cli_env(cache_dir).items() if k != "PYTHONUNBUFFERED"}
+    sampled = subprocess.run([sys.executable, "-c", AT_EXIT, "generate", "pirate", "--model", str(tiny_llama_dir),
+                              "-p", "Hi", "-n", "3", "-t", "0.5", "-t", "1.0", "--max-new-tokens", "4",
+                              "--format", "jsonl"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0, sampled.stderr
+    assert "teardown ran" not in sampled.stderr
+    assert [json.loads(line)["sample"] for line in sampled.stdout.splitlines()] == [1, 2, 3, 1, 2, 3]
+    assert sampled.stderr.rstrip().endswith("tokens/s)"), sampled.stderr  # the summary line, flushed
+    refused = subprocess.run([sys.executable, "-c", AT_EXIT, "generate", "nobody"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "teardown ran" in refused.stderr, refused.stderr
+
+
 # --- commands that only read TOML or format text pay for no torch ------------------------------
 
 LIGHT = [["--help"], ["list"], ["render", "customer", "--template", "llama2", "--raw"]]

@@ -1,3 +1,3 @@
-from personas.cli import main
+from personas.cli import run
 
-raise SystemExit(main())
+run()

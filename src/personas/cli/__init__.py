@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import sys
+from typing import NoReturn
 
 import typer
 from typer.core import TyperOption
@@ -134,3 +136,26 @@ def main(argv: list[str] | None = None) -> int:
         return ExitStatus.ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run() -> NoReturn:
+    """The `personas` program: `main`, then the process's end.
+
+    Once torch (and transformers' model code) is loaded, the interpreter's own teardown — freeing
+    every module, tensor and packed weight one by one — is a noticeable part of a short run that
+    has nothing left to do (docs/performance.md, "How long does start-up take?"). By the time `main` returns,
+    every command has written and closed its files and stopped what it started, so the process
+    flushes its two streams and ends at once. Where a Ray runtime is still joined (a cluster's, not
+    one personas started and stopped), Ray's exit handlers disconnect from it: the normal exit runs.
+    """
+    status = main()
+    ray = sys.modules.get("ray")
+    if "torch" not in sys.modules or (ray is not None and ray.is_initialized()):
+        sys.exit(status)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader went away after the last record: as for `| head -1`
+        status = ExitStatus.PIPE_CLOSED
+    os._exit(status)
