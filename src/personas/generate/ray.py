@@ -105,28 +105,28 @@ def _check_reachable(address: str) -> None:
                          "start one with `ray start --head`, check the address, or use --ray local") from None
 
 
-def on_gpus(load: dict[str, Any]) -> bool:
-    """Whether the workers hold a GPU each: where the cluster has GPUs, unless the model is to
-    load on the CPU (`--device cpu`), where a GPU held would only keep other work off it."""
+def on_gpus(load: dict[str, Any], resources: dict[str, float]) -> bool:
+    """Whether the workers hold a GPU each: where the cluster (`resources`: its totals) has GPUs,
+    unless the model is to load on the CPU (`--device cpu`), where a GPU held would only keep
+    other work off it."""
     if str(load.get("device") or "").startswith("cpu"):
         return False
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return resources.get("GPU", 0) >= 1
 
 
-def worker_count(requested: int | None, on_gpu: bool) -> int:
+def worker_count(requested: int | None, on_gpu: bool, resources: dict[str, float]) -> int:
     """--ray-workers, else one per GPU of the cluster (workers on GPUs), else LOCAL_CPU_WORKERS
     (at most one per CPU of the cluster)."""
     if requested is not None:
         if requested < 1:
             raise InputError(f"--ray-workers {requested} is not allowed", "use 1 or more")
         return requested
-    resources = ray.cluster_resources()
     if on_gpu:
         return int(resources.get("GPU", 0))
     return max(1, min(LOCAL_CPU_WORKERS, int(resources.get("CPU", 1))))
 
 
-def check_room(count: int, on_gpu: bool, started_here: bool,
+def check_room(count: int, on_gpu: bool, resources: dict[str, float], started_here: bool,
                on_short: Callable[[int, int, str], None]) -> None:
     """Each worker holds one GPU (or one CPU) for its life, and Ray leaves a worker it has no room
     for waiting, silently, until room appears. A runtime personas started is this machine's
@@ -134,7 +134,7 @@ def check_room(count: int, on_gpu: bool, started_here: bool,
     (an autoscaler, a machine joining): there `on_short(room, count, unit)` says that the run
     waits for it."""
     unit = "GPU" if on_gpu else "CPU"
-    room = int(ray.cluster_resources().get(unit, 0))
+    room = int(resources.get(unit, 0))
     if count <= room:
         return
     if started_here:
@@ -165,9 +165,10 @@ class RayPool:
         self.on_lost, self.on_workers = on_lost, on_workers
         self.pids: list[int] | None = None
         try:
-            self.on_gpu = on_gpus(load)
-            count = worker_count(workers, self.on_gpu)
-            check_room(count, self.on_gpu, self.started_here, on_short)
+            resources = ray.cluster_resources()  # the cluster's totals, asked of it once
+            self.on_gpu = on_gpus(load, resources)
+            count = worker_count(workers, self.on_gpu, resources)
+            check_room(count, self.on_gpu, resources, self.started_here, on_short)
             options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
             self.actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
         except BaseException:
