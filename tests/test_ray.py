@@ -73,6 +73,17 @@ def test_more_workers_than_a_local_runtime_has_room_for_is_refused_not_waited_on
     assert "or fewer" in line and not result.stdout
 
 
+def test_each_worker_is_handed_one_equal_share_of_the_rows():
+    """A worker's engine keeps its slots full only while rows wait for them, so one worker takes
+    the whole job as one process would, and several split it evenly — not chunks of a batch."""
+    from personas.generate.ray import share_rows
+
+    assert share_rows(4096, 1) == 4096
+    assert share_rows(4096, 2) == 2048
+    assert share_rows(7, 3) == 3  # shares of 3, 3 and 1
+    assert share_rows(1, 4) == 1
+
+
 def test_workers_loading_on_the_cpu_hold_no_gpu(files, tiny_llama_dir):
     """`--device cpu` on a cluster with GPUs: each worker holds a CPU, not a GPU it would not use.
     The runtime here declares 1 GPU (Ray's resources are counts it schedules by) and 2 CPUs, so

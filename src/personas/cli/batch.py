@@ -147,8 +147,8 @@ def _run(path, name, library, options, settings, seed, done, target, fmt, feedba
 
                 with RayPool(ray_address, ray_workers, options.choice, options.load_kwargs(),
                              **ray_messages(feedback)) as pool:
-                    # Enough rows a chunk for every worker twice over at its batch size.
-                    rows = 2 * len(pool.actors) * pool.chunk_rows(settings, 1 << 30)
+                    # Enough rows a round for every worker twice over at its batch size.
+                    rows = 2 * len(pool.actors) * pool.batch_rows(settings)
                     run = BatchRun(loaded, library, None, writer.add, seed=seed, queue_rows=rows, on_row=row_done)
                     summary = run.run_on(requests(path, name, done), pool)
         elapsed = time.perf_counter() - started

@@ -1,9 +1,10 @@
 """`generate --ray ADDRESS`: the grid's rows spread over Ray actors, each holding the model once.
 
-The driver (the `personas` process) keeps the rows, hands chunks of them to idle actors and
-receives each sample as its actor finishes it (a Ray streaming generator); it writes the output
-exactly as a single process does. Rows are independent — a row's text is a function of its own
-seed (sampling.chooser) — so any row can run on any actor, and a chunk can run again elsewhere.
+The driver (the `personas` process) keeps the rows, hands each actor an equal share of them (a
+chunk) and receives each sample as its actor finishes it (a Ray streaming generator); it writes
+the output exactly as a single process does. Rows are independent — a row's text is a function
+of its own seed (sampling.chooser) — so any row can run on any actor, and a chunk can run again
+elsewhere.
 
 Faults: an actor that dies (its process killed, out of memory) loses only the rows of its chunk
 that had not come back; they go back to the front of the queue for the others, and a row that
@@ -200,8 +201,9 @@ class RayPool:
             ray.shutdown()
             self.started_here = False
 
-    def chunk_rows(self, settings: Settings, rows: int) -> int:
-        return chunk_rows(settings, rows, len(self.actors), self.on_gpu)
+    def batch_rows(self, settings: Settings) -> int:
+        """Rows one worker decodes at once: --batch-size, else its device's default."""
+        return batch_size(settings.max_batch, "cuda" if self.on_gpu else "cpu")
 
     def sample(self, work: Sequence[tuple[Settings, Sequence[Row]]], on_sample: Callable[[Sample], None]) -> None:
         """Every row of every (settings, rows) pair, all handed out at once; `on_sample` gets each
@@ -209,15 +211,19 @@ class RayPool:
         if not any(rows for _, rows in work):
             return
         self.wait_ready()
-        _run(self.actors, [(settings, rows, self.chunk_rows(settings, len(rows))) for settings, rows in work],
+        _run(self.actors, [(settings, rows, share_rows(len(rows), len(self.actors))) for settings, rows in work],
              on_sample, self.on_lost)
 
 
-def chunk_rows(settings: Settings, rows: int, workers: int, on_gpu: bool) -> int:
-    """Rows handed to an actor at a time: --batch-size, else the device's batch, but small
-    enough that every actor gets work (a lost chunk also costs less)."""
-    batch = batch_size(settings.max_batch, "cuda" if on_gpu else "cpu")
-    return max(1, min(batch, -(-rows // workers)))
+def share_rows(rows: int, workers: int) -> int:
+    """Rows handed to an actor at a time: an equal share of them each.
+
+    A worker's engine keeps its slots full only while it has rows waiting: every chunk ends with
+    its last rows decoding in slots the next chunk cannot use yet, and starts a new engine
+    (pages, captured graphs): chunks of one batch each made a one-GPU Ray run's generation much
+    slower than one process's (docs/performance.md, "How much does Ray cost?"). A share costs no
+    more when its worker is lost: only its rows that had not come back go to the others."""
+    return max(1, -(-rows // workers))
 
 
 def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row], int]],
