@@ -374,6 +374,33 @@ def test_cancelled_rows_free_their_slots_and_the_others_are_untouched(tiny):
     assert {k: s.token_ids for k, s in got.items()} == {k: s.token_ids for k, s in alone.items()}
 
 
+def test_a_dropped_engine_is_freed_at_once_with_no_reference_cycle(tiny):
+    """An engine in a reference cycle would keep its slots, pages and captured graphs until the
+    garbage collector runs, and the next engine (a batch file's next round, a Ray worker's next
+    chunk, an out-of-memory test's next try) sizes itself from the memory free now."""
+    import gc
+    import weakref
+
+    from personas.library.answer_format import AnswerFormat
+    from personas.sampling.grid import Rules
+
+    json_rows = [dataclasses.replace(row, rules=Rules(answer_format=AnswerFormat.json_object()))
+                 for row in grid_rows(tiny, n=1)]
+    gc.collect()
+    gc.disable()
+    try:
+        for rows in (grid_rows(tiny, n=1), json_rows):  # the second through the grammar too
+            engine = Engine(tiny, EngineConfig(max_slots=4))
+            engine.submit(rows, Settings(max_new_tokens=6), lambda _sample: None)
+            with torch.inference_mode():
+                engine.run()
+            dropped = weakref.ref(engine)
+            del engine
+            assert dropped() is None, "something the engine holds refers back to it"
+    finally:
+        gc.enable()
+
+
 @pytest.mark.gpu
 def test_cuda_graph_engine_equals_eager_engine_and_generate(tiny_cuda):
     rows = grid_rows(tiny_cuda, n=3)

@@ -11,6 +11,7 @@ prefill, the decode step, CUDA graphs), decoder.py and kernels/. docs/engine.md 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -47,9 +48,13 @@ class Engine:
         vocabulary = loaded.model.get_output_embeddings().out_features
         self.pool = PrefixPool(decoder)
         self.scheduler = Scheduler(self.pool, loaded.eos_ids)
+        # llguidance's view of the tokenizer, made on a row's first answer format and once. Not a
+        # method of this engine: the runner holding one would make a reference cycle, and an engine
+        # in a cycle keeps its slots and captured graphs on the GPU until the garbage collector
+        # runs, where the next engine sizes itself from the memory free now.
+        grammar_tokenizer = functools.cache(lambda: GrammarTokenizer(loaded.tokenizer, vocabulary, loaded.eos_ids))
         self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,
-                             vocabulary=vocabulary, grammar_tokenizer=self._grammar_tokenizer)
-        self.grammar_tokenizer: GrammarTokenizer | None = None  # llguidance's view of the tokenizer, made once
+                             vocabulary=vocabulary, grammar_tokenizer=grammar_tokenizer)
         self.sizing = Sizing(loaded, decoder, vocabulary, expect_more=config.expect_more, max_pages=config.max_pages)
         self.slot_cap = config.slot_cap(self.device.type)  # halved by each out-of-memory back-off
         self.dense_weights = config.dense_weights  # False once an out-of-memory dropped the copies
@@ -211,11 +216,6 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.on_split(old, self.slot_cap)
-
-    def _grammar_tokenizer(self) -> GrammarTokenizer:
-        if self.grammar_tokenizer is None:
-            self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.runner.vocabulary, self.loaded.eos_ids)
-        return self.grammar_tokenizer
 
     # --- one step ----------------------------------------------------------------------------------
 
