@@ -51,7 +51,7 @@ class Engine:
         # llguidance's view of the tokenizer, made on a row's first answer format and once. Not a
         # method of this engine: the runner holding one would make a reference cycle, and an engine
         # in a cycle keeps its slots and captured graphs on the GPU until the garbage collector
-        # runs, where the next engine sizes itself from the memory free now.
+        # runs, while the next engine sizes itself from the memory free now.
         grammar_tokenizer = functools.cache(lambda: GrammarTokenizer(loaded.tokenizer, vocabulary, loaded.eos_ids))
         self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,
                              vocabulary=vocabulary, grammar_tokenizer=grammar_tokenizer)
