@@ -222,7 +222,9 @@ def share_rows(rows: int, workers: int) -> int:
     its last rows decoding in slots the next chunk cannot use yet, and starts a new engine
     (pages, captured graphs): chunks of one batch each made a one-GPU Ray run's generation much
     slower than one process's (docs/performance.md, "How much does Ray cost?"). A share costs no
-    more when its worker is lost: only its rows that had not come back go to the others."""
+    more when its worker is lost: only its rows that had not come back go to the others. The price:
+    workers of unequal speed (different GPUs in one cluster) each finish their own share, so the
+    run ends with the slowest."""
     return max(1, -(-rows // workers))
 
 
