@@ -145,8 +145,9 @@ def run() -> NoReturn:
     every module, tensor and packed weight one by one — is a noticeable part of a short run that
     has nothing left to do (docs/performance.md, "How long does start-up take?"). By the time
     `main` returns, every command has written and closed its files and stopped what it started,
-    so the process flushes its two streams and ends at once. Where a Ray runtime is still joined (a cluster's, not
-    one personas started and stopped), Ray's exit handlers disconnect from it: the normal exit runs.
+    so the process flushes its two streams and ends at once. Where a Ray runtime is still joined
+    (a cluster's, not one personas started and stopped), Ray's exit handlers disconnect from it:
+    the normal exit runs.
     """
     status = main()
     ray = sys.modules.get("ray")
