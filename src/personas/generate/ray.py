@@ -211,8 +211,7 @@ class RayPool:
         if not any(rows for _, rows in work):
             return
         self.wait_ready()
-        _run(self.actors, [(settings, rows, share_rows(len(rows), len(self.actors))) for settings, rows in work],
-             on_sample, self.on_lost)
+        _run(self.actors, work, on_sample, self.on_lost)
 
 
 def share_rows(rows: int, workers: int) -> int:
@@ -228,13 +227,15 @@ def share_rows(rows: int, workers: int) -> int:
     return max(1, -(-rows // workers))
 
 
-def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row], int]],
+def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row]]],
          on_sample: Callable[[Sample], None], on_lost: Callable[[int, int], None]) -> None:
-    """Each (settings, rows, chunk size)'s rows in chunks to idle actors until all are back."""
+    """Each (settings, rows)'s rows in shares (share_rows) to idle actors until all are back."""
     # A row is (its work's index, its index there); a chunk's rows share their settings.
-    pending = deque((w, list(range(start, min(start + size, len(rows)))))
-                    for w, (_, rows, size) in enumerate(work) for start in range(0, len(rows), size))
-    total = sum(len(rows) for _, rows, _ in work)
+    pending: deque[tuple[int, list[int]]] = deque()
+    for w, (_, rows) in enumerate(work):
+        size = share_rows(len(rows), len(actors))
+        pending.extend((w, list(range(start, min(start + size, len(rows))))) for start in range(0, len(rows), size))
+    total = sum(len(rows) for _, rows in work)
     delivered: set[tuple[int, int]] = set()
     running: dict[Any, tuple[Any, int, list[int]]] = {}  # generator -> (actor, its work, its chunk's rows)
     idle = list(actors)
@@ -245,7 +246,7 @@ def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row], int]],
             chunk = [i for i in indices if (w, i) not in delivered]
             if chunk:
                 actor = idle.pop()
-                settings, rows, _ = work[w]
+                settings, rows = work[w]
                 running[actor.sample.remote(settings, [rows[i] for i in chunk])] = (actor, w, chunk)
 
     hand_out()
