@@ -77,7 +77,7 @@ def explain(
         raise InputError(f"persona '{name}' has no default prompt" if text is None else "the prompt is empty",
                          "pass --prompt TEXT")
     options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code,
-                            fast_path=False, cpu_weights=cpu_weights)
+                            fast_path=False, cpu_weights=cpu_weights, engine_only=False)
     loaded = load_model_for(options, feedback)
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the report
         from ..diagnostics.distributions import explain as explain_prompt

@@ -24,16 +24,20 @@ class ModelOptions:
     trust_remote_code: bool = False
     fast_path: bool = True  # only to tell the user when the GPU cannot take the fast path
     cpu_weights: str = "float16"
+    # Every command but `explain` (which runs transformers' forward) uses the model only through
+    # the decode engine: on the CPU it may then load as plain modules (model/plain_llama.py).
+    engine_only: bool = True
 
     def load_kwargs(self) -> dict:
         """model.load.load_model's keyword arguments (a Ray worker loads with these)."""
         return {"device": self.device, "gptq_backend": self.gptq_backend, "allow_pickle": self.allow_pickle,
-                "trust_remote_code": self.trust_remote_code, "cpu_weights": self.cpu_weights}
+                "trust_remote_code": self.trust_remote_code, "cpu_weights": self.cpu_weights,
+                "engine_only": self.engine_only}
 
 
 def model_options(defaults: Defaults, model: str | None, device: str | None = None, gptq_backend: str = "auto",
                   allow_pickle: bool = False, trust_remote_code: bool = False, fast_path: bool = True,
-                  cpu_weights: str = "float16") -> ModelOptions:
+                  cpu_weights: str = "float16", engine_only: bool = True) -> ModelOptions:
     """The model flags, with --model (else [defaults].model, $PERSONAS_MODEL, auto) resolved now,
     so that a model that does not exist is refused before anything slow."""
     def has_cuda() -> bool:
@@ -42,7 +46,8 @@ def model_options(defaults: Defaults, model: str | None, device: str | None = No
         return cuda_available()
 
     choice = resolve_model(default_model_spec(model, defaults.model), has_cuda=has_cuda)
-    return ModelOptions(choice, device, str(gptq_backend), allow_pickle, trust_remote_code, fast_path, str(cpu_weights))
+    return ModelOptions(choice, device, str(gptq_backend), allow_pickle, trust_remote_code, fast_path, str(cpu_weights),
+                        engine_only)
 
 
 def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only: bool = False) -> Any:

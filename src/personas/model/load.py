@@ -5,6 +5,7 @@ transformers is imported here, and optimum and gptqmodel only for GPTQ checkpoin
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -96,14 +97,16 @@ def _quiet_libraries() -> None:
 def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: str = "auto",
                status: Status = lambda _: None, tokenizer_only: bool = False,
                allow_pickle: bool = False, trust_remote_code: bool = False, fuse_gptq: bool = True,
-               cpu_weights: str = "float16") -> LoadedModel:
+               cpu_weights: str = "float16", engine_only: bool = False) -> LoadedModel:
     """Load `choice` once, on `device` (default: CUDA when present, else CPU).
 
     Safe by default: weights only from safetensors (pickle files can run code when loaded)
     unless `allow_pickle`, and a model's own Python code never runs unless `trust_remote_code`.
     A GPTQ Llama's q/k/v and gate/up projections are fused unless `fuse_gptq` is False. On the
     CPU a float32 model's linear layers keep float16 weights (half_weights.py) unless
-    `cpu_weights` is "float32".
+    `cpu_weights` is "float32". `engine_only`: the caller runs the model only through the decode
+    engine, never transformers' forward or `generate`; a CPU Llama-family safetensors checkpoint
+    is then built as plain modules (plain_llama.py), which starts about two seconds sooner.
     """
     if cpu_weights not in CPU_WEIGHTS:
         raise InputError(f"cpu weights '{cpu_weights}' are not one of {', '.join(CPU_WEIGHTS)}", "use float16 or float32")
@@ -129,7 +132,13 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     if not tokenizer_only and not gguf_file and not allow_pickle:
         refuse_pickle_only(directory, choice.label)
     tokenizer = _load_tokenizer(directory, gguf_file, choice, status, trust_remote_code)
-    model, kernel = (None, None) if tokenizer_only else _load_weights(
+    model = None
+    if engine_only and not tokenizer_only and not gguf_file and torch_device.type == "cpu":
+        from .plain_llama import load_plain
+
+        status(f"loading {choice.label} on cpu")
+        model = load_plain(directory)
+    model, kernel = (model, None) if tokenizer_only or model is not None else _load_weights(
         directory, gguf_file, choice, torch_device, gptq_backend, status,
         {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
     fused = 0
@@ -174,17 +183,38 @@ def refuse_pickle_only(directory: str, label: str) -> None:
                          "convert them to safetensors, or pass --allow-pickle if you trust their source")
 
 
+# Classes AutoTokenizer resolves to the general tokenizers-backed one (PreTrainedTokenizerFast).
+GENERAL_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, status: Status,
                     trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
     status(f"loading tokenizer of {choice.label}")
     try:
+        if not gguf_file and _general_tokenizer(Path(directory)):
+            # The class AutoTokenizer would pick, without importing the configuration classes it
+            # reads on the way (about a second of a CPU start; docs/performance.md).
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(directory)
+        from transformers import AutoTokenizer
+
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as e:  # transformers raises many types for an unusable folder
         raise ModelError(f"cannot load the tokenizer of '{choice.label}': {_first_line(e)}",
                          "check that the folder holds a complete model") from e
+
+
+def _general_tokenizer(directory: Path) -> bool:
+    """True where the folder's tokenizer is tokenizer.json through the general class, with no
+    code of its own."""
+    try:
+        settings = json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ((directory / "tokenizer.json").is_file() and not settings.get("auto_map")
+            and settings.get("tokenizer_class") in GENERAL_TOKENIZER_CLASSES)
 
 
 def _load_config(directory: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
