@@ -141,8 +141,9 @@ def generate(
     if resume and (output is None or base_seed.random):
         raise InputError("--resume needs --output FILE and a fixed seed (--seed or [defaults].seed)",
                          "the samples already written are matched by their seeds")
+    # --diverge reads the model's logits through transformers' forward (diagnostics/diverge.py).
     options = model_options(defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path,
-                            cpu_weights=cpu_weights)
+                            cpu_weights=cpu_weights, engine_only=not diverge)
     diagnostics = Diagnostics(stats_file, diverge, plot, fmt)
     diagnostics.open(resume)
     target = OutputFile(output, fmt, resume) if output is not None else None

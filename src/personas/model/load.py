@@ -137,7 +137,11 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         from .plain_llama import load_plain
 
         status(f"loading {choice.label} on cpu")
-        model = load_plain(directory)
+        try:
+            model = load_plain(directory)
+        except Exception as e:  # safetensors' and torch's own errors for a damaged file
+            raise ModelError(f"cannot load '{choice.label}': {_first_line(e)}",
+                             "check that the folder holds a complete model") from e
     model, kernel = (model, None) if tokenizer_only or model is not None else _load_weights(
         directory, gguf_file, choice, torch_device, gptq_backend, status,
         {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
