@@ -41,7 +41,7 @@ def main() -> None:
 
     import torch
     from personas.model.choice import EMBEDDED, resolve_model
-    from personas.model.embedded import embedded_checkpoint
+    from personas.model.gguf_cache import embedded_checkpoint
     from personas.model.load import load_model
     from personas.library.load import find_library_file, load_library
     from personas.model.prompt import Dialog

@@ -9,10 +9,10 @@ token counts are real; the weights are random normal (std 0.02), quantized by gg
 output matrix is written beside the embedding (Llama-3.2-1B ties them; both engines read a head
 of the same size either way) and rope is plain rope at θ = 500,000 (without llama3 scaling).
 
-personas reads a GGUF file through transformers, which dequantizes it to float32 on every start
-(about a minute for this shape on two cores): `--folder` also writes that dequantized model
-once as a plain checkpoint, which `personas --model FOLDER` loads in seconds — the same weights,
-value for value.
+personas converts a GGUF file once, on its first start, into a dequantized float32 copy in its
+cache (model/gguf_cache.py; about a minute for this shape on two cores): `--folder` writes that
+same copy where you choose, so that `personas --model FOLDER` loads in seconds from the first run
+on and a benchmark never times the conversion — the same weights, value for value.
 
     .venv/bin/python benchmarks/random_gguf.py [--out .peer/llama3.2-1b-q4_0.gguf] [--qtype Q4_0]
         [--folder .peer/llama3.2-1b-q4_0]
@@ -112,7 +112,7 @@ def write_gguf(out: Path, shape: dict, qtype_name: str, seed: int = 0) -> None:
 
 
 def write_folder(gguf_file: Path, folder: Path) -> None:
-    """The GGUF dequantized by transformers (as `personas --model FILE.gguf` loads it), saved once."""
+    """The GGUF dequantized by transformers (as `personas --model FILE.gguf` converts it), saved once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with contextlib.redirect_stderr(io.StringIO()):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from ..errors import InputError, ModelError
 from .choice import MODEL_HELP, ModelChoice
-from .embedded import embedded_checkpoint
+from .gguf_cache import embedded_checkpoint, gguf_checkpoint
 from .gptq import gptq_config_of, gptq_kernel_for, kernel_name, loading_config, quant_method_of
 from .prompt import Dialog, is_llama2_chat_template, llama2_ids, llama2_text, template_ids, template_text
 
@@ -125,7 +125,7 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     elif choice.kind == "embedded":
         directory, gguf_file = embedded_checkpoint(Path(choice.location), status)
     elif choice.kind == "gguf":
-        directory, gguf_file = str(Path(choice.location).parent), Path(choice.location).name
+        directory, gguf_file = gguf_checkpoint(Path(choice.location), status, convert=not tokenizer_only)
     else:
         directory, gguf_file = choice.location, None
 
