@@ -46,53 +46,60 @@ TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.
 
 
 def write_gguf(out: Path, shape: dict, qtype_name: str, seed: int = 0) -> None:
+    """A random Llama of `shape` as a GGUF file. Beside the sizes, a shape may name its
+    `vocabulary_file` (a vocabulary-only GGUF), the `tokenizer_keys` taken from it (None: all of
+    them), its chat `template`, `rope_theta`, `context`, and the weights' `scale` and
+    `embedding_scale` (the tests' tiny model uses larger ones, so that its tokens vary)."""
     import gguf
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import quantize
 
     qtype = GGMLQuantizationType[qtype_name]
-    vocab = GGUFReader(str(VOCABULARY))
+    vocab = GGUFReader(str(shape.get("vocabulary_file", VOCABULARY)))
+    keys = shape.get("tokenizer_keys", TOKENIZER_KEYS) or [k for k in vocab.fields if k.startswith("tokenizer.")]
+    vocabulary = shape.get("vocabulary") or len(vocab.fields["tokenizer.ggml.tokens"].contents())
     scratch = out.with_suffix(".partial")  # renamed when whole: an interrupted run leaves no half file
     writer = GGUFWriter(str(scratch), "llama")
     head_dim = shape["hidden"] // shape["heads"]
     writer.add_name(f"random {out.stem}")
     writer.add_block_count(shape["layers"])
-    writer.add_context_length(8192)
+    writer.add_context_length(shape.get("context", 8192))
     writer.add_embedding_length(shape["hidden"])
     writer.add_feed_forward_length(shape["mlp"])
     writer.add_head_count(shape["heads"])
     writer.add_head_count_kv(shape["kv_heads"])
-    writer.add_rope_freq_base(500000.0)
+    writer.add_rope_freq_base(shape.get("rope_theta", 500000.0))
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(shape["vocabulary"])
+    writer.add_vocab_size(vocabulary)
     writer.add_file_type({"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
                           "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype_name])
-    for key in TOKENIZER_KEYS:
+    for key in keys:
         field = vocab.fields[key]
         value = field.contents()
         kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
+        if kind == GGUFValueType.ARRAY:
             writer.add_array(key, value)
-        elif kind == gguf.GGUFValueType.STRING:
+        elif kind == GGUFValueType.STRING:
             writer.add_string(key, value)
         else:
-            writer.add_uint32(key, int(value))
-    writer.add_chat_template(LLAMA3_TEMPLATE)
+            writer.add_key_value(key, value, kind)
+    writer.add_chat_template(shape.get("template", LLAMA3_TEMPLATE))
 
     generator = np.random.default_rng(seed)
 
-    def matrix(name: str, rows: int, columns: int) -> None:
-        weights = (generator.standard_normal((rows, columns), dtype=np.float32) * 0.02).astype(np.float32)
+    def matrix(name: str, rows: int, columns: int, scale: float = shape.get("scale", 0.02)) -> None:
+        weights = (generator.standard_normal((rows, columns), dtype=np.float32) * scale).astype(np.float32)
         writer.add_tensor(name, quantize(weights, qtype), raw_dtype=qtype)
 
     def norm(name: str) -> None:
         writer.add_tensor(name, np.ones(shape["hidden"], dtype=np.float32))
 
     hidden, kv = shape["hidden"], shape["kv_heads"] * head_dim
-    matrix("token_embd.weight", shape["vocabulary"], hidden)
+    embedding_scale = shape.get("embedding_scale", shape.get("scale", 0.02))
+    matrix("token_embd.weight", vocabulary, hidden, embedding_scale)
     norm("output_norm.weight")
-    matrix("output.weight", shape["vocabulary"], hidden)
+    matrix("output.weight", vocabulary, hidden, embedding_scale)
     for i in range(shape["layers"]):
         log(f"layer {i + 1} of {shape['layers']}")
         norm(f"blk.{i}.attn_norm.weight")

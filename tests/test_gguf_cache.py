@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import TESTDATA, run_cli
+from conftest import REPO, TESTDATA, run_cli
 
 from personas.model.choice import resolve_model
 from personas.model.gguf_cache import gguf_checkpoint
@@ -18,70 +18,21 @@ from personas.model.load import load_model
 from personas.model.plain_llama import PlainCausalLM
 
 VOCABULARY = TESTDATA / "ggml-vocab-llama-spm.gguf"
-HIDDEN, MLP, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 LLAMA2_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] "
                    "+ ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+# Larger weights than a real model's, so that a tiny model's tokens vary.
+TINY = dict(layers=2, hidden=64, mlp=128, heads=4, kv_heads=2, vocabulary_file=VOCABULARY, tokenizer_keys=None,
+            template=LLAMA2_TEMPLATE, rope_theta=10000.0, context=512, scale=0.3, embedding_scale=1.0)
 
 
 def write_tiny_gguf(out: Path, seed: int = 0) -> Path:
-    import gguf
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-    from gguf.quants import quantize
-
+    """The benchmarks' random GGUF writer, at a tiny shape with the Llama-2 vocabulary."""
     if not VOCABULARY.is_file():
         pytest.skip(f"the real Llama-2 vocabulary is not here ({VOCABULARY})")
-    vocab = GGUFReader(str(VOCABULARY))
-    writer = GGUFWriter(str(out), "llama")
-    writer.add_name("tiny random llama")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(512)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(MLP)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    tokens = 0
-    for key, field in vocab.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value = field.contents()
-        if field.types[0] == GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-            tokens = max(tokens, len(value))
-        else:
-            writer.add_key_value(key, value, field.types[0])
-    writer.add_vocab_size(tokens)
-    writer.add_chat_template(LLAMA2_TEMPLATE)
-    generator = np.random.default_rng(seed)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from random_gguf import write_gguf
 
-    def matrix(name: str, rows: int, columns: int, scale: float = 0.3) -> None:
-        weights = (generator.standard_normal((rows, columns), dtype=np.float32) * scale).astype(np.float32)
-        writer.add_tensor(name, quantize(weights, GGMLQuantizationType.Q4_0), raw_dtype=GGMLQuantizationType.Q4_0)
-
-    def norm(name: str) -> None:
-        writer.add_tensor(name, np.ones(HIDDEN, dtype=np.float32))
-
-    kv = KV_HEADS * HIDDEN // HEADS
-    matrix("token_embd.weight", tokens, HIDDEN, 1.0)
-    norm("output_norm.weight")
-    matrix("output.weight", tokens, HIDDEN, 1.0)
-    for i in range(LAYERS):
-        norm(f"blk.{i}.attn_norm.weight")
-        matrix(f"blk.{i}.attn_q.weight", HIDDEN, HIDDEN)
-        matrix(f"blk.{i}.attn_k.weight", kv, HIDDEN)
-        matrix(f"blk.{i}.attn_v.weight", kv, HIDDEN)
-        matrix(f"blk.{i}.attn_output.weight", HIDDEN, HIDDEN)
-        norm(f"blk.{i}.ffn_norm.weight")
-        matrix(f"blk.{i}.ffn_gate.weight", MLP, HIDDEN)
-        matrix(f"blk.{i}.ffn_up.weight", MLP, HIDDEN)
-        matrix(f"blk.{i}.ffn_down.weight", HIDDEN, MLP)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(out, TINY, "Q4_0", seed)
     return out
 
 
