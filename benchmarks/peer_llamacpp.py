@@ -13,13 +13,13 @@ llama.cpp is built from the source inside the llama-cpp-python sdist — PyPI is
 such a machine reaches — with CMake and Ninja into `.peer/` (ignored), once: GGML_NATIVE off,
 AVX2 and AVX-512 on, AMX off (some virtual machines advertise AMX and fault on it).
 
-A bigger model: `--gguf FILE --model FOLDER` runs llama.cpp on FILE and personas on FOLDER, the
-same weights as a plain checkpoint (benchmarks/random_gguf.py writes a random Llama-3.2-1B-shaped
-Q4_0 file and its folder).
+A bigger model: `--gguf FILE` runs both on FILE (benchmarks/random_gguf.py writes a random
+Llama-3.2-1B-shaped Q4_0 file); personas converts it once into its cache before the timed runs.
+`--model SPEC` gives personas another copy of the same weights (a folder random_gguf.py wrote).
 
     .venv/bin/python benchmarks/peer_llamacpp.py [--rows 1 16 64 128] [--new-tokens 64] [--threads 2]
                                                  [--repeats 2] [--sdist-version 0.3.36]
-                                                 [--gguf FILE --model FOLDER]
+                                                 [--gguf FILE [--model FOLDER]]
 """
 
 from __future__ import annotations
@@ -120,10 +120,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sdist-version", default="0.3.36")
     parser.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model (default: the embedded GGUF)")
-    parser.add_argument("--model", default=None, help="personas' --model for the same weights (with --gguf)")
+    parser.add_argument("--model", default=None, help="personas' --model for the same weights (default: the GGUF)")
     args = parser.parse_args()
-    if (args.gguf is None) != (args.model is None):
-        parser.error("--gguf and --model go together: the same weights for both sides")
+    if args.model is not None and args.gguf is None:
+        parser.error("--model needs --gguf: the same weights for both sides")
 
     import torch
 
@@ -134,8 +134,8 @@ def main() -> None:
 
     binary, commit = build_peer(args.sdist_version)
     gguf = args.gguf or embedded_gguf_path()
-    spec = args.model or EMBEDDED
-    model = load_model(resolve_model(spec), device="cpu")
+    spec = args.model or (str(args.gguf) if args.gguf else EMBEDDED)
+    model = load_model(resolve_model(spec), device="cpu")  # a GGUF file is converted here, before any timing
     customer = load_library(find_library_file(None)).get("customer")
     prompt_tokens = len(plan(Request(personas=[customer], temperatures=(1.0,), n=1, seed=1), model)[0].prompt_ids)
     weights = quantized_bytes(model.model)
@@ -168,7 +168,8 @@ def main() -> None:
     print(f"work: one prompt of {prompt_tokens} tokens (the customer persona's) shared by N rows, "
           f"{args.new_tokens} new tokens each; the same GGUF ({gguf.name}, {gguf_bytes / 1e6:.0f} MB); "
           f"medians of {args.repeats} alternating runs"
-          + (f"; personas loads {spec}, the same weights dequantized" if args.model else ""))
+          + (f"; personas loads {spec}, the same weights dequantized" if args.model else "")
+          + ("; personas reads its converted copy" if args.gguf and not args.model else ""))
     print(f"floor of one row's step at the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s): personas reads "
           f"{weights / 1e6:.0f} MB of {weight_kind} weights -> {bandwidth / weights:.0f} tokens/s; llama.cpp reads "
           f"{peer_bytes / 1e6:.0f} MB of quantized blocks -> {bandwidth / peer_bytes:.0f} tokens/s\n")

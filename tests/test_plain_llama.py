@@ -63,7 +63,23 @@ def test_greedy_and_seeded_tokens_are_those_of_the_transformers_model(both):
     """The transformers-loaded model's engine tokens equal `generate` (test_engine_families)."""
     name, _, reference, plain = both
     for temperature, tokens in ((0.0, 48), (1.0, 24)):
-        assert run(plain, rows(plain, temperature), tokens) == run(reference, rows(reference, temperature), tokens), name
+        mine, theirs = run(plain, rows(plain, temperature), tokens), run(reference, rows(reference, temperature), tokens)
+        assert mine == theirs, name
+
+
+def test_a_qwen_window_unsaid_is_off_as_in_transformers(both, tmp_path):
+    """Qwen's configurations default use_sliding_window to off: a window given without the switch
+    does not limit the context."""
+    name, directory, _, _ = both
+    if not name.startswith("qwen"):
+        pytest.skip("Llama's and Mistral's configurations have no switch")
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("use_sliding_window", None)
+    changed = copy_of(directory, tmp_path / "unsaid", {**config, "sliding_window": 64})
+    plain = load_model(resolve_model(str(changed)), device="cpu", engine_only=True)
+    reference = load_model(resolve_model(str(changed)), device="cpu")
+    assert isinstance(plain.model, PlainCausalLM)
+    assert plain.context_length == reference.context_length == 512
 
 
 def test_the_embedded_model_answers_the_same_as_plain_modules(embedded_ready):
@@ -119,8 +135,10 @@ def rewrite_tensors(directory: Path, change) -> None:
 
 
 @pytest.mark.parametrize("why,config_change", [
-    ("rope scaling of another kind", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
-    ("no rope theta (each family's default differs)", {"rope_parameters": None, "rope_scaling": None, "rope_theta": None}),
+    ("rope scaling of another kind",
+     {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
+    ("no rope theta (each family's default differs)",
+     {"rope_parameters": None, "rope_scaling": None, "rope_theta": None}),
     ("another activation", {"hidden_act": "gelu"}),
     ("a family the engine does not run", {"model_type": "gemma2"}),
     ("code of its own", {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}),

@@ -24,9 +24,9 @@ class ModelOptions:
     trust_remote_code: bool = False
     fast_path: bool = True  # only to tell the user when the GPU cannot take the fast path
     cpu_weights: str = "float16"
-    # Commands use the model only through the decode engine, but for `explain` and `generate
-    # --diverge`, which run transformers' forward: on the CPU it may then load as plain modules
-    # (model/plain_llama.py).
+    # Every command runs the model only through the decode engine except `explain` and `generate
+    # --diverge`, which call transformers' forward; the engine's model may load on the CPU as
+    # plain modules (model/plain_llama.py).
     engine_only: bool = True
 
     def load_kwargs(self) -> dict:

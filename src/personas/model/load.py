@@ -132,19 +132,14 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     if not tokenizer_only and not gguf_file and not allow_pickle:
         refuse_pickle_only(directory, choice.label)
     tokenizer = _load_tokenizer(directory, gguf_file, choice, status, trust_remote_code)
-    model = None
-    if engine_only and not tokenizer_only and not gguf_file and torch_device.type == "cpu":
-        from .plain_llama import load_plain
-
-        status(f"loading {choice.label} on cpu")
-        try:
-            model = load_plain(directory)
-        except Exception as e:  # safetensors' and torch's own errors for a damaged file
-            raise ModelError(f"cannot load '{choice.label}': {_first_line(e)}",
-                             "check that the folder holds a complete model") from e
-    model, kernel = (model, None) if tokenizer_only or model is not None else _load_weights(
-        directory, gguf_file, choice, torch_device, gptq_backend, status,
-        {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
+    model, kernel = None, None
+    if not tokenizer_only:
+        if engine_only and not gguf_file and torch_device.type == "cpu":
+            model = _load_plain(directory, choice, status)
+        if model is None:
+            model, kernel = _load_weights(
+                directory, gguf_file, choice, torch_device, gptq_backend, status,
+                {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True})
     fused = 0
     gptq = gptq_config_of(directory) if kernel is not None and fuse_gptq else None
     if gptq is not None:  # AWQ's layers have their own layout: only GPTQ's are fused
@@ -271,6 +266,18 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
     # GPTQ's and AWQ's layers alike: their kernel decides whether a CUDA graph may capture them.
     kernel = kernel_name(model)
     return model, kernel
+
+
+def _load_plain(directory: str, choice: ModelChoice, status: Status) -> Any:
+    """The checkpoint as plain modules (plain_llama.py), or None where it is not one they build."""
+    from .plain_llama import load_plain
+
+    status(f"loading {choice.label} on cpu")
+    try:
+        return load_plain(directory)
+    except Exception as e:  # safetensors' and torch's own errors for a damaged file
+        raise ModelError(f"cannot load '{choice.label}': {_first_line(e)}",
+                         "check that the folder holds a complete model") from e
 
 
 def _end_of_turn_ids(tokenizer: Any, model: Any) -> list[int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class PlainConfig:
     qkv_bias: bool = False  # q, k and v projections with a bias
     o_bias: bool = False
     mlp_bias: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def read_plain_config(directory: Path) -> PlainConfig | None:
@@ -79,15 +78,16 @@ def read_plain_config(directory: Path) -> PlainConfig | None:
     rope = _rope_parameters(raw)
     if rope is None:
         return None
-    heads = raw["num_attention_heads"]
+    heads, kind = raw["num_attention_heads"], raw["model_type"]
     return PlainConfig(
-        **_biases(raw), model_type=raw["model_type"], hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
+        model_type=kind, hidden_size=raw["hidden_size"], intermediate_size=raw["intermediate_size"],
         num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=heads,
         num_key_value_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, vocab_size=raw["vocab_size"],
         rms_norm_eps=raw["rms_norm_eps"], rope=rope, tie_word_embeddings=raw.get("tie_word_embeddings"),
         max_position_embeddings=raw.get("max_position_embeddings"), sliding_window=raw.get("sliding_window"),
-        use_sliding_window=raw.get("use_sliding_window", True), extra=raw)
+        # Qwen's configurations turn the window off unless asked; Llama's and Mistral's have no switch.
+        use_sliding_window=raw.get("use_sliding_window", not kind.startswith("qwen")), **_biases(raw))
 
 
 def _biases(raw: dict[str, Any]) -> dict[str, bool]:
