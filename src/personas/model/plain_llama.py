@@ -234,7 +234,8 @@ class PlainCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         if tied is None:  # unsaid: tied exactly when the checkpoint has no head of its own
             tied = "lm_head.weight" not in take.names
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # On the meta device: no random weights made only to be replaced (1 GB for a 128k vocabulary).
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = nn.Parameter(
             self.model.embed_tokens.weight if tied else take("lm_head.weight"), requires_grad=False)
 
