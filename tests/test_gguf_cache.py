@@ -114,10 +114,16 @@ def test_generate_on_a_gguf_file_converts_once_and_answers_the_same(tiny_gguf, c
     assert len(texts) == 4 and texts == [json.loads(line)["text"] for line in second.stdout.splitlines()]
 
 
-def test_a_gguf_of_no_weights_is_refused_in_one_line(cache_dir, tmp_path):
+def test_a_gguf_of_no_weights_or_no_gguf_at_all_is_refused_in_one_line(cache_dir, tmp_path):
     fresh = tmp_path / "vocab-only.gguf"
     fresh.write_bytes(VOCABULARY.read_bytes()) if VOCABULARY.is_file() else pytest.skip("no vocabulary")
     result = run_cli(["generate", "customer", "--model", str(fresh), "--max-new-tokens", "4"], cache_dir)
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert result.returncode == 1 and len(errors) == 1, result.stderr
     assert "'vocab-only.gguf' holds no weights" in errors[0] and "render --ids" in errors[0]
+    assert "converting" not in result.stderr, "refused before the conversion is announced"
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a GGUF file at all" * 50)
+    result = run_cli(["generate", "customer", "--model", str(garbage), "--max-new-tokens", "4"], cache_dir)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert result.returncode == 1 and len(errors) == 1 and "cannot read 'garbage.gguf' as a GGUF file" in errors[0]

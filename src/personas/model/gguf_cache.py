@@ -65,6 +65,7 @@ def gguf_checkpoint(gguf: Path, status: Status = lambda _: None, *,
         return str(target), None
     if not convert:
         return str(gguf.parent), gguf.name
+    _refuse_weightless(gguf)
     status(f"converting {gguf.name} into {cache_dir()} (once for this file: later starts read the copy)")
     return _convert(gguf, target, source, status)
 
@@ -93,7 +94,6 @@ def _source_of(target: Path) -> dict | None:
 def _convert(gguf: Path, target: Path, source: dict | None, status: Status) -> tuple[str, str | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _refuse_weightless(gguf)
     try:
         # The GGUF reader draws its own tqdm bar on stderr; our status line says the same thing.
         with contextlib.redirect_stderr(io.StringIO()):
