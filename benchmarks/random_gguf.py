@@ -21,8 +21,6 @@ on and a benchmark never times the conversion — the same weights, value for va
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 import time
 from pathlib import Path
@@ -119,15 +117,10 @@ def write_gguf(out: Path, shape: dict, qtype_name: str, seed: int = 0) -> None:
 
 
 def write_folder(gguf_file: Path, folder: Path) -> None:
-    """The GGUF dequantized by transformers (as `personas --model FILE.gguf` converts it), saved once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF dequantized as `personas --model FILE.gguf` converts it, saved once into `folder`."""
+    from personas.model.gguf_cache import write_converted
 
-    with contextlib.redirect_stderr(io.StringIO()):
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    model.hf_quantizer = None  # the weights are plain float32 now
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    write_converted(gguf_file, folder)
 
 
 def main() -> None:

@@ -91,7 +91,8 @@ def _source_of(target: Path) -> dict | None:
         return None
 
 
-def _convert(gguf: Path, target: Path, source: dict | None, status: Status) -> tuple[str, str | None]:
+def write_converted(gguf: Path, folder: Path) -> None:
+    """The GGUF dequantized by transformers — tokenizer and float32 weights — saved into `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -106,12 +107,16 @@ def _convert(gguf: Path, target: Path, source: dict | None, status: Status) -> t
     # The weights are fully dequantized float32; dropping the GGUF quantizer lets
     # save_pretrained write them as a plain checkpoint.
     model.hf_quantizer = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _convert(gguf: Path, target: Path, source: dict | None, status: Status) -> tuple[str, str | None]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
         try:
-            model.save_pretrained(scratch)
-            tokenizer.save_pretrained(scratch)
+            write_converted(gguf, scratch)
             if source is not None:
                 (scratch / SOURCE_FILE).write_text(json.dumps(source))
             if target.exists() and _source_of(target) != source:  # a copy of the file as it was

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# The families whose layers the decoder runs (engine/decoder.py's FAMILIES; the model layer
-# cannot import the engine's list).
-PLAIN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# The families whose layers are Llama's, the decoder's (engine/decoder.py's FAMILIES).
+from .projections import FUSABLE_FAMILIES as PLAIN_FAMILIES
 ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -233,7 +232,7 @@ class PlainCausalLM(nn.Module):
         self.model = PlainBody(config, take)
         tied = config.tie_word_embeddings
         if tied is None:  # unsaid: tied exactly when the checkpoint has no head of its own
-            tied = "lm_head.weight" not in take.names
+            tied = "lm_head.weight" not in take.tensors
         # On the meta device: no random weights made only to be replaced (1 GB for a 128k vocabulary).
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = nn.Parameter(
@@ -256,7 +255,6 @@ class _Take:
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
-        self.names = frozenset(tensors)
         self.taken: set[str] = set()
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -275,7 +273,7 @@ class _Take:
         return layer
 
     def left(self) -> set[str]:
-        return set(self.names) - self.taken
+        return set(self.tensors) - self.taken
 
 
 class _NotPlain(Exception):
