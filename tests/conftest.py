@@ -239,3 +239,14 @@ def embedded_ready(cache_dir) -> Path:
     result = run_cli(["render", "customer", "--template", "model", "--ids"], cache_dir)
     assert result.returncode == 0, result.stderr
     return cache_dir
+
+
+def block_kernel_runs() -> bool:
+    """Whether this machine builds and runs the GGUF block kernel (AVX-512 VNNI, a C compiler)."""
+    from personas.model import block_kernel
+
+    try:
+        block_kernel.load()
+    except block_kernel.KernelUnavailable:
+        return False
+    return True

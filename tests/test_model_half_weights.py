@@ -2,8 +2,9 @@
 
 fbgemm's half-precision products against float32 products over the same rounded weights, a
 row's product whatever shares its batch, fused q/k/v columns equal to the unfused layer's; the
-loader's choice (float16 by default on the CPU, float32 on request); the decoder's one-call
-RMSNorm and sign-folded rotary against transformers' modules, bit for bit. The engine's greedy
+loader's choice (float16 by default on the CPU where a model has no GGUF blocks, float32 on
+request); the decoder's one-call RMSNorm and sign-folded rotary against transformers' modules,
+bit for bit. The engine's greedy
 text against `generate` on such a model is tested in test_engine.py (the `tiny` model is
 loaded this way) and on the embedded model below.
 """
@@ -122,10 +123,12 @@ def test_the_cpu_norm_and_rotary_equal_transformers_modules_bit_for_bit():
 
 @pytest.mark.slow
 @needs_fbgemm
-def test_the_engines_greedy_text_equals_generate_on_the_embedded_models_float16_weights(embedded_ready):
+@pytest.mark.parametrize("weights", ["float16", "gguf"])
+def test_the_engines_greedy_text_equals_generate_on_the_embedded_models_weights(embedded_ready, weights):
     """Real weights, real prompts: the engine and transformers' `generate` run the same packed
-    modules, and only the engine's attention (two parts merged) differs in its order of sums."""
-    from conftest import REPO
+    modules (float16, or the GGUF's blocks through personas' kernel), and only the engine's
+    attention (two parts merged) differs in its order of sums."""
+    from conftest import REPO, block_kernel_runs
 
     from personas.engine.engine import Engine
     from personas.generate.request import Request, plan
@@ -134,8 +137,10 @@ def test_the_engines_greedy_text_equals_generate_on_the_embedded_models_float16_
     from personas.model.load import load_model
     from personas.sampling.grid import Settings
 
-    loaded = load_model(resolve_model(EMBEDDED), device="cpu")
-    assert loaded.half_weights
+    if weights == "gguf" and not block_kernel_runs():
+        pytest.skip("the block kernel needs AVX-512 VNNI and a C compiler")
+    loaded = load_model(resolve_model(EMBEDDED), device="cpu", cpu_weights=weights)
+    assert loaded.half_weights if weights == "float16" else loaded.block_weights == 121
     library = load_library(REPO / "personas.toml")
     rows = plan(Request(personas=[library.get(name) for name in ("customer", "pirate", "critic")],
                         temperatures=(0.0,), n=1, seed=1), loaded)

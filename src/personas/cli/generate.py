@@ -95,7 +95,7 @@ def generate(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
-    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
+    cpu_weights: CpuWeightsOpt = CpuWeights.GGUF,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:

@@ -23,7 +23,7 @@ class ModelOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     fast_path: bool = True  # only to tell the user when the GPU cannot take the fast path
-    cpu_weights: str = "float16"
+    cpu_weights: str = "gguf"
     # Every command runs the model only through the decode engine except `explain` and `generate
     # --diverge`, which call transformers' forward; the engine's model may load on the CPU as
     # plain modules (model/plain_llama.py).
@@ -38,7 +38,7 @@ class ModelOptions:
 
 def model_options(defaults: Defaults, model: str | None, device: str | None = None, gptq_backend: str = "auto",
                   allow_pickle: bool = False, trust_remote_code: bool = False, fast_path: bool = True,
-                  cpu_weights: str = "float16", engine_only: bool = True) -> ModelOptions:
+                  cpu_weights: str = "gguf", engine_only: bool = True) -> ModelOptions:
     """The model flags, with --model (else [defaults].model, $PERSONAS_MODEL, auto) resolved now,
     so that a model that does not exist is refused before anything slow."""
     def has_cuda() -> bool:
@@ -67,6 +67,7 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
     if tokenizer_only:
         return loaded
     kernel = f", 4-bit kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
+    kernel += f", GGUF blocks for {loaded.block_weights} layers" if loaded.block_weights else ""
     kernel += ", float16 weights" if loaded.half_weights else ""
     feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
     reason = unsupported_reason(loaded.model)

@@ -40,6 +40,7 @@ class CpuWeights(enum.StrEnum):
 
     FLOAT16 = "float16"
     FLOAT32 = "float32"
+    GGUF = "gguf"
 
 
 GptqBackend = enum.StrEnum("GptqBackend", [(name.upper(), name) for name in GPTQ_BACKENDS])
@@ -63,9 +64,11 @@ GptqBackendOpt = Annotated[
 ]
 CpuWeightsOpt = Annotated[
     CpuWeights,
-    typer.Option("--cpu-weights", help="On the CPU: float16 keeps the weights in half precision for fbgemm's "
-                 "half-precision products (about half the bytes a step reads; the rows stay float32); "
-                 "float32 multiplies with the weights as loaded.", case_sensitive=False),
+    typer.Option("--cpu-weights", help="On the CPU: gguf multiplies a GGUF model's layers with the file's own "
+                 "Q4_0/Q4_1/Q8_0 blocks (AVX-512 VNNI; a C compiler builds the kernel once) and keeps the "
+                 "others as float16; float16 keeps every weight in half precision for fbgemm's products "
+                 "(about half the bytes a step reads; the rows stay float32); float32 multiplies with the "
+                 "weights as loaded.", case_sensitive=False),
 ]
 DeviceOpt = Annotated[
     Optional[str],

@@ -41,7 +41,7 @@ def serve(
     file: FileOpt = None,
     model: ModelOpt = None,
     gptq_backend: GptqBackendOpt = GptqBackend.AUTO,
-    cpu_weights: CpuWeightsOpt = CpuWeights.FLOAT16,
+    cpu_weights: CpuWeightsOpt = CpuWeights.GGUF,
     device: DeviceOpt = None,
     batch_size: BatchSizeOpt = None,
     fast_path: FastPathOpt = True,

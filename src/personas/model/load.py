@@ -45,6 +45,8 @@ class LoadedModel:
     gptq_fused: int = 0  # q/k/v and gate/up groups fused into one GPTQ layer each (fused_gptq.py)
     # Linear layers (fused groups once) kept as float16 weights on the CPU (half_weights.py); 0: none.
     half_weights: int = 0
+    # Linear layers (fused groups once) multiplying with a GGUF file's own blocks (block_weights.py).
+    block_weights: int = 0
     config: Any = None  # the model's configuration, also when only the tokenizer was loaded
 
     def _encode_text(self, text: str) -> list[int]:
@@ -97,19 +99,23 @@ def _quiet_libraries() -> None:
 def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: str = "auto",
                status: Status = lambda _: None, tokenizer_only: bool = False,
                allow_pickle: bool = False, trust_remote_code: bool = False, fuse_gptq: bool = True,
-               cpu_weights: str = "float16", engine_only: bool = False) -> LoadedModel:
+               cpu_weights: str = "gguf", engine_only: bool = False) -> LoadedModel:
     """Load `choice` once, on `device` (default: CUDA when present, else CPU).
 
     Safe by default: weights only from safetensors (pickle files can run code when loaded)
     unless `allow_pickle`, and a model's own Python code never runs unless `trust_remote_code`.
     A GPTQ Llama's q/k/v and gate/up projections are fused unless `fuse_gptq` is False. On the
-    CPU a float32 model's linear layers keep float16 weights (half_weights.py) unless
-    `cpu_weights` is "float32". `engine_only`: the caller runs the model only through the decode
-    engine, never transformers' forward or `generate`; a CPU Llama-family safetensors checkpoint
-    is then built as plain modules (plain_llama.py), which starts about two seconds sooner.
+    CPU, `cpu_weights` "gguf" (the default) multiplies a converted GGUF file's layers with the
+    file's own blocks where it has them and this CPU runs their kernel (block_weights.py), and
+    keeps a float32 model's other linear layers as float16 weights (half_weights.py), as
+    "float16" keeps them all; "float32" keeps them as loaded. `engine_only`: the caller runs the
+    model only through the decode engine, never transformers' forward or `generate`; a CPU
+    Llama-family safetensors checkpoint is then built as plain modules (plain_llama.py), which
+    starts about two seconds sooner.
     """
     if cpu_weights not in CPU_WEIGHTS:
-        raise InputError(f"cpu weights '{cpu_weights}' are not one of {', '.join(CPU_WEIGHTS)}", "use float16 or float32")
+        raise InputError(f"cpu weights '{cpu_weights}' are not one of {', '.join(CPU_WEIGHTS)}",
+                         f"use {' or '.join(CPU_WEIGHTS)}")
     started = time.perf_counter()
     _quiet_libraries()
     import torch
@@ -148,11 +154,15 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         status("fusing the GPTQ projections")
         fused = fuse_gptq_projections(model, directory, gptq)
 
-    halved = 0
-    if model is not None and torch_device.type == "cpu" and cpu_weights == "float16":
-        from .half_weights import use_half_weights
+    halved = blocked = 0
+    if model is not None and torch_device.type == "cpu" and cpu_weights == "gguf" and not gguf_file:
+        blocked = _use_blocks(model, directory, status)
+    if model is not None and torch_device.type == "cpu" and cpu_weights in ("float16", "gguf"):
+        from .half_weights import keep_own_copies, use_half_weights
 
         halved = use_half_weights(model)  # part of "loading": the final line says "float16 weights"
+        if blocked and not halved:
+            keep_own_copies(model)
 
     config = model.config if model is not None else _load_config(directory, gguf_file, trust_remote_code)
     template = "llama2" if choice.llama2_chat or is_llama2_chat_template(
@@ -162,12 +172,24 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     return LoadedModel(label=choice.label, model=model, tokenizer=tokenizer, template=template,
                        eos_ids=eos_ids, pad_id=pad_id, device=torch_device,
                        load_seconds=time.perf_counter() - started, gptq_kernel=kernel, gptq_fused=fused,
-                       half_weights=halved,                        config=config)
+                       half_weights=halved, block_weights=blocked, config=config)
 
 
-# What a CPU model's linear layers multiply with: float16 weights through fbgemm (half_weights.py)
-# or the float32 ones as loaded.
-CPU_WEIGHTS = ("float16", "float32")
+# What a CPU model's linear layers multiply with: float16 weights through fbgemm (half_weights.py),
+# the float32 ones as loaded, or a GGUF file's own blocks where it has them (block_weights.py).
+CPU_WEIGHTS = ("float16", "float32", "gguf")
+
+
+def _use_blocks(model: Any, directory: str, status: Status) -> int:
+    """The GGUF blocks saved beside a converted model, where this machine can run their kernel."""
+    from .block_kernel import KernelUnavailable
+    from .block_weights import use_block_weights
+
+    try:
+        return use_block_weights(model, Path(directory))
+    except KernelUnavailable as e:
+        status(f"GGUF blocks cannot run here ({e}): float16 weights instead")
+        return 0
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

@@ -1,0 +1,104 @@
+"""block_kernel.c, compiled on first use into the user's cache and called through ctypes.
+
+The kernel is a few hundred lines of C with AVX-512 VNNI intrinsics: compiling it where it runs
+(one `cc` call, under a second) needs no build step at install and no wheel per CPU. Where the
+CPU lacks those instructions or no C compiler is found, `load()` says why and the caller keeps
+float16 weights. The library links the same OpenMP runtime as torch (libgomp, loaded by torch
+first), so its threads are torch's number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .choice import cache_dir
+
+SOURCE = Path(__file__).with_name("block_kernel.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c",
+                 "-fopenmp", "-shared", "-fPIC")
+
+
+class KernelUnavailable(Exception):
+    """Why the block kernel cannot run here (the CPU, the compiler); the caller falls back."""
+
+
+@cache
+def load() -> ctypes.CDLL:
+    """The compiled kernel, built into the cache once per source text and compiler flags."""
+    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        raise KernelUnavailable(f"this CPU lacks {', '.join(missing)}")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"block_kernel-{digest}.so"
+    if not library.is_file():
+        _compile(library)
+    lib = ctypes.CDLL(str(library))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    lib.quantize_rows.argtypes = [pointer, integer, integer, pointer, pointer, pointer, pointer]
+    lib.quantize_rows.restype = None
+    lib.block_linear.argtypes = [pointer, pointer, pointer, integer, integer, integer,
+                                 pointer, pointer, pointer, pointer, integer, pointer, pointer]
+    lib.block_linear.restype = None
+    return lib
+
+
+def _compile(library: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise KernelUnavailable("no C compiler (cc) was found")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Compiled beside its final name and renamed: two processes starting at once never load half a file.
+    handle, scratch = tempfile.mkstemp(prefix=".compiling-", suffix=".so", dir=library.parent)
+    os.close(handle)
+    try:
+        try:
+            done = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", scratch],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise KernelUnavailable(f"the C compiler {compiler} could not run ({e})") from e
+        if done.returncode:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise KernelUnavailable(f"{Path(compiler).name} could not compile it ({first})")
+        os.replace(scratch, library)
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+
+
+@cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()  # not Linux, or no /proc: the kernel is not tried
+
+
+def block_linear(x: torch.Tensor, weights: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
+                 outputs: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (float32, [rows, width], contiguous) times the packed block weights: [rows, outputs]."""
+    lib = load()
+    rows, width = x.shape
+    blocks = width // 32
+    hi = torch.empty(rows, width, dtype=torch.int8)
+    lo = torch.empty(rows, width, dtype=torch.int8)
+    scales = torch.empty(rows, blocks)
+    sums = torch.empty(rows, blocks)
+    y = torch.empty(rows, outputs)
+    lib.quantize_rows(x.data_ptr(), rows, width, hi.data_ptr(), lo.data_ptr(), scales.data_ptr(), sums.data_ptr())
+    lib.block_linear(weights.data_ptr(), d.data_ptr(), m.data_ptr(), bits, outputs, width,
+                     hi.data_ptr(), lo.data_ptr(), scales.data_ptr(), sums.data_ptr(), rows,
+                     None if bias is None else bias.data_ptr(), y.data_ptr())
+    return y

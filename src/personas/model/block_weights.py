@@ -1,0 +1,223 @@
+"""On the CPU, a GGUF model's linear layers can multiply with the file's own 4- and 8-bit blocks
+(Q4_0, Q4_1, Q8_0) instead of float16 copies of them: `--cpu-weights gguf`.
+
+A one-row decode step is bound by reading the weights once: the embedded model's float16 weights
+are 269 MB a step, its Q4_1/Q8_0 blocks about 105 MB. Neither torch nor a library it ships
+multiplies float32 rows by such blocks on x86 without rounding the rows to 8 bits (torch's int4
+and int8 kernels, fbgemm's dynamic quantization) or running slower than float16
+(docs/performance.md, "How does the CPU compare with llama.cpp?"), hence personas' own kernel,
+block_kernel.c. It keeps about 16 bits of each row (two int8 planes per block of 32 values) where
+llama.cpp keeps 8, and gives a row the same product whatever its batch.
+
+The blocks are found when a GGUF file is converted (gguf_cache.py): transformers dequantizes
+every tensor to float32, and `find_blocks` recovers, per block of 32 weights, a scale, an offset
+and integers that give back every float32 weight exactly — the file's blocks, in its layout-free
+form, whatever transformers did to the tensor's rows on the way (Llama's q/k permutation).
+A tensor that no such blocks reproduce (another quantization type, or float weights) is left to
+float16. They are saved beside the converted weights as `blocks.safetensors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import block_kernel
+from .projections import FUSABLE_FAMILIES, FUSED_GROUPS, install
+
+BLOCKS_FILE = "blocks.safetensors"
+BLOCK = 32
+
+
+class Blocks:
+    """A weight matrix as blocks of 32: weight = scale * integer + offset, per output and block.
+    `integers`: uint8 [outputs, inputs] (0–15 for 4 bits, 0–255 for 8); `scale`, `offset`:
+    float16 [outputs, inputs / 32]."""
+
+    def __init__(self, bits: int, integers: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+        self.bits, self.integers, self.scale, self.offset = bits, integers, scale, offset
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weights the blocks stand for (each rounded once from the exact value)."""
+        n, width = self.integers.shape
+        exact = (self.integers.double().view(n, -1, BLOCK) * self.scale.double()[..., None]
+                 + self.offset.double()[..., None])
+        return exact.view(n, width).float()
+
+
+def find_blocks(weight: torch.Tensor, chunk_elements: int = 1 << 21) -> Blocks | None:
+    """Blocks that reproduce `weight` (float32 [outputs, inputs]) exactly, 4-bit if any do, else
+    8-bit; None when neither does."""
+    if weight.dim() != 2 or weight.shape[1] % BLOCK or weight.dtype != torch.float32:
+        return None
+    rows_per_chunk = max(1, chunk_elements // weight.shape[1])
+    for bits in (4, 8):
+        parts = []
+        for start in range(0, weight.shape[0], rows_per_chunk):
+            part = _recover(weight[start:start + rows_per_chunk], bits)
+            if part is None:
+                break
+            parts.append(part)
+        else:
+            return Blocks(bits, *(torch.cat(pieces) for pieces in zip(*parts)))
+    return None
+
+
+def _recover(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...] | None:
+    values = weight.detach().double().view(weight.shape[0], -1, BLOCK)
+    if bits == 4:
+        # Q4_1 spans its block: d = (max - min) / 15 upward from the minimum. Q4_0 is w = d * (q - 8)
+        # with q = 0 for the value largest in size, w0 = -8 d: an offset of w0, a scale of -w0 / 8.
+        low, high = values.amin(-1), values.amax(-1)
+        largest = values.gather(-1, values.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        candidates = [((high - low) / 15, low), (-largest / 8, largest)]
+        top = 15
+    else:
+        # Q8_0: w = d * q with q in -127..127, stored as q + 128.
+        scale = values.abs().amax(-1) / 127
+        candidates = [(scale, -128 * scale)]
+        top = 255
+    found = None
+    for scale, offset in candidates:
+        scale, offset = scale.half(), offset.half()
+        step = scale.double()[..., None]
+        integers = ((values - offset.double()[..., None]) / torch.where(step == 0, 1.0, step)).round().clamp(0, top)
+        exact = ((integers * step + offset.double()[..., None]).float().double() == values).all(-1)
+        if found is None:
+            found = [exact, integers, scale, offset]
+        else:  # blocks the first candidate missed take the next one's
+            use = exact & ~found[0]
+            found[1] = torch.where(use[..., None], integers, found[1])
+            found[2], found[3] = torch.where(use, scale, found[2]), torch.where(use, offset, found[3])
+            found[0] = found[0] | exact
+    ok, integers, scale, offset = found
+    if not bool(ok.all()) or not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+        return None
+    return integers.to(torch.uint8).view(weight.shape[0], -1), scale, offset
+
+
+def save_blocks(model: Any, folder: Path) -> int:
+    """Write the blocks of every linear layer that has them into `folder`; how many layers did."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = {}, {"format": "personas-blocks-1"}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        blocks = find_blocks(module.weight)
+        if blocks is None:
+            continue
+        integers = blocks.integers
+        if blocks.bits == 4:  # two to a byte, the even input in the low nibble
+            integers = integers[:, 0::2] | (integers[:, 1::2] << 4)
+        tensors[f"{name}.integers"] = integers.contiguous()
+        tensors[f"{name}.scale"] = blocks.scale.contiguous()
+        tensors[f"{name}.offset"] = blocks.offset.contiguous()
+        metadata[f"{name}.bits"] = str(blocks.bits)
+    if tensors:
+        save_file(tensors, str(folder / BLOCKS_FILE), metadata=metadata)
+    return len(metadata) - 1
+
+
+def read_blocks(folder: Path) -> dict[str, Blocks]:
+    """The blocks saved in `folder`, by linear layer name (none when there is no file)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / BLOCKS_FILE
+    if not path.is_file():
+        return {}
+    found = {}
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        for key, bits_text in metadata.items():
+            if not key.endswith(".bits"):
+                continue
+            name, bits = key[:-len(".bits")], int(bits_text)
+            integers = file.get_tensor(f"{name}.integers")
+            if bits == 4:
+                integers = torch.stack([integers & 0x0F, integers >> 4], dim=-1).view(integers.shape[0], -1)
+            found[name] = Blocks(bits, integers, file.get_tensor(f"{name}.scale"), file.get_tensor(f"{name}.offset"))
+    return found
+
+
+def pack_for_kernel(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout block_kernel.c reads: outputs in groups of 16 (the last group filled with
+    zero weights), per group and block 8 steps of 16 outputs × 4 inputs (4-bit: two steps to a
+    byte); scale and offset as [group, block, 16]."""
+    n, width = blocks.integers.shape
+    groups, count = -(-n // 16), width // BLOCK
+    fill = groups * 16 - n
+
+    def by_group(values: torch.Tensor) -> torch.Tensor:
+        values = torch.nn.functional.pad(values, (0, 0, 0, fill))
+        return values.view(groups, 16, count).transpose(1, 2).contiguous()
+
+    integers = torch.nn.functional.pad(blocks.integers, (0, 0, 0, fill))
+    steps = integers.view(groups, 16, count, 8, 4).permute(0, 2, 3, 1, 4)
+    if blocks.bits == 4:
+        steps = steps[:, :, 0::2] | (steps[:, :, 1::2] << 4)
+    return steps.contiguous(), by_group(blocks.scale), by_group(blocks.offset)
+
+
+class BlockLinear(nn.Module):
+    """A linear layer whose weights are a GGUF file's blocks, multiplied by block_kernel.c."""
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = blocks.integers.shape
+        self.bits = blocks.bits
+        packed, scale, offset = pack_for_kernel(blocks)
+        self.computed = packed.shape[0] * 16  # outputs rounded up to the kernel's groups of 16
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("offset", offset, persistent=False)
+        self.bias = None if bias is None else torch.nn.functional.pad(
+            bias.detach().float(), (0, self.computed - self.out_features)).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        y = block_kernel.block_linear(rows, self.packed, self.scale, self.offset, self.bits,
+                                      self.computed, self.bias)
+        if self.computed != self.out_features:
+            y = y[:, :self.out_features].contiguous()
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.bits}-bit GGUF blocks"
+
+
+def use_block_weights(model: Any, folder: Path) -> int:
+    """Replace the linear layers of `model` that have blocks saved in `folder` with `BlockLinear`,
+    q/k/v and gate/up fused where all parts have blocks of the same width. Returns how many
+    layers were replaced (fused groups count once); 0 where the kernel cannot run here."""
+    saved = read_blocks(folder)
+    if not saved:
+        return 0
+    block_kernel.load()  # raises KernelUnavailable before any layer is replaced
+    names = {id(module): name for name, module in model.named_modules()}
+    replaced = 0
+    fusable = getattr(getattr(model, "config", None), "model_type", None) in FUSABLE_FAMILIES
+    if fusable and hasattr(getattr(model, "model", None), "layers"):
+        for layer in model.model.layers:
+            for owner_name, projection_names, fused_name in FUSED_GROUPS:
+                owner = getattr(layer, owner_name, None)
+                parts = [getattr(owner, name, None) for name in projection_names]
+                found = [saved.get(names.get(id(part), "")) for part in parts]
+                if (any(b is None for b in found) or len({b.bits for b in found}) != 1
+                        or any(type(p) is not nn.Linear for p in parts) or len({p.bias is None for p in parts}) != 1):
+                    continue
+                fused = Blocks(found[0].bits, *(torch.cat(pieces) for pieces in
+                                                 zip(*((b.integers, b.scale, b.offset) for b in found))))
+                bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+                install(owner, projection_names, fused_name, BlockLinear(fused, bias))
+                replaced += 1
+    for owner in list(model.modules()):
+        for child_name, child in owner.named_children():
+            blocks = saved.get(names.get(id(child), ""))
+            if type(child) is nn.Linear and blocks is not None:
+                setattr(owner, child_name, BlockLinear(blocks, child.bias))
+                replaced += 1
+    return replaced

@@ -1,0 +1,175 @@
+"""A GGUF file's own blocks on the CPU (model/block_weights.py, block_kernel.c).
+
+Blocks are recovered exactly from weights that gguf-py's own Q4_0, Q4_1 and Q8_0 quantization
+made, and from nothing else; the kernel's product against the float64 product of those weights;
+a row's product whatever shares its batch; a converted GGUF file's copy carrying the blocks of
+every quantized layer, Llama's permuted q/k included; the engine's greedy text against
+`generate` on the very same block layers; and the fallback to float16 where the kernel cannot be
+built, in one status line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import block_kernel_runs, run_cli
+
+from personas.model.block_weights import BLOCKS_FILE, BlockLinear, find_blocks, read_blocks, save_blocks
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
+
+
+needs_kernel = pytest.mark.skipif(not block_kernel_runs(), reason="the block kernel needs AVX-512 VNNI and a C compiler")
+
+
+def gguf_round_trip(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The float32 weights a GGUF file of this type gives back (gguf-py quantizes and dequantizes)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    kind = GGMLQuantizationType[qtype]
+    return torch.from_numpy(dequantize(quantize(weight.numpy(), kind), kind).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype, bits", [("Q4_0", 4), ("Q4_1", 4), ("Q8_0", 8)])
+def test_blocks_give_back_every_weight_of_a_quantized_tensor(qtype, bits):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 256, generator=generator) * torch.logspace(-3, 1, 96)[:, None]
+    weight[5] = 0  # a block of zeros, and one block of a single value
+    weight[6, :32] = 0.25
+    quantized = gguf_round_trip(weight, qtype)
+    blocks = find_blocks(quantized)
+    assert blocks is not None and blocks.bits == bits
+    assert torch.equal(blocks.dequantized(), quantized)
+    assert int(blocks.integers.max()) <= (15 if bits == 4 else 255)
+
+
+def test_float_weights_and_other_types_have_no_blocks():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 128, generator=generator)
+    assert find_blocks(weight) is None
+    assert find_blocks(gguf_round_trip(weight, "Q5_0")) is None, "32 levels: neither 4- nor 8-bit blocks"
+    assert find_blocks(torch.randn(64, 100)) is None, "inputs not a multiple of 32"
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_the_kernels_product_is_within_the_rows_two_int8_planes_of_the_exact_one(qtype):
+    generator = torch.Generator().manual_seed(2)
+    weight = gguf_round_trip(torch.randn(150, 576, generator=generator) * 0.05, qtype)
+    bias = torch.randn(150, generator=generator)
+    layer = BlockLinear(find_blocks(weight), bias)  # 150 outputs: the kernel's last group of 16 partly empty
+    x = torch.randn(5, 3, 576, generator=generator) * torch.logspace(-2, 2, 576)  # a row's blocks of many scales
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 3, 150)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    # Each row value is within max|block| / 65024 of its own; the product's error is bounded by
+    # those errors times the weights' magnitudes.
+    blocks = x.double().reshape(15, -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(15, 576)
+    bound = (blocks / 65024) @ weight.double().abs().T + 1e-5 * exact.abs().reshape(15, 150)
+    assert ((got.double() - exact).abs().reshape(15, 150) <= bound).all()
+    assert (got.double() - exact).abs().max() > 0, "rows are kept to 16 bits, not exactly"
+
+
+@needs_kernel
+def test_a_rows_product_does_not_depend_on_its_batch():
+    generator = torch.Generator().manual_seed(3)
+    layer = BlockLinear(find_blocks(gguf_round_trip(torch.randn(256, 320, generator=generator), "Q4_1")),
+                        torch.randn(256, generator=generator))
+    row = torch.randn(1, 320, generator=generator)
+    alone = layer(row)
+    for rows in (2, 5, 8, 9, 16, 64, 130):
+        batch = torch.randn(rows, 320, generator=generator) * 10  # other rows of other scales
+        batch[rows // 2] = row[0]
+        assert torch.equal(layer(batch)[rows // 2], alone[0]), rows
+
+
+def quantize_linear_layers(model, qtypes: dict[str, str]) -> None:
+    """Every linear layer's weights replaced by what a GGUF file of the given type gives back."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                qtype = next(q for suffix, q in qtypes.items() if name.endswith(suffix))
+                module.weight.copy_(gguf_round_trip(module.weight.detach().clone(), qtype))
+
+
+@pytest.fixture(scope="module")
+def quantized_family(tmp_path_factory):
+    """A tiny Llama 3 whose layers are Q4_1, Q4_0 (down) and Q8_0 (head), saved as a GGUF file's
+    converted copy is: float32 weights and the blocks beside them."""
+    from test_engine_families import tiny_family
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("blocks-llama3")
+    tiny_family("llama3", directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    quantize_linear_layers(model, {"down_proj": "Q4_0", "lm_head": "Q8_0", "": "Q4_1"})
+    model.save_pretrained(directory)
+    assert save_blocks(model, directory) == 2 * 7 + 1
+    return directory
+
+
+@needs_kernel
+def test_the_engines_greedy_text_equals_generate_on_the_same_block_layers(quantized_family):
+    from test_engine_families import rows, run
+
+    loaded = load_model(resolve_model(str(quantized_family)), device="cpu")
+    assert loaded.block_weights == 2 * 4 + 1 and loaded.half_weights == 0  # q/k/v and gate/up fused
+    assert isinstance(loaded.model.lm_head, BlockLinear)
+    greedy = rows(loaded, 0.0)
+    together = run(loaded, greedy)
+    for row in greedy:
+        ids = torch.tensor([row.prompt_ids])
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                                    eos_token_id=loaded.eos_ids, pad_token_id=loaded.pad_id)[0, ids.shape[1]:].tolist()
+        expected = tuple(out[:next((i for i, t in enumerate(out) if t in loaded.eos_ids), len(out))])
+        assert together[row.id] == expected, row.id
+        assert run(loaded, [row])[row.id] == expected, row.id
+    # The plain modules the CLI builds run the same layers: the same tokens, sampled ones too.
+    plain = load_model(resolve_model(str(quantized_family)), device="cpu", engine_only=True)
+    assert plain.block_weights == loaded.block_weights
+    assert run(plain, greedy) == together
+    sampled = rows(plain, 1.0)
+    assert run(plain, sampled, 24) == run(loaded, sampled, 24)
+
+
+@needs_kernel
+def test_float16_and_float32_on_request_leave_the_blocks_unused(quantized_family):
+    half = load_model(resolve_model(str(quantized_family)), device="cpu", cpu_weights="float16")
+    assert half.block_weights == 0 and half.half_weights == 2 * 4 + 1
+    full = load_model(resolve_model(str(quantized_family)), device="cpu", cpu_weights="float32")
+    assert full.block_weights == full.half_weights == 0
+
+
+def test_a_converted_gguf_copy_carries_the_blocks_of_its_layers(tmp_path, cache_dir):
+    """transformers reorders the rows of Llama's q and k when it reads a GGUF file; the blocks are
+    found after that, so they match the copy's weights row for row."""
+    from test_gguf_cache import write_tiny_gguf
+
+    from personas.model.gguf_cache import gguf_checkpoint
+    from safetensors.torch import load_file
+
+    gguf = write_tiny_gguf(tmp_path / "tiny-blocks.Q4_0.gguf")
+    folder, _ = gguf_checkpoint(gguf)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    blocks = read_blocks(folder)
+    linear = {key[:-len(".weight")] for key in weights if key.endswith("proj.weight")}
+    assert linear <= set(blocks) and len(linear) == 2 * 7
+    for name in linear:
+        assert torch.equal(blocks[name].dequantized(), weights[f"{name}.weight"]), name
+
+
+def test_where_the_kernel_cannot_be_built_the_weights_are_float16_and_it_says_why(quantized_family, tmp_path):
+    """A machine without a C compiler: one status line, then the float16 products."""
+    result = run_cli(["generate", "customer", "--model", str(quantized_family), "-t", "0", "-n", "1",
+                      "--max-new-tokens", "4", "--format", "jsonl"], tmp_path / "fresh-cache", CC="/nonexistent/cc")
+    assert result.returncode == 0, result.stderr
+    if not block_kernel_runs():
+        assert "float16 weights" in result.stderr
+        return
+    assert "GGUF blocks cannot run here (the C compiler /nonexistent/cc could not run" in result.stderr, result.stderr
+    assert "float16 weights" in result.stderr and "GGUF blocks for" not in result.stderr
+    assert not list((tmp_path / "fresh-cache").glob("kernels/*.so")), "nothing half-built is left"
