@@ -94,10 +94,13 @@ def peak_gb() -> float:
 
 def quantized_bytes(model) -> int:
     """Every parameter and buffer a decode step reads: all weights except the embedding table
-    (a tied head is read through its own copy), float16 weights packed for the CPU included."""
+    (a tied head is read through its own copy), float16 weights packed for the CPU and GGUF
+    blocks included."""
+    from personas.model.block_weights import BlockLinear
     from personas.model.half_weights import HalfWeightLinear
 
     total = sum(m.out_features * m.in_features * 2 for m in model.modules() if isinstance(m, HalfWeightLinear))
+    total += sum(m.stored_bytes() for m in model.modules() if isinstance(m, BlockLinear))
     seen = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.data_ptr() in seen or "embed_tokens" in name or "rotary" in name:

@@ -16,10 +16,12 @@ AVX2 and AVX-512 on, AMX off (some virtual machines advertise AMX and fault on i
 A bigger model: `--gguf FILE` runs both on FILE (benchmarks/random_gguf.py writes a random
 Llama-3.2-1B-shaped Q4_0 file); personas converts it once into its cache before the timed runs.
 `--model SPEC` gives personas another copy of the same weights (a folder random_gguf.py wrote).
+`--cpu-weights gguf float16` runs personas once with each (the GGUF's own blocks, the default,
+and float16 weights), alternating with llama.cpp, one table row each.
 
     .venv/bin/python benchmarks/peer_llamacpp.py [--rows 1 16 64 128] [--new-tokens 64] [--threads 2]
                                                  [--repeats 2] [--sdist-version 0.3.36]
-                                                 [--gguf FILE [--model FOLDER]]
+                                                 [--gguf FILE [--model FOLDER]] [--cpu-weights W ...]
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--sdist-version", default="0.3.36")
     parser.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model (default: the embedded GGUF)")
     parser.add_argument("--model", default=None, help="personas' --model for the same weights (default: the GGUF)")
+    parser.add_argument("--cpu-weights", nargs="+", default=["gguf"], choices=["gguf", "float16", "float32"],
+                        help="personas' --cpu-weights, each run in turn")
     args = parser.parse_args()
     if args.model is not None and args.gguf is None:
         parser.error("--model needs --gguf: the same weights for both sides")
@@ -135,30 +139,38 @@ def main() -> None:
     binary, commit = build_peer(args.sdist_version)
     gguf = args.gguf or embedded_gguf_path()
     spec = args.model or (str(args.gguf) if args.gguf else EMBEDDED)
-    model = load_model(resolve_model(spec), device="cpu")  # a GGUF file is converted here, before any timing
     customer = load_library(find_library_file(None)).get("customer")
-    prompt_tokens = len(plan(Request(personas=[customer], temperatures=(1.0,), n=1, seed=1), model)[0].prompt_ids)
-    weights = quantized_bytes(model.model)
-    weight_kind = "float16" if model.half_weights else "float32"
+    step_reads: dict[str, tuple[int, str]] = {}  # per --cpu-weights: the bytes a step reads, and of what
+    for kind in args.cpu_weights:
+        # A GGUF file is converted by the first load, before any timing.
+        model = load_model(resolve_model(spec), device="cpu", cpu_weights=kind)
+        prompt_tokens = len(plan(Request(personas=[customer], temperatures=(1.0,), n=1, seed=1), model)[0].prompt_ids)
+        what = ("GGUF blocks" + (" and float16 weights" if model.half_weights else "") if model.block_weights
+                else "float16 weights" if model.half_weights else "float32 weights")
+        step_reads[kind] = (quantized_bytes(model.model), what)
+        del model
     bandwidth = copy_bandwidth(args.threads)
-    del model
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONAS_MODEL": spec, "OMP_NUM_THREADS": str(args.threads)}
-    personas_runs: dict[int, list[tuple[float, float]]] = {n: [] for n in args.rows}
+    personas_runs: dict[tuple[int, str], list[tuple[float, float]]] = {
+        (n, kind): [] for n in args.rows for kind in args.cpu_weights}
     peer_runs: dict[int, list[tuple[float, dict]]] = {n: [] for n in args.rows}
     for repeat in range(args.repeats):
         for n in args.rows:
-            whole, result = timed([sys.executable, "-m", "personas", "generate", "customer", "-n", str(n), "-t", "1.0",
-                                   "--seed", str(repeat + 1), "--max-new-tokens", str(args.new_tokens),
-                                   "--min-new-tokens", str(args.new_tokens), "-f", "jsonl"], env)
-            found = re.search(r"(\d+) new tokens in ([\d.]+) s", result.stderr)
-            personas_runs[n].append((whole, int(found.group(1)) / float(found.group(2))))
+            for kind in args.cpu_weights:
+                whole, result = timed([sys.executable, "-m", "personas", "generate", "customer", "-n", str(n),
+                                       "-t", "1.0", "--seed", str(repeat + 1), "--max-new-tokens", str(args.new_tokens),
+                                       "--min-new-tokens", str(args.new_tokens), "--cpu-weights", kind, "-f", "jsonl"],
+                                      env)
+                found = re.search(r"(\d+) new tokens in ([\d.]+) s", result.stderr)
+                personas_runs[n, kind].append((whole, int(found.group(1)) / float(found.group(2))))
             whole, result = timed([str(binary), "-m", str(gguf), "-c", str((prompt_tokens + args.new_tokens) * n + 64),
                                    "-b", "2048", "-ub", "512", "-npp", str(prompt_tokens), "-ntg", str(args.new_tokens),
                                    "-npl", str(n), "-pps", "-t", str(args.threads), "--output-format", "jsonl"], env)
             line = next(line for line in (result.stdout + "\n" + result.stderr).splitlines() if line.startswith('{"'))
             peer_runs[n].append((whole, json.loads(line)))
-            log(f"rows {n}, repeat {repeat + 1}: personas {personas_runs[n][-1][1]:.1f} tokens/s, "
+            ours = ", ".join(f"{kind} {personas_runs[n, kind][-1][1]:.1f}" for kind in args.cpu_weights)
+            log(f"rows {n}, repeat {repeat + 1}: personas {ours} tokens/s, "
                 f"llama.cpp {peer_runs[n][-1][1].get('speed_tg', float('nan')):.1f}")
 
     gguf_bytes = gguf.stat().st_size
@@ -170,20 +182,24 @@ def main() -> None:
           f"medians of {args.repeats} alternating runs"
           + (f"; personas loads {spec}, the same weights dequantized" if args.model else "")
           + ("; personas reads its converted copy" if args.gguf and not args.model else ""))
-    print(f"floor of one row's step at the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s): personas reads "
-          f"{weights / 1e6:.0f} MB of {weight_kind} weights -> {bandwidth / weights:.0f} tokens/s; llama.cpp reads "
-          f"{peer_bytes / 1e6:.0f} MB of quantized blocks -> {bandwidth / peer_bytes:.0f} tokens/s\n")
-    print("| rows | personas: generation tokens/s (prompt included) | llama.cpp: generation tokens/s | "
-          "llama.cpp: prompt tokens/s | ratio (personas / llama.cpp) | whole process: personas vs llama.cpp (s) |")
-    print("|---:|---:|---:|---:|---:|---|")
+    ours_floor = "; ".join(f"--cpu-weights {kind}: {read / 1e6:.0f} MB of {what} -> {bandwidth / read:.0f} tokens/s"
+                           for kind, (read, what) in step_reads.items())
+    print(f"floor of one row's step at the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s): personas, "
+          f"{ours_floor}; llama.cpp reads {peer_bytes / 1e6:.0f} MB of quantized blocks -> "
+          f"{bandwidth / peer_bytes:.0f} tokens/s\n")
+    print("| rows | personas --cpu-weights | personas: generation tokens/s (prompt included) | "
+          "llama.cpp: generation tokens/s | llama.cpp: prompt tokens/s | ratio (personas / llama.cpp) | "
+          "whole process: personas vs llama.cpp (s) |")
+    print("|---:|---|---:|---:|---:|---:|---|")
     for n in args.rows:
-        ours = statistics.median(speed for _, speed in personas_runs[n])
-        ours_whole = statistics.median(whole for whole, _ in personas_runs[n])
         theirs = statistics.median(r["speed_tg"] for _, r in peer_runs[n])
         theirs_pp = statistics.median(r["speed_pp"] for _, r in peer_runs[n])
         theirs_whole = statistics.median(whole for whole, _ in peer_runs[n])
-        print(f"| {n} | {ours:.1f} | {theirs:.1f} | {theirs_pp:.0f} | {ours / theirs:.2f}× | "
-              f"{ours_whole:.1f} vs {theirs_whole:.1f} ({ours_whole / theirs_whole:.1f}×) |")
+        for kind in args.cpu_weights:
+            ours = statistics.median(speed for _, speed in personas_runs[n, kind])
+            ours_whole = statistics.median(whole for whole, _ in personas_runs[n, kind])
+            print(f"| {n} | {kind} | {ours:.1f} | {theirs:.1f} | {theirs_pp:.0f} | {ours / theirs:.2f}× | "
+                  f"{ours_whole:.1f} vs {theirs_whole:.1f} ({ours_whole / theirs_whole:.1f}×) |")
 
 
 if __name__ == "__main__":

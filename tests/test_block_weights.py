@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import block_kernel_runs, run_cli
 
-from personas.model.block_weights import BLOCKS_FILE, BlockLinear, find_blocks, read_blocks, save_blocks
+from personas.model.block_weights import BlockLinear, find_blocks, read_blocks, save_blocks
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
 

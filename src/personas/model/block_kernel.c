@@ -80,10 +80,15 @@ static inline __m512 row_block(const __m512i *w, const int8_t *hi8, const int8_t
 
 #define ROW_TILE 8 /* rows sharing one unpacking of a block's weights */
 
+/* y = x W^T + bias for `rows` rows of x; `planes` (2 * rows * width bytes) and `per_block`
+ * (2 * rows * width / 32 floats) are scratch for the rows' quantized form. */
 void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, int bits, int outputs,
-                  int width, const int8_t *hi, const int8_t *lo, const float *scales, const float *sums,
-                  int rows, const float *bias, float *y) {
+                  int width, const float *bias, const float *x, int rows, int8_t *planes, float *per_block,
+                  float *y) {
     int blocks = width / 32, groups = outputs / 16;
+    int8_t *hi = planes, *lo = planes + (size_t)rows * width;
+    float *scales = per_block, *sums = per_block + (size_t)rows * blocks;
+    quantize_rows(x, rows, width, hi, lo, scales, sums);
     size_t chunk_bytes = bits == 4 ? 256 : 512;
     #pragma omp parallel for schedule(static)
     for (int g = 0; g < groups; g++) {

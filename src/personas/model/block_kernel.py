@@ -10,11 +10,13 @@ first), so its threads are torch's number of threads.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -45,10 +47,8 @@ def load() -> ctypes.CDLL:
         _compile(library)
     lib = ctypes.CDLL(str(library))
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    lib.quantize_rows.argtypes = [pointer, integer, integer, pointer, pointer, pointer, pointer]
-    lib.quantize_rows.restype = None
-    lib.block_linear.argtypes = [pointer, pointer, pointer, integer, integer, integer,
-                                 pointer, pointer, pointer, pointer, integer, pointer, pointer]
+    lib.block_linear.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer,
+                                 pointer, integer, pointer, pointer, pointer]
     lib.block_linear.restype = None
     return lib
 
@@ -86,19 +86,24 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()  # not Linux, or no /proc: the kernel is not tried
 
 
-def block_linear(x: torch.Tensor, weights: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int,
-                 outputs: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (float32, [rows, width], contiguous) times the packed block weights: [rows, outputs]."""
-    lib = load()
-    rows, width = x.shape
+def product(weights: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, outputs: int,
+            bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (float32, [rows, width], contiguous) ↦ x times the packed block weights (+ bias),
+    [rows, outputs]. What does not change from call to call is bound once: a one-row step makes
+    about 120 of these calls, and Python's share of each is most of a small one's time."""
+    width = weights.shape[1] * 32
+    call = functools.partial(load().block_linear, weights.data_ptr(), d.data_ptr(), m.data_ptr(), bits, outputs,
+                             width, None if bias is None else bias.data_ptr())
     blocks = width // 32
-    hi = torch.empty(rows, width, dtype=torch.int8)
-    lo = torch.empty(rows, width, dtype=torch.int8)
-    scales = torch.empty(rows, blocks)
-    sums = torch.empty(rows, blocks)
-    y = torch.empty(rows, outputs)
-    lib.quantize_rows(x.data_ptr(), rows, width, hi.data_ptr(), lo.data_ptr(), scales.data_ptr(), sums.data_ptr())
-    lib.block_linear(weights.data_ptr(), d.data_ptr(), m.data_ptr(), bits, outputs, width,
-                     hi.data_ptr(), lo.data_ptr(), scales.data_ptr(), sums.data_ptr(), rows,
-                     None if bias is None else bias.data_ptr(), y.data_ptr())
-    return y
+
+    def multiply(x: torch.Tensor, _kept: tuple = (weights, d, m, bias)) -> torch.Tensor:
+        # _kept: the tensors behind the bound addresses live as long as this function.
+        rows = x.shape[0]
+        y = torch.empty(rows, outputs)
+        # One allocation for the scratch: the rows' two int8 planes, then a scale and a sum per block.
+        scratch = torch.empty(rows * (width // 2 + 2 * blocks))
+        planes = scratch.data_ptr()
+        call(x.data_ptr(), rows, planes, planes + 2 * rows * width, y.data_ptr())
+        return y
+
+    return multiply

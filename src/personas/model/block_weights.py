@@ -171,19 +171,25 @@ class BlockLinear(nn.Module):
         self.bits = blocks.bits
         packed, scale, offset = pack_for_kernel(blocks)
         self.computed = packed.shape[0] * 16  # outputs rounded up to the kernel's groups of 16
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("offset", offset, persistent=False)
+        # Plain attributes, not buffers: the kernel holds their addresses, so `model.float()` or
+        # `.to()` must not replace them.
+        self.packed, self.scale, self.offset = packed, scale, offset
         self.bias = None if bias is None else torch.nn.functional.pad(
             bias.detach().float(), (0, self.computed - self.out_features)).contiguous()
+        self.multiply = block_kernel.product(packed, scale, offset, self.bits, self.computed, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float().contiguous()
-        y = block_kernel.block_linear(rows, self.packed, self.scale, self.offset, self.bits,
-                                      self.computed, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        y = self.multiply(rows)
         if self.computed != self.out_features:
             y = y[:, :self.out_features].contiguous()
         return y.view(*x.shape[:-1], self.out_features)
+
+    def stored_bytes(self) -> int:
+        """What one product reads: the packed integers, scales and offsets."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.bits}-bit GGUF blocks"
