@@ -10,7 +10,8 @@ output matrix is written beside the embedding (Llama-3.2-1B ties them; both engi
 of the same size either way) and rope is plain rope at θ = 500,000 (without llama3 scaling).
 
 personas converts a GGUF file once, on its first start, into a dequantized float32 copy in its
-cache (model/gguf_cache.py; about a minute for this shape on two cores): `--folder` writes that
+cache with the file's blocks beside it (model/gguf_cache.py; a few minutes for this shape on two
+cores): `--folder` writes that
 same copy where you choose, so that `personas --model FOLDER` loads in seconds from the first run
 on and a benchmark never times the conversion — the same weights, value for value.
 
