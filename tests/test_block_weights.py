@@ -173,3 +173,16 @@ def test_where_the_kernel_cannot_be_built_the_weights_are_float16_and_it_says_wh
     assert "GGUF blocks cannot run here (the C compiler /nonexistent/cc could not run" in result.stderr, result.stderr
     assert "float16 weights" in result.stderr and "GGUF blocks for" not in result.stderr
     assert not list((tmp_path / "fresh-cache").glob("kernels/*.so")), "nothing half-built is left"
+
+
+def test_a_damaged_blocks_file_leaves_float16_weights_and_says_so(quantized_family, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(quantized_family, copy)
+    blocks = copy / "blocks.safetensors"
+    blocks.write_bytes(blocks.read_bytes()[:1000])
+    loaded = load_model(resolve_model(str(copy)), device="cpu")
+    assert loaded.block_weights == 0 and loaded.half_weights == 2 * 4 + 1
+    assert "blocks.safetensors cannot be read" in loaded.blocks_unused
+    assert "delete that folder" in loaded.blocks_unused

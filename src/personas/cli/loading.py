@@ -69,6 +69,8 @@ def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only:
     kernel = f", 4-bit kernel {loaded.gptq_kernel}" if loaded.gptq_kernel else ""
     kernel += f", GGUF blocks for {loaded.block_weights} layers" if loaded.block_weights else ""
     kernel += ", float16 weights" if loaded.half_weights else ""
+    if loaded.blocks_unused:
+        feedback.info(loaded.blocks_unused)
     feedback.info(f"loaded {loaded.label} on {loaded.device.type} in {loaded.load_seconds:.1f} s{kernel}")
     reason = unsupported_reason(loaded.model)
     if reason:

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* One block of 32 values of each row: the two planes, s / 256, and the exact sum. */
 void quantize_rows(const float *x, int rows, int width, int8_t *hi, int8_t *lo, float *scales, float *sums) {
@@ -61,16 +62,21 @@ static inline void load_block(const uint8_t *chunk, int bits, __m512i *w) {
 
 /* One block of one row against 16 outputs, added to acc. Four independent integer sums keep
  * the multiply-adds from waiting on each other; integers add exactly, so their order is moot. */
-static inline __m512 row_block(const __m512i *w, const int8_t *hi8, const int8_t *lo8, __m512 d, __m512 m,
+static inline __m512i four_bytes(const int8_t *p) { /* memcpy: no int32 pointer into int8 data */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+static inline __m512 row_block(const __m512i *w, const int8_t *hi, const int8_t *lo, __m512 d, __m512 m,
                                float scale, float sum, __m512 acc) {
-    const int32_t *hi = (const int32_t *)hi8, *lo = (const int32_t *)lo8;
     __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
     __m512i l0 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
     for (int i = 0; i < 4; i++) {
-        h0 = _mm512_dpbusd_epi32(h0, w[i], _mm512_set1_epi32(hi[i]));
-        h1 = _mm512_dpbusd_epi32(h1, w[i + 4], _mm512_set1_epi32(hi[i + 4]));
-        l0 = _mm512_dpbusd_epi32(l0, w[i], _mm512_set1_epi32(lo[i]));
-        l1 = _mm512_dpbusd_epi32(l1, w[i + 4], _mm512_set1_epi32(lo[i + 4]));
+        h0 = _mm512_dpbusd_epi32(h0, w[i], four_bytes(hi + 4 * i));
+        h1 = _mm512_dpbusd_epi32(h1, w[i + 4], four_bytes(hi + 4 * i + 16));
+        l0 = _mm512_dpbusd_epi32(l0, w[i], four_bytes(lo + 4 * i));
+        l1 = _mm512_dpbusd_epi32(l1, w[i + 4], four_bytes(lo + 4 * i + 16));
     }
     /* |hi sum| <= 32 * 255 * 127, times 256: within int32. */
     __m512i total = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));

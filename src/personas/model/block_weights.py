@@ -2,7 +2,7 @@
 (Q4_0, Q4_1, Q8_0) instead of float16 copies of them: `--cpu-weights gguf`.
 
 A one-row decode step is bound by reading the weights once: the embedded model's float16 weights
-are 269 MB a step, its Q4_1/Q8_0 blocks about 105 MB. Neither torch nor a library it ships
+are 269 MB a step, its Q4_1/Q8_0 blocks 98 MB. Neither torch nor a library it ships
 multiplies float32 rows by such blocks on x86 without rounding the rows to 8 bits (torch's int4
 and int8 kernels, fbgemm's dynamic quantization) or running slower than float16
 (docs/performance.md, "How does the CPU compare with llama.cpp?"), hence personas' own kernel,
@@ -122,6 +122,10 @@ def save_blocks(model: Any, folder: Path) -> int:
     return len(metadata) - 1
 
 
+class BlocksUnreadable(Exception):
+    """The blocks file exists but cannot be read (damaged, or written by another version)."""
+
+
 def read_blocks(folder: Path) -> dict[str, Blocks]:
     """The blocks saved in `folder`, by linear layer name (none when there is no file)."""
     from safetensors import safe_open
@@ -130,16 +134,20 @@ def read_blocks(folder: Path) -> dict[str, Blocks]:
     if not path.is_file():
         return {}
     found = {}
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
-        for key, bits_text in metadata.items():
-            if not key.endswith(".bits"):
-                continue
-            name, bits = key[:-len(".bits")], int(bits_text)
-            integers = file.get_tensor(f"{name}.integers")
-            if bits == 4:
-                integers = torch.stack([integers & 0x0F, integers >> 4], dim=-1).view(integers.shape[0], -1)
-            found[name] = Blocks(bits, integers, file.get_tensor(f"{name}.scale"), file.get_tensor(f"{name}.offset"))
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            for key, bits_text in metadata.items():
+                if not key.endswith(".bits"):
+                    continue
+                name, bits = key[:-len(".bits")], int(bits_text)
+                integers = file.get_tensor(f"{name}.integers")
+                if bits == 4:
+                    integers = torch.stack([integers & 0x0F, integers >> 4], dim=-1).view(integers.shape[0], -1)
+                found[name] = Blocks(bits, integers, file.get_tensor(f"{name}.scale"),
+                                     file.get_tensor(f"{name}.offset"))
+    except Exception as e:  # safetensors raises its own error type, and OSError, ValueError, ...
+        raise BlocksUnreadable(f"{path} cannot be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
     return found
 
 
@@ -198,7 +206,8 @@ class BlockLinear(nn.Module):
 def use_block_weights(model: Any, folder: Path) -> int:
     """Replace the linear layers of `model` that have blocks saved in `folder` with `BlockLinear`,
     q/k/v and gate/up fused where all parts have blocks of the same width. Returns how many
-    layers were replaced (fused groups count once); 0 where the kernel cannot run here."""
+    layers were replaced (fused groups count once). Raises KernelUnavailable where the kernel
+    cannot run here and BlocksUnreadable for a damaged file, before any layer is replaced."""
     saved = read_blocks(folder)
     if not saved:
         return 0

@@ -47,6 +47,8 @@ class LoadedModel:
     half_weights: int = 0
     # Linear layers (fused groups once) multiplying with a GGUF file's own blocks (block_weights.py).
     block_weights: int = 0
+    # Why a model that has GGUF blocks does not use them here (the CPU, no compiler, a damaged file).
+    blocks_unused: str | None = None
     config: Any = None  # the model's configuration, also when only the tokenizer was loaded
 
     def _encode_text(self, text: str) -> list[int]:
@@ -155,8 +157,9 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         fused = fuse_gptq_projections(model, directory, gptq)
 
     halved = blocked = 0
+    blocks_unused = None
     if model is not None and torch_device.type == "cpu" and cpu_weights == "gguf" and not gguf_file:
-        blocked = _use_blocks(model, directory, status)
+        blocked, blocks_unused = _use_blocks(model, directory)
     if model is not None and torch_device.type == "cpu" and cpu_weights in ("float16", "gguf"):
         from .half_weights import keep_own_copies, use_half_weights
 
@@ -172,7 +175,7 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
     return LoadedModel(label=choice.label, model=model, tokenizer=tokenizer, template=template,
                        eos_ids=eos_ids, pad_id=pad_id, device=torch_device,
                        load_seconds=time.perf_counter() - started, gptq_kernel=kernel, gptq_fused=fused,
-                       half_weights=halved, block_weights=blocked, config=config)
+                       half_weights=halved, block_weights=blocked, blocks_unused=blocks_unused, config=config)
 
 
 # What a CPU model's linear layers multiply with: float16 weights through fbgemm (half_weights.py),
@@ -180,16 +183,18 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
 CPU_WEIGHTS = ("float16", "float32", "gguf")
 
 
-def _use_blocks(model: Any, directory: str, status: Status) -> int:
-    """The GGUF blocks saved beside a converted model, where this machine can run their kernel."""
+def _use_blocks(model: Any, directory: str) -> tuple[int, str | None]:
+    """The GGUF blocks saved beside a converted model, where this machine can run their kernel:
+    (layers replaced, why none were where the model has blocks)."""
     from .block_kernel import KernelUnavailable
-    from .block_weights import use_block_weights
+    from .block_weights import BlocksUnreadable, use_block_weights
 
     try:
-        return use_block_weights(model, Path(directory))
+        return use_block_weights(model, Path(directory)), None
     except KernelUnavailable as e:
-        status(f"GGUF blocks cannot run here ({e}): float16 weights instead")
-        return 0
+        return 0, f"GGUF blocks cannot run here ({e}): float16 weights instead"
+    except BlocksUnreadable as e:
+        return 0, f"GGUF blocks: {e}; float16 weights instead (delete that folder to convert the file again)"
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
