@@ -57,9 +57,12 @@ def _compile(library: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise KernelUnavailable("no C compiler (cc) was found")
-    library.parent.mkdir(parents=True, exist_ok=True)
-    # Compiled beside its final name and renamed: two processes starting at once never load half a file.
-    handle, scratch = tempfile.mkstemp(prefix=".compiling-", suffix=".so", dir=library.parent)
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # Compiled beside its final name and renamed: two processes starting at once never load half a file.
+        handle, scratch = tempfile.mkstemp(prefix=".compiling-", suffix=".so", dir=library.parent)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot write into {library.parent} ({e.strerror})") from e
     os.close(handle)
     try:
         try:
