@@ -185,4 +185,4 @@ def test_a_damaged_blocks_file_leaves_float16_weights_and_says_so(quantized_fami
     loaded = load_model(resolve_model(str(copy)), device="cpu")
     assert loaded.block_weights == 0 and loaded.half_weights == 2 * 4 + 1
     assert "blocks.safetensors cannot be read" in loaded.blocks_unused
-    assert "delete that folder" in loaded.blocks_unused
+    assert "converted copy in the cache, deleting it" in loaded.blocks_unused

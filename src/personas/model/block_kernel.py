@@ -69,7 +69,8 @@ def _compile(library: Path) -> None:
             done = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", scratch],
                                   capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise KernelUnavailable(f"the C compiler {compiler} could not run ({e})") from e
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise KernelUnavailable(f"the C compiler {compiler} could not run ({reason})") from e
         if done.returncode:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise KernelUnavailable(f"{Path(compiler).name} could not compile it ({first})")

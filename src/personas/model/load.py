@@ -194,7 +194,8 @@ def _use_blocks(model: Any, directory: str) -> tuple[int, str | None]:
     except KernelUnavailable as e:
         return 0, f"GGUF blocks cannot run here ({e}): float16 weights instead"
     except BlocksUnreadable as e:
-        return 0, f"GGUF blocks: {e}; float16 weights instead (delete that folder to convert the file again)"
+        return 0, (f"GGUF blocks: {e}; float16 weights instead (where that folder is a converted copy in "
+                   "the cache, deleting it makes the next start convert the file again)")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
