@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import block_kernel
-from .projections import FUSABLE_FAMILIES, FUSED_GROUPS, install
+from .projections import Plan, plan_products, replace_products
 
 BLOCKS_FILE = "blocks.safetensors"
 BLOCK = 32
@@ -213,26 +213,21 @@ def use_block_weights(model: Any, folder: Path) -> int:
         return 0
     block_kernel.load()  # raises KernelUnavailable before any layer is replaced
     names = {id(module): name for name, module in model.named_modules()}
-    replaced = 0
-    fusable = getattr(getattr(model, "config", None), "model_type", None) in FUSABLE_FAMILIES
-    if fusable and hasattr(getattr(model, "model", None), "layers"):
-        for layer in model.model.layers:
-            for owner_name, projection_names, fused_name in FUSED_GROUPS:
-                owner = getattr(layer, owner_name, None)
-                parts = [getattr(owner, name, None) for name in projection_names]
-                found = [saved.get(names.get(id(part), "")) for part in parts]
-                if (any(b is None for b in found) or len({b.bits for b in found}) != 1
-                        or any(type(p) is not nn.Linear for p in parts) or len({p.bias is None for p in parts}) != 1):
-                    continue
-                fused = Blocks(found[0].bits, *(torch.cat(pieces) for pieces in
-                                                 zip(*((b.integers, b.scale, b.offset) for b in found))))
-                bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-                install(owner, projection_names, fused_name, BlockLinear(fused, bias))
-                replaced += 1
-    for owner in list(model.modules()):
-        for child_name, child in owner.named_children():
-            blocks = saved.get(names.get(id(child), ""))
-            if type(child) is nn.Linear and blocks is not None:
-                setattr(owner, child_name, BlockLinear(blocks, child.bias))
-                replaced += 1
-    return replaced
+
+    def blocks_of(module: nn.Module) -> Blocks | None:
+        return saved.get(names.get(id(module), "")) if type(module) is nn.Linear else None
+
+    plans = plan_products(model, lambda module: blocks_of(module) is not None,
+                          lambda parts: len({blocks_of(p).bits for p in parts}) == 1)
+
+    def build(plan: Plan) -> BlockLinear:
+        owner, projection_names, _ = plan
+        parts = [getattr(owner, name) for name in projection_names]
+        found = [blocks_of(p) for p in parts]
+        blocks = found[0] if len(found) == 1 else Blocks(
+            found[0].bits, *(torch.cat(pieces) for pieces in zip(*((b.integers, b.scale, b.offset) for b in found))))
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        return BlockLinear(blocks, bias)
+
+    replace_products(plans, [build(plan) for plan in plans])
+    return len(plans)

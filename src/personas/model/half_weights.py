@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .projections import FUSABLE_FAMILIES, FUSED_GROUPS, install
+from .projections import Plan, plan_products, replace_products
 
 
 class HalfWeightLinear(nn.Module):
@@ -56,23 +56,9 @@ def use_half_weights(model: Any) -> int:
     replaced (fused groups count once); 0 where fbgemm is missing or nothing is float32 Linear."""
     if not half_weights_available():
         return 0
-    plans: list[tuple[nn.Module, tuple[str, ...], str | None]] = []
-    fusable = getattr(getattr(model, "config", None), "model_type", None) in FUSABLE_FAMILIES
-    grouped: set[int] = set()
-    if fusable and hasattr(getattr(model, "model", None), "layers"):
-        for layer in model.model.layers:
-            for owner_name, names, fused_name in FUSED_GROUPS:
-                owner = getattr(layer, owner_name, None)
-                parts = [getattr(owner, name, None) for name in names]
-                if all(_plain_float32(p) for p in parts) and len({p.bias is None for p in parts}) == 1:
-                    plans.append((owner, names, fused_name))
-                    grouped.update(id(p) for p in parts)
-    for owner in list(model.modules()):
-        for name, child in owner.named_children():
-            if _plain_float32(child) and id(child) not in grouped:
-                plans.append((owner, (name,), None))
+    plans = plan_products(model, _plain_float32)
 
-    def build(plan: tuple[nn.Module, tuple[str, ...], str | None]) -> nn.Module:
+    def build(plan: Plan) -> nn.Module:
         owner, names, _ = plan
         parts = [getattr(owner, name) for name in names]
         biases = [p.bias for p in parts]
@@ -83,11 +69,7 @@ def use_half_weights(model: Any) -> int:
     # start-up it adds.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         built = list(pool.map(build, plans))
-    for (owner, names, fused_name), linear in zip(plans, built):
-        if fused_name is None:
-            setattr(owner, names[0], linear)
-        else:
-            install(owner, names, fused_name, linear)
+    replace_products(plans, built)
     if plans:
         keep_own_copies(model)
     return len(plans)

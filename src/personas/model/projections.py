@@ -8,6 +8,9 @@ layers, half_weights.py for the CPU's half-precision ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -68,3 +71,40 @@ def install(owner: nn.Module, projection_names: tuple[str, ...], fused_name: str
     setattr(owner, fused_name, group)
     for index, name in enumerate(projection_names):
         setattr(owner, name, ProjectionSlice(group, index))
+
+
+# A product to replace: (owner, its projection names, the fused name or None for a single layer).
+Plan = tuple[nn.Module, tuple[str, ...], str | None]
+
+
+def plan_products(model: Any, eligible: Callable[[nn.Module], bool],
+                  fusable_together: Callable[[list[nn.Module]], bool] = lambda parts: True) -> list[Plan]:
+    """The layers of `model` to replace with another kind of product: each Llama-family layer's
+    q/k/v and gate/up as one product where every part is `eligible`, their biases alike and the
+    parts `fusable_together`; every other `eligible` child as itself."""
+    plans: list[Plan] = []
+    grouped: set[int] = set()
+    fusable = getattr(getattr(model, "config", None), "model_type", None) in FUSABLE_FAMILIES
+    if fusable and hasattr(getattr(model, "model", None), "layers"):
+        for layer in model.model.layers:
+            for owner_name, names, fused_name in FUSED_GROUPS:
+                owner = getattr(layer, owner_name, None)
+                parts = [getattr(owner, name, None) for name in names]
+                if (all(eligible(p) for p in parts) and len({p.bias is None for p in parts}) == 1
+                        and fusable_together(parts)):
+                    plans.append((owner, names, fused_name))
+                    grouped.update(id(p) for p in parts)
+    for owner in list(model.modules()):
+        for name, child in owner.named_children():
+            if eligible(child) and id(child) not in grouped:
+                plans.append((owner, (name,), None))
+    return plans
+
+
+def replace_products(plans: list[Plan], built: list[nn.Module]) -> None:
+    """Put each built layer in its plan's place: a single layer by name, a group fused (`install`)."""
+    for (owner, names, fused_name), layer in zip(plans, built):
+        if fused_name is None:
+            setattr(owner, names[0], layer)
+        else:
+            install(owner, names, fused_name, layer)
