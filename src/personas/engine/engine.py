@@ -54,7 +54,8 @@ class Engine:
         # runs, while the next engine sizes itself from the memory free now.
         grammar_tokenizer = functools.cache(lambda: GrammarTokenizer(loaded.tokenizer, vocabulary, loaded.eos_ids))
         self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,
-                             vocabulary=vocabulary, grammar_tokenizer=grammar_tokenizer)
+                             vocabulary=vocabulary, grammar_tokenizer=grammar_tokenizer,
+                             layer_kernels=config.layer_kernels)
         self.sizing = Sizing(loaded, decoder, vocabulary, expect_more=config.expect_more, max_pages=config.max_pages)
         self.slot_cap = config.slot_cap(self.device.type)  # halved by each out-of-memory back-off
         self.dense_weights = config.dense_weights  # False once an out-of-memory dropped the copies

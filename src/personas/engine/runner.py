@@ -20,6 +20,7 @@ from ..sampling.grid import TOP_LOGPROBS
 from ..sampling.rules import forbid_early_end
 from .config import PREFILL_TOKENS
 from .decoder import Decoder, Part
+from .kernels.cpu_layers import CpuLayers
 from .job import ChosenLogprobs, Placement, Prefix, Prompt
 from .kernels.paged import PAGE, PagedPart, flat_positions, gather
 from .pages import SINK_PAGE, Slot
@@ -116,8 +117,12 @@ class Runner:
     """The slots' tensors and caches over one decoder; the CUDA graphs of its decode steps."""
 
     def __init__(self, decoder: Decoder, pool: PrefixPool, *, graphs: bool, end_ids: Sequence[int], pad_id: int,
-                 vocabulary: int, grammar_tokenizer: Callable[[], GrammarTokenizer] | None = None):
+                 vocabulary: int, grammar_tokenizer: Callable[[], GrammarTokenizer] | None = None,
+                 layer_kernels: bool = True):
         self.decoder, self.pool, self.device = decoder, pool, decoder.device
+        # On the CPU, a decode step of a model whose projections are all GGUF blocks runs its
+        # layers as one C call; None: the decoder's modules.
+        self.cpu_layers = CpuLayers.of(decoder) if layer_kernels and self.device.type == "cpu" else None
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.end_ids, self.pad_id, self.vocabulary = list(end_ids), pad_id, vocabulary
         self.graphs: dict[GraphKey, StepGraphs] = {}
@@ -453,9 +458,15 @@ class Runner:
         written to the cache.
 
         On CUDA each row's own part is read through its pages by the paged kernel; on the CPU
-        the rows' first `own_span` positions are gathered for the ordinary attention."""
+        the C layers read them the same way (kernels/cpu_layers.py), or, with the modules, the
+        rows' first `own_span` positions are gathered for the ordinary attention."""
         s, pick = self.slots, picker(rows)
         table, write_at = pick(s.table), pick(s.write_at)
+        if self.cpu_layers is not None:
+            prefix = (self.pool.keys, self.pool.values, pick(s.prefix_starts), pick(s.prefix_lengths)) \
+                if prefix_span else None
+            return self.cpu_layers.logits(pick(s.tok), pick(s.pos), table, write_at, self.cache_keys,
+                                          self.cache_values, prefix)
         lengths = write_at + 1  # the new token's own position included
         write = flat_positions(table, write_at)
         if self.device.type == "cuda":

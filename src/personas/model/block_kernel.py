@@ -26,8 +26,10 @@ from .choice import cache_dir
 
 SOURCE = Path(__file__).with_name("block_kernel.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+# -ffp-contract=off: the arithmetic written is the arithmetic done (no fused multiply-adds the
+# compiler chose), so a C step rounds as the modules it stands for.
 COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c",
-                 "-fopenmp", "-shared", "-fPIC")
+                 "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 class KernelUnavailable(Exception):
@@ -37,15 +39,7 @@ class KernelUnavailable(Exception):
 @cache
 def load() -> ctypes.CDLL:
     """The compiled kernel, built into the cache once per source text and compiler flags."""
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
-    if missing:
-        raise KernelUnavailable(f"this CPU lacks {', '.join(missing)}")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"block_kernel-{digest}.so"
-    if not library.is_file():
-        _compile(library)
-    lib = ctypes.CDLL(str(library))
+    lib = compiled((SOURCE,))
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     lib.block_linear.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer,
                                  pointer, integer, pointer, pointer, pointer]
@@ -53,7 +47,22 @@ def load() -> ctypes.CDLL:
     return lib
 
 
-def _compile(library: Path) -> None:
+@cache
+def compiled(sources: tuple[Path, ...]) -> ctypes.CDLL:
+    """`sources` (block_kernel.c first; others may call its functions) as one shared library,
+    compiled into the cache once per source text and flags. Raises KernelUnavailable."""
+    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        raise KernelUnavailable(f"this CPU lacks {', '.join(missing)}")
+    texts = b"".join(source.read_bytes() for source in sources)
+    digest = hashlib.sha256(texts + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"{sources[-1].stem}-{digest}.so"
+    if not library.is_file():
+        _compile(sources, library)
+    return ctypes.CDLL(str(library))
+
+
+def _compile(sources: tuple[Path, ...], library: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise KernelUnavailable("no C compiler (cc) was found")
@@ -66,7 +75,7 @@ def _compile(library: Path) -> None:
     os.close(handle)
     try:
         try:
-            done = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", scratch],
+            done = subprocess.run([compiler, *COMPILE_FLAGS, *map(str, sources), "-o", scratch],
                                   capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

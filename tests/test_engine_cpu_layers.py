@@ -1,0 +1,94 @@
+"""A CPU decode step's layers as one C call (engine/kernels/cpu_layers.py, cpu_layers.c).
+
+Tiny random models of each family the decoder runs — Llama 3's rotary scaling, Qwen 2's q/k/v
+bias and tied head, Qwen 3's per-head norms, Mistral — with every linear layer quantized as a
+GGUF file's Q4_1 / Q4_0 / Q8_0 blocks: the C step runs them, and gives the tokens and
+log-probabilities the decoder's modules give on the same block layers, greedy text equal to
+`generate`'s, rows alone or sharing a prefix, rows refilled into slots mid-run; where a
+projection is not blocks the modules run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import block_kernel_runs
+from test_block_weights import quantize_linear_layers
+from test_engine_families import rows, tiny_family
+
+from personas.engine.engine import Engine, EngineConfig
+from personas.model.block_weights import save_blocks
+from personas.model.choice import resolve_model
+from personas.model.load import load_model
+from personas.sampling.grid import Settings
+
+pytestmark = pytest.mark.skipif(not block_kernel_runs(), reason="the block kernel needs AVX-512 VNNI and a C compiler")
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "mistral"])
+def block_family(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp(f"blocks-{request.param}")
+    tiny_family(request.param, directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    quantize_linear_layers(model, {"down_proj": "Q4_0", "lm_head": "Q8_0", "": "Q4_1"})
+    model.save_pretrained(directory)
+    save_blocks(model, directory)
+    return request.param, load_model(resolve_model(str(directory)), device="cpu"), directory
+
+
+def run(loaded, batch, tokens: int = 40, **config):
+    """Each row's (tokens, log-probabilities of the chosen ones) and the engine."""
+    engine = Engine(loaded, EngineConfig(**config))
+    heard: dict[int, list[float]] = {}
+    got = {}
+    engine.submit(batch, Settings(max_new_tokens=tokens), lambda s: got.__setitem__(s.row.id, s.token_ids),
+                  logprobs=True, on_token=lambda row, token, lp: heard.setdefault(row.id, []).append(lp.logprob))
+    with torch.inference_mode():
+        engine.run()
+    return {i: (got[i], heard[i]) for i in got}, engine
+
+
+def test_every_familys_block_model_decodes_through_the_c_layers(block_family):
+    name, loaded, _ = block_family
+    assert loaded.block_weights, name
+    _, engine = run(loaded, rows(loaded, 0.0)[:1], tokens=2)
+    assert engine.runner.cpu_layers is not None, name
+    _, modules = run(loaded, rows(loaded, 0.0)[:1], tokens=2, layer_kernels=False)
+    assert modules.runner.cpu_layers is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_c_layers_give_the_modules_tokens_and_logprobs(block_family, temperature):
+    name, loaded, _ = block_family
+    batch = rows(loaded, temperature)
+    c_layers, _ = run(loaded, batch)
+    modules, _ = run(loaded, batch, layer_kernels=False)
+    for i, (tokens, logprobs) in modules.items():
+        assert c_layers[i][0] == tokens, (name, i)
+        assert c_layers[i][1] == pytest.approx(logprobs, abs=2e-3), (name, i)
+    # Two slots for eight rows: rows refilled mid-run, into pages others left.
+    refilled, _ = run(loaded, batch, max_slots=2)
+    assert {i: tokens for i, (tokens, _) in refilled.items()} == {i: tokens for i, (tokens, _) in modules.items()}
+
+
+def test_greedy_text_through_the_c_layers_equals_generate_alone_and_sharing_a_prefix(block_family):
+    name, loaded, _ = block_family
+    greedy = rows(loaded, 0.0)
+    together, _ = run(loaded, greedy)
+    for row in greedy[:3]:
+        alone, _ = run(loaded, [row])
+        ids = torch.tensor([row.prompt_ids])
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                    eos_token_id=loaded.eos_ids, pad_token_id=loaded.pad_id)[0, ids.shape[1]:].tolist()
+        expected = tuple(out[:next((i for i, t in enumerate(out) if t in loaded.eos_ids), len(out))])
+        assert together[row.id][0] == expected, (name, row.id)
+        assert alone[row.id][0] == expected, (name, row.id)
+
+
+def test_a_model_whose_projections_are_not_all_blocks_decodes_through_the_modules(block_family):
+    name, _, directory = block_family
+    half = load_model(resolve_model(str(directory)), device="cpu", cpu_weights="float16")
+    _, engine = run(half, rows(half, 0.0)[:1], tokens=2)
+    assert engine.runner.cpu_layers is None, name
