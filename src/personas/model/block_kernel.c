@@ -86,6 +86,18 @@ static inline __m512 row_block(const __m512i *w, const int8_t *hi, const int8_t 
 
 #define ROW_TILE 8 /* rows sharing one unpacking of a block's weights */
 
+/* A few rows' product is bound by reading the weights, and with the hardware prefetcher alone
+ * the loads wait: asking for the weights 4 KB ahead (and their scales and offsets) brings a
+ * one-row product close to the machine's read bandwidth (docs/performance.md). */
+#define PREFETCH_BYTES 4096
+
+static inline void prefetch_block(const uint8_t *chunk, size_t chunk_bytes, const uint16_t *d, const uint16_t *m) {
+    for (size_t c = 0; c < chunk_bytes; c += 64) _mm_prefetch((const char *)(chunk + PREFETCH_BYTES + c), _MM_HINT_T0);
+    size_t ahead = PREFETCH_BYTES / chunk_bytes * 16; /* the scales and offsets of that block */
+    _mm_prefetch((const char *)(d + ahead), _MM_HINT_T0);
+    _mm_prefetch((const char *)(m + ahead), _MM_HINT_T0);
+}
+
 /* y = x W^T + bias for `rows` rows of x; `planes` (2 * rows * width bytes) and `per_block`
  * (2 * rows * width / 32 floats) are scratch for the rows' quantized form. */
 void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, int bits, int outputs,
@@ -107,6 +119,7 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
             for (int t = 0; t < ROW_TILE; t++) acc[t] = start;
             for (int b = 0; b < blocks; b++) {
                 __m512i w[8];
+                prefetch_block(wg + b * chunk_bytes, chunk_bytes, dg + b * 16, mg + b * 16);
                 load_block(wg + b * chunk_bytes, bits, w);
                 __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * 16)));
                 __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * 16)));
@@ -124,6 +137,7 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
             __m512 acc = start;
             for (int b = 0; b < blocks; b++) {
                 __m512i w[8];
+                prefetch_block(wg + b * chunk_bytes, chunk_bytes, dg + b * 16, mg + b * 16);
                 load_block(wg + b * chunk_bytes, bits, w);
                 __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * 16)));
                 __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * 16)));

@@ -130,13 +130,38 @@ static inline void score_key(const float *q, const float *key, int group, int hd
     }
 }
 
-static inline void add_value(const float *weights, const float *value, int group, int hd, int span, int at,
-                             float *out) {
+/* out (group, head_dim) = the weights (group, span) times the values, positions from `at`.
+ * Each head's sums stay in registers over the positions (head_dim <= MAX_HEAD_DIM). */
+#define MAX_HEAD_DIM 256
+static void add_values(const float *weights, const float **values, int count, int group, int hd, int span,
+                       int at, float *out) {
     for (int h = 0; h < group; h++) {
-        __m512 w = _mm512_set1_ps(weights[(size_t)h * span + at]);
-        for (int i = 0; i < hd; i += 16) {
-            float *o = out + h * hd + i;
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(w, _mm512_loadu_ps(value + i), _mm512_loadu_ps(o)));
+        __m512 acc[MAX_HEAD_DIM / 16];
+        for (int i = 0; i < hd / 16; i++) acc[i] = _mm512_loadu_ps(out + h * hd + 16 * i);
+        const float *w = weights + (size_t)h * span + at;
+        for (int p = 0; p < count; p++) {
+            __m512 weight = _mm512_set1_ps(w[p]);
+            for (int i = 0; i < hd / 16; i++) acc[i] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values[p] + 16 * i), acc[i]);
+        }
+        for (int i = 0; i < hd / 16; i++) _mm512_storeu_ps(out + h * hd + 16 * i, acc[i]);
+    }
+}
+
+/* Where the keys and values of positions from ... from + count - 1 of what a row attends to lie:
+ * first its prefix span in the pool, then its own positions through its page table. */
+#define CHUNK 64
+static void locate(const Layer *l, const Step *s, int row, int g, int shared, int from, int count,
+                   const float **keys, const float **values) {
+    int hd = s->head_dim;
+    for (int i = 0; i < count; i++) {
+        int p = from + i;
+        if (p < shared) {
+            size_t at = ((size_t)g * s->prefix_capacity + s->prefix_starts[row] + p) * hd;
+            keys[i] = l->prefix_keys + at;
+            values[i] = l->prefix_values + at;
+        } else {
+            keys[i] = own_position(l->cache_keys, s, row, p - shared, g);
+            values[i] = own_position(l->cache_values, s, row, p - shared, g);
         }
     }
 }
@@ -144,17 +169,14 @@ static inline void add_value(const float *weights, const float *value, int group
 /* Softmax attention of one row's query heads that read kv head g: out (group, head_dim). */
 static void attend(const Layer *l, const Step *s, int row, int g, const float *q, float *scores, float *out) {
     int hd = s->head_dim, group = s->heads / s->kv_heads;
-    int own = (int)s->write_at[row] + 1;
-    int start = l->prefix_keys ? s->prefix_starts[row] : 0, shared = l->prefix_keys ? s->prefix_lengths[row] : 0;
-    int span = shared + own;
-    size_t prefix_at = ((size_t)g * s->prefix_capacity + start) * hd;
-    const float *prefix_keys = shared ? l->prefix_keys + prefix_at : NULL;
-    const float *prefix_values = shared ? l->prefix_values + prefix_at : NULL;
-    for (int p = 0; p < shared; p++)
-        score_key(q, prefix_keys + (size_t)p * hd, group, hd, s->scale, scores, span, p);
-    for (int j = 0; j < own; j++)
-        score_key(q, own_position(l->cache_keys, s, row, j, g), group, hd, s->scale, scores, span, shared + j);
-    for (int h = 0; h < group; h++) { /* the scores become softmax weights, unnormalised */
+    int shared = l->prefix_keys ? s->prefix_lengths[row] : 0, span = shared + (int)s->write_at[row] + 1;
+    const float *keys[CHUNK], *values[CHUNK];
+    for (int from = 0; from < span; from += CHUNK) {
+        int count = span - from < CHUNK ? span - from : CHUNK;
+        locate(l, s, row, g, shared, from, count, keys, values);
+        for (int i = 0; i < count; i++) score_key(q, keys[i], group, hd, s->scale, scores, span, from + i);
+    }
+    for (int h = 0; h < group; h++) { /* the scores become softmax weights */
         float *line = scores + (size_t)h * span;
         __m512 top = _mm512_set1_ps(-INFINITY);
         int i = 0;
@@ -177,9 +199,11 @@ static void attend(const Layer *l, const Step *s, int row, int g, const float *q
         for (int t = 0; t < span; t++) line[t] *= inverse;
     }
     memset(out, 0, (size_t)group * hd * sizeof(float));
-    for (int p = 0; p < shared; p++) add_value(scores, prefix_values + (size_t)p * hd, group, hd, span, p, out);
-    for (int j = 0; j < own; j++)
-        add_value(scores, own_position(l->cache_values, s, row, j, g), group, hd, span, shared + j, out);
+    for (int from = 0; from < span; from += CHUNK) {
+        int count = span - from < CHUNK ? span - from : CHUNK;
+        locate(l, s, row, g, shared, from, count, keys, values);
+        add_values(scores, values, count, group, hd, span, from, out);
+    }
 }
 
 /* Where a step's intermediate values go: carved out of one allocation per call. */

@@ -28,6 +28,7 @@ from ...model.projections import FusedProjection
 
 SOURCE = Path(__file__).with_name("cpu_layers.c")
 VECTOR = 16  # floats in an AVX-512 register: the widths the C loops step through
+MAX_HEAD_DIM = 256  # cpu_layers.c keeps a head's attention sums in registers
 
 pointer, integer = ctypes.c_void_p, ctypes.c_int
 
@@ -105,7 +106,8 @@ class CpuLayers:
         config = decoder.model.config
         hidden, intermediate = getattr(config, "hidden_size", 0), getattr(config, "intermediate_size", 0)
         if (decoder.device.type != "cpu" or decoder.dtype != torch.float32 or getattr(config, "hidden_act", None) != "silu"
-                or any(size % VECTOR for size in (hidden, intermediate, decoder.head_dim))):
+                or any(size % VECTOR for size in (hidden, intermediate, decoder.head_dim))
+                or decoder.head_dim > MAX_HEAD_DIM):
             return None
         heads, kv_heads, head_dim = decoder.heads, decoder.kv_heads, decoder.head_dim
         products, norms = [], []
