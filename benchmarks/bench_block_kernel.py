@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name  # noqa: E402
 from peer_llamacpp import copy_bandwidth  # noqa: E402
 
-from personas.model.block_weights import BlockLinear, Blocks  # noqa: E402
+from personas.model.block_weights import BlockLinear, Blocks, PackedBlocks  # noqa: E402
 from personas.model.half_weights import HalfWeightLinear  # noqa: E402
 
 SHAPES = {"q/k/v (960 × 576)": (960, 576, 4), "o (576 × 576)": (576, 576, 4),
@@ -68,7 +68,7 @@ def main() -> None:
     for name, (outputs, width, bits) in SHAPES.items():
         count = 2 if outputs > 10000 else 30
         blocks = [random_blocks(outputs, width, bits, generator) for _ in range(count)]
-        built[name] = ([BlockLinear(b, None) for b in blocks],
+        built[name] = ([BlockLinear(PackedBlocks.of(b), None) for b in blocks],
                        [HalfWeightLinear(b.dequantized(), None) for b in blocks])
     floors = []
     for name, (ours, theirs) in built.items():

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import block_kernel_runs, run_cli
 
-from personas.model.block_weights import BlockLinear, find_blocks, read_blocks, save_blocks
+from personas.model.block_weights import BlockLinear, PackedBlocks, find_blocks, read_blocks, save_blocks
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
 
@@ -61,7 +61,7 @@ def test_the_kernels_product_is_within_the_rows_two_int8_planes_of_the_exact_one
     generator = torch.Generator().manual_seed(2)
     weight = gguf_round_trip(torch.randn(150, 576, generator=generator) * 0.05, qtype)
     bias = torch.randn(150, generator=generator)
-    layer = BlockLinear(find_blocks(weight), bias)  # 150 outputs: the kernel's last group of 16 partly empty
+    layer = BlockLinear(PackedBlocks.of(find_blocks(weight)), bias)  # 150 outputs: the kernel's last group of 16 partly empty
     x = torch.randn(5, 3, 576, generator=generator) * torch.logspace(-2, 2, 576)  # a row's blocks of many scales
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (5, 3, 150)
@@ -77,7 +77,7 @@ def test_the_kernels_product_is_within_the_rows_two_int8_planes_of_the_exact_one
 @needs_kernel
 def test_a_rows_product_does_not_depend_on_its_batch():
     generator = torch.Generator().manual_seed(3)
-    layer = BlockLinear(find_blocks(gguf_round_trip(torch.randn(256, 320, generator=generator), "Q4_1")),
+    layer = BlockLinear(PackedBlocks.of(find_blocks(gguf_round_trip(torch.randn(256, 320, generator=generator), "Q4_1"))),
                         torch.randn(256, generator=generator))
     row = torch.randn(1, 320, generator=generator)
     alone = layer(row)
@@ -85,6 +85,28 @@ def test_a_rows_product_does_not_depend_on_its_batch():
         batch = torch.randn(rows, 320, generator=generator) * 10  # other rows of other scales
         batch[rows // 2] = row[0]
         assert torch.equal(layer(batch)[rows // 2], alone[0]), rows
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_the_kernels_layout_gives_back_its_blocks_and_joins_layers(qtype):
+    generator = torch.Generator().manual_seed(4)
+
+    def blocks(outputs: int):
+        return find_blocks(gguf_round_trip(torch.randn(outputs, 96, generator=generator), qtype))
+
+    def same(a, b) -> bool:
+        return a.bits == b.bits and all(torch.equal(x, y) for x, y in zip((a.integers, a.scale, a.offset),
+                                                                            (b.integers, b.scale, b.offset)))
+
+    odd, whole, last = blocks(150), blocks(160), blocks(40)
+    assert same(PackedBlocks.of(odd).unpacked(), odd)
+    for first in (odd, whole):  # 150 outputs end mid-group: repacked; 160 fill whole groups: joined
+        joined = PackedBlocks.concatenated([PackedBlocks.of(first), PackedBlocks.of(last)])
+        expected = PackedBlocks.of(type(first)(first.bits, *(torch.cat(pair) for pair in zip(
+            (first.integers, first.scale, first.offset), (last.integers, last.scale, last.offset)))))
+        assert joined.outputs == first.integers.shape[0] + 40
+        assert torch.equal(joined.packed, expected.packed) and torch.equal(joined.scale, expected.scale)
+        assert torch.equal(joined.offset, expected.offset)
 
 
 def quantize_linear_layers(model, qtypes: dict[str, str]) -> None:
@@ -134,6 +156,30 @@ def test_the_engines_greedy_text_equals_generate_on_the_same_block_layers(quanti
     assert run(plain, greedy) == together
     sampled = rows(plain, 1.0)
     assert run(plain, sampled, 24) == run(loaded, sampled, 24)
+
+
+@needs_kernel
+def test_the_layers_that_multiply_blocks_are_loaded_without_float32_weights(quantized_family):
+    plain = load_model(resolve_model(str(quantized_family)), device="cpu", engine_only=True)
+    model = plain.model
+    assert not any(p.is_meta for p in model.parameters())
+    config = model.config
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
+    # What float32 weights remain: the embedding and the norms; every projection and the head are blocks.
+    assert sum(p.numel() for p in model.parameters()) == config.vocab_size * config.hidden_size + norms
+
+
+def test_blocks_of_another_format_are_refused_with_the_reason(quantized_family, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "older"
+    shutil.copytree(quantized_family, copy)
+    save_file({"x.integers": torch.zeros(16, 16, dtype=torch.uint8)}, str(copy / "blocks.safetensors"),
+              metadata={"format": "personas-blocks-1", "x.bits": "4"})
+    with pytest.raises(Exception, match="format 'personas-blocks-1', where this version reads 'personas-blocks-2'"):
+        read_blocks(copy)
 
 
 @needs_kernel

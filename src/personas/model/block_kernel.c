@@ -9,7 +9,7 @@
  * float32 sum. Every output of every row is computed by the same instructions in the same order
  * whatever the other rows are, so a row's product does not depend on its batch.
  *
- * Weight layout, made by block_weights.pack_for_kernel: outputs in groups of 16; per group and
+ * Weight layout, made by block_weights.PackedBlocks.of: outputs in groups of 16; per group and
  * block, 8 steps of 4 inputs, each step 64 bytes (16 outputs x 4 inputs, byte 4*o+j = input
  * 4*step+j of output o). 4-bit weights put two steps in one 64-byte chunk: step 2i in the low
  * nibbles, step 2i+1 in the high ones. d and m: float16 [group][block][16 outputs].

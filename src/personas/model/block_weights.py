@@ -99,34 +99,91 @@ def _recover(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...] | None
     return integers.to(torch.uint8).view(weight.shape[0], -1), scale, offset
 
 
+class PackedBlocks:
+    """A layer's blocks in the layout block_kernel.c reads — what is saved, loaded and multiplied.
+    Outputs in groups of 16 (the last group filled with zero weights); `packed`: uint8 [group,
+    block, step, 16 outputs, 4 inputs], 8 steps of 4 inputs per block (4-bit: two steps to a byte,
+    the even step in the low nibbles); `scale`, `offset`: float16 [group, block, 16 outputs]."""
+
+    def __init__(self, bits: int, outputs: int, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+        self.bits, self.outputs, self.packed, self.scale, self.offset = bits, outputs, packed, scale, offset
+        self.width = packed.shape[1] * BLOCK
+
+    @classmethod
+    def of(cls, blocks: Blocks) -> "PackedBlocks":
+        n, width = blocks.integers.shape
+        groups, count = -(-n // 16), width // BLOCK
+        fill = groups * 16 - n
+
+        def by_group(values: torch.Tensor) -> torch.Tensor:
+            values = torch.nn.functional.pad(values, (0, 0, 0, fill))
+            return values.view(groups, 16, count).transpose(1, 2).contiguous()
+
+        integers = torch.nn.functional.pad(blocks.integers, (0, 0, 0, fill))
+        steps = integers.view(groups, 16, count, 8, 4).permute(0, 2, 3, 1, 4)
+        if blocks.bits == 4:
+            steps = steps[:, :, 0::2] | (steps[:, :, 1::2] << 4)
+        return cls(blocks.bits, n, steps.contiguous(), by_group(blocks.scale), by_group(blocks.offset))
+
+    def unpacked(self) -> Blocks:
+        """The blocks in rows again: `of`, undone."""
+        groups, count = self.packed.shape[:2]
+        steps = self.packed
+        if self.bits == 4:
+            steps = torch.stack([steps & 0x0F, steps >> 4], dim=3).view(groups, count, 8, 16, 4)
+        integers = steps.permute(0, 3, 1, 2, 4).reshape(groups * 16, count * BLOCK)[:self.outputs]
+
+        def by_output(values: torch.Tensor) -> torch.Tensor:
+            return values.transpose(1, 2).reshape(groups * 16, count)[:self.outputs]
+
+        return Blocks(self.bits, integers, by_output(self.scale), by_output(self.offset))
+
+    def dequantized(self) -> torch.Tensor:
+        return self.unpacked().dequantized()
+
+    @classmethod
+    def concatenated(cls, parts: list["PackedBlocks"]) -> "PackedBlocks":
+        """One layer of the parts' outputs end to end (fused q/k/v, gate/up; all of one bit width).
+        Parts whose outputs fill whole groups are joined as they are; others are repacked."""
+        if len(parts) == 1:
+            return parts[0]
+        if all(part.outputs % 16 == 0 for part in parts[:-1]):
+            return cls(parts[0].bits, sum(part.outputs for part in parts),
+                       *(torch.cat(pieces) for pieces in zip(*((p.packed, p.scale, p.offset) for p in parts))))
+        rows = [part.unpacked() for part in parts]
+        return cls.of(Blocks(parts[0].bits, *(torch.cat(pieces) for pieces in
+                                              zip(*((b.integers, b.scale, b.offset) for b in rows)))))
+
+
+FORMAT = "personas-blocks-2"  # 2: the kernel's layout, so that loading is reading
+
+
 def save_blocks(model: Any, folder: Path) -> int:
-    """Write the blocks of every linear layer that has them into `folder`; how many layers did."""
+    """Write the blocks of every linear layer that has them into `folder`, in the kernel's
+    layout; how many layers did."""
     from safetensors.torch import save_file
 
-    tensors, metadata = {}, {"format": "personas-blocks-1"}
+    tensors, metadata = {}, {"format": FORMAT}
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
         blocks = find_blocks(module.weight)
         if blocks is None:
             continue
-        integers = blocks.integers
-        if blocks.bits == 4:  # two to a byte, the even input in the low nibble
-            integers = integers[:, 0::2] | (integers[:, 1::2] << 4)
-        tensors[f"{name}.integers"] = integers.contiguous()
-        tensors[f"{name}.scale"] = blocks.scale.contiguous()
-        tensors[f"{name}.offset"] = blocks.offset.contiguous()
-        metadata[f"{name}.bits"] = str(blocks.bits)
+        packed = PackedBlocks.of(blocks)
+        tensors[f"{name}.packed"], tensors[f"{name}.scale"], tensors[f"{name}.offset"] = \
+            packed.packed, packed.scale, packed.offset
+        metadata[f"{name}.bits"], metadata[f"{name}.outputs"] = str(packed.bits), str(packed.outputs)
     if tensors:
         save_file(tensors, str(folder / BLOCKS_FILE), metadata=metadata)
-    return len(metadata) - 1
+    return len(tensors) // 3
 
 
 class BlocksUnreadable(Exception):
     """The blocks file exists but cannot be read (damaged, or written by another version)."""
 
 
-def read_blocks(folder: Path) -> dict[str, Blocks]:
+def read_blocks(folder: Path) -> dict[str, PackedBlocks]:
     """The blocks saved in `folder`, by linear layer name (none when there is no file)."""
     from safetensors import safe_open
 
@@ -137,54 +194,34 @@ def read_blocks(folder: Path) -> dict[str, Blocks]:
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"format {metadata.get('format')!r}, where this version reads {FORMAT!r}")
             for key, bits_text in metadata.items():
                 if not key.endswith(".bits"):
                     continue
-                name, bits = key[:-len(".bits")], int(bits_text)
-                integers = file.get_tensor(f"{name}.integers")
-                if bits == 4:
-                    integers = torch.stack([integers & 0x0F, integers >> 4], dim=-1).view(integers.shape[0], -1)
-                found[name] = Blocks(bits, integers, file.get_tensor(f"{name}.scale"),
-                                     file.get_tensor(f"{name}.offset"))
+                name = key[:-len(".bits")]
+                found[name] = PackedBlocks(int(bits_text), int(metadata[f"{name}.outputs"]),
+                                           *(file.get_tensor(f"{name}.{part}") for part in ("packed", "scale", "offset")))
     except Exception as e:  # safetensors raises its own error type, and OSError, ValueError, ...
         raise BlocksUnreadable(f"{path} cannot be read ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
     return found
 
 
-def pack_for_kernel(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layout block_kernel.c reads: outputs in groups of 16 (the last group filled with
-    zero weights), per group and block 8 steps of 16 outputs × 4 inputs (4-bit: two steps to a
-    byte); scale and offset as [group, block, 16]."""
-    n, width = blocks.integers.shape
-    groups, count = -(-n // 16), width // BLOCK
-    fill = groups * 16 - n
-
-    def by_group(values: torch.Tensor) -> torch.Tensor:
-        values = torch.nn.functional.pad(values, (0, 0, 0, fill))
-        return values.view(groups, 16, count).transpose(1, 2).contiguous()
-
-    integers = torch.nn.functional.pad(blocks.integers, (0, 0, 0, fill))
-    steps = integers.view(groups, 16, count, 8, 4).permute(0, 2, 3, 1, 4)
-    if blocks.bits == 4:
-        steps = steps[:, :, 0::2] | (steps[:, :, 1::2] << 4)
-    return steps.contiguous(), by_group(blocks.scale), by_group(blocks.offset)
-
-
 class BlockLinear(nn.Module):
     """A linear layer whose weights are a GGUF file's blocks, multiplied by block_kernel.c."""
 
-    def __init__(self, blocks: Blocks, bias: torch.Tensor | None):
+    def __init__(self, blocks: PackedBlocks, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features, self.in_features = blocks.integers.shape
+        self.out_features, self.in_features = blocks.outputs, blocks.width
         self.bits = blocks.bits
-        packed, scale, offset = pack_for_kernel(blocks)
-        self.computed = packed.shape[0] * 16  # outputs rounded up to the kernel's groups of 16
+        self.computed = blocks.packed.shape[0] * 16  # outputs rounded up to the kernel's groups of 16
         # Plain attributes, not buffers: the kernel holds their addresses, so `model.float()` or
         # `.to()` must not replace them.
-        self.packed, self.scale, self.offset = packed, scale, offset
+        self.packed, self.scale, self.offset = blocks.packed, blocks.scale, blocks.offset
         self.bias = None if bias is None else torch.nn.functional.pad(
             bias.detach().float(), (0, self.computed - self.out_features)).contiguous()
-        self.multiply = block_kernel.product(packed, scale, offset, self.bits, self.computed, self.bias)
+        self.multiply = block_kernel.product(self.packed, self.scale, self.offset, self.bits, self.computed,
+                                             self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -203,18 +240,22 @@ class BlockLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.bits}-bit GGUF blocks"
 
 
-def use_block_weights(model: Any, folder: Path) -> int:
-    """Replace the linear layers of `model` that have blocks saved in `folder` with `BlockLinear`,
-    q/k/v and gate/up fused where all parts have blocks of the same width. Returns how many
-    layers were replaced (fused groups count once). Raises KernelUnavailable where the kernel
-    cannot run here and BlocksUnreadable for a damaged file, before any layer is replaced."""
+def usable_blocks(folder: Path) -> dict[str, PackedBlocks]:
+    """The blocks saved in `folder` (none when there are none), where this machine runs their
+    kernel. Raises KernelUnavailable or BlocksUnreadable (a damaged file)."""
     saved = read_blocks(folder)
-    if not saved:
-        return 0
-    block_kernel.load()  # raises KernelUnavailable before any layer is replaced
+    if saved:
+        block_kernel.load()
+    return saved
+
+
+def use_block_weights(model: Any, saved: dict[str, PackedBlocks]) -> int:
+    """Replace the linear layers of `model` named in `saved` (usable_blocks) with `BlockLinear`,
+    q/k/v and gate/up fused where all parts have blocks of the same width. Their weights may be
+    left unread (on the meta device). Returns how many layers were replaced (fused groups count once)."""
     names = {id(module): name for name, module in model.named_modules()}
 
-    def blocks_of(module: nn.Module) -> Blocks | None:
+    def blocks_of(module: nn.Module) -> PackedBlocks | None:
         return saved.get(names.get(id(module), "")) if type(module) is nn.Linear else None
 
     plans = plan_products(model, lambda module: blocks_of(module) is not None,
@@ -223,11 +264,8 @@ def use_block_weights(model: Any, folder: Path) -> int:
     def build(plan: Plan) -> BlockLinear:
         owner, projection_names, _ = plan
         parts = [getattr(owner, name) for name in projection_names]
-        found = [blocks_of(p) for p in parts]
-        blocks = found[0] if len(found) == 1 else Blocks(
-            found[0].bits, *(torch.cat(pieces) for pieces in zip(*((b.integers, b.scale, b.offset) for b in found))))
         bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-        return BlockLinear(blocks, bias)
+        return BlockLinear(PackedBlocks.concatenated([blocks_of(p) for p in parts]), bias)
 
     replace_products(plans, [build(plan) for plan in plans])
     return len(plans)

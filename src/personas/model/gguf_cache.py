@@ -31,8 +31,9 @@ from .choice import cache_dir
 
 Status = Callable[[str], None]
 SOURCE_FILE = "personas-source.json"  # what a user file's copy was converted from
-# Changes when a copy gains content (2: the file's blocks, block_weights.py): older copies are redone.
-COPY_FORMAT = "copy2"
+# Changes when a copy gains content or changes layout (2: the file's blocks, block_weights.py; 3: the
+# blocks in the kernel's layout): older copies are redone.
+COPY_FORMAT = "copy3"
 
 
 def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:

@@ -141,9 +141,13 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         refuse_pickle_only(directory, choice.label)
     tokenizer = _load_tokenizer(directory, gguf_file, choice, status, trust_remote_code)
     model, kernel = None, None
+    blocks, blocks_unused = {}, None
+    if not tokenizer_only and torch_device.type == "cpu" and cpu_weights == "gguf" and not gguf_file:
+        # Read before the weights: the layers that will multiply blocks need no float32 copy.
+        blocks, blocks_unused = _usable_blocks(directory)
     if not tokenizer_only:
         if engine_only and not gguf_file and torch_device.type == "cpu":
-            model = _load_plain(directory, choice, status)
+            model = _load_plain(directory, choice, status, unread=blocks)
         if model is None:
             model, kernel = _load_weights(
                 directory, gguf_file, choice, torch_device, gptq_backend, status,
@@ -157,9 +161,10 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         fused = fuse_gptq_projections(model, directory, gptq)
 
     halved = blocked = 0
-    blocks_unused = None
-    if model is not None and torch_device.type == "cpu" and cpu_weights == "gguf" and not gguf_file:
-        blocked, blocks_unused = _use_blocks(model, directory)
+    if model is not None and blocks:
+        from .block_weights import use_block_weights
+
+        blocked = use_block_weights(model, blocks)
     if model is not None and torch_device.type == "cpu" and cpu_weights in ("float16", "gguf"):
         from .half_weights import keep_own_copies, use_half_weights
 
@@ -183,19 +188,19 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
 CPU_WEIGHTS = ("float16", "float32", "gguf")
 
 
-def _use_blocks(model: Any, directory: str) -> tuple[int, str | None]:
+def _usable_blocks(directory: str) -> tuple[dict[str, Any], str | None]:
     """The GGUF blocks saved beside a converted model, where this machine can run their kernel:
-    (layers replaced, why none were where the model has blocks)."""
+    (blocks by layer name, why none are used where the model has blocks)."""
     from .block_kernel import KernelUnavailable
-    from .block_weights import BlocksUnreadable, use_block_weights
+    from .block_weights import BlocksUnreadable, usable_blocks
 
     try:
-        return use_block_weights(model, Path(directory)), None
+        return usable_blocks(Path(directory)), None
     except KernelUnavailable as e:
-        return 0, f"GGUF blocks cannot run here ({e}): float16 weights instead"
+        return {}, f"GGUF blocks cannot run here ({e}): float16 weights instead"
     except BlocksUnreadable as e:
-        return 0, (f"GGUF blocks: {e}; float16 weights instead (where that folder is a converted copy in "
-                   "the cache, deleting it makes the next start convert the file again)")
+        return {}, (f"GGUF blocks: {e}; float16 weights instead (where that folder is a converted copy in "
+                    "the cache, deleting it makes the next start convert the file again)")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -296,13 +301,14 @@ def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, de
     return model, kernel
 
 
-def _load_plain(directory: str, choice: ModelChoice, status: Status) -> Any:
-    """The checkpoint as plain modules (plain_llama.py), or None where it is not one they build."""
+def _load_plain(directory: str, choice: ModelChoice, status: Status, unread: Any = ()) -> Any:
+    """The checkpoint as plain modules (plain_llama.py), or None where it is not one they build;
+    the linear layers named in `unread` without their weights (the caller replaces them)."""
     from .plain_llama import load_plain
 
     status(f"loading {choice.label} on cpu")
     try:
-        return load_plain(directory)
+        return load_plain(directory, unread)
     except Exception as e:  # safetensors' and torch's own errors for a damaged file
         raise ModelError(f"cannot load '{choice.label}': {_first_line(e)}",
                          "check that the folder holds a complete model") from e

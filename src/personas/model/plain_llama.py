@@ -16,8 +16,10 @@ no other. Anything else gives None, and the caller loads through transformers as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,17 +253,23 @@ class PlainCausalLM(nn.Module):
 
 
 class _Take:
-    """The checkpoint's tensors as float32, each taken once by name; `left` says what no module took."""
+    """The checkpoint's tensors as float32, each read once by name when taken; `left` says what
+    no module took. Tensors named in `unread` are not read: they come as float32 tensors of their
+    shape on the meta device, for the caller to replace."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
+    def __init__(self, files: list[Any], unread: Collection[str] = ()):
+        self.tensors = {name: file for file in files for name in file.keys()}  # name -> its open file
+        self.unread = set(unread)
         self.taken: set[str] = set()
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
             raise _NotPlain(name)
         self.taken.add(name)
-        return self.tensors[name].to(torch.float32)
+        file = self.tensors[name]
+        if name in self.unread:
+            return torch.empty(file.get_slice(name).get_shape(), dtype=torch.float32, device="meta")
+        return file.get_tensor(name).to(torch.float32)
 
     def linear(self, prefix: str, bias_wanted: bool) -> nn.Linear:
         weight = self(f"{prefix}.weight")
@@ -280,11 +288,12 @@ class _NotPlain(Exception):
     """A tensor the layout expects is missing: not a checkpoint built here."""
 
 
-def load_plain(directory: str | Path) -> PlainCausalLM | None:
+def load_plain(directory: str | Path, unread: Collection[str] = ()) -> PlainCausalLM | None:
     """The checkpoint in `directory` as a PlainCausalLM in float32 on the CPU, or None where its
     configuration or tensors are not exactly the layout built here (the caller then loads it
-    through transformers)."""
-    from safetensors.torch import load_file
+    through transformers). The linear layers named in `unread` keep their weights unread, on the
+    meta device: the caller replaces those layers (the GGUF blocks do, block_weights.py)."""
+    from safetensors import safe_open
 
     directory = Path(directory)
     config = read_plain_config(directory)
@@ -293,14 +302,13 @@ def load_plain(directory: str | Path) -> PlainCausalLM | None:
     files = _safetensors_files(directory)
     if not files:
         return None
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
-    take = _Take(tensors)
-    try:
-        model = PlainCausalLM(config, take, _generation_defaults(directory))
-    except _NotPlain:
-        return None
+    with contextlib.ExitStack() as stack:
+        take = _Take([stack.enter_context(safe_open(str(file), framework="pt")) for file in files],
+                     {f"{name}.weight" for name in unread})
+        try:
+            model = PlainCausalLM(config, take, _generation_defaults(directory))
+        except _NotPlain:
+            return None
     # Tied models may still carry a copy of the head; anything else unread is a layout this module
     # does not know (or a tensor transformers would warn about and ignore): transformers decides.
     if take.left() - {"lm_head.weight"}:
