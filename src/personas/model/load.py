@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError, ModelError
+from . import tokenizer_file
 from .choice import MODEL_HELP, ModelChoice
 from .gguf_cache import embedded_checkpoint, gguf_checkpoint
 from .gptq import gptq_config_of, gptq_kernel_for, kernel_name, loading_config, quant_method_of
 from .prompt import Dialog, is_llama2_chat_template, llama2_ids, llama2_text, template_ids, template_text
+from .quiet import quiet_torch, quiet_transformers
 
 
 def cuda_available() -> bool:
@@ -86,18 +88,6 @@ class LoadedModel:
 Status = Callable[[str], None]
 
 
-def _quiet_libraries() -> None:
-    """Keep transformers' and torch's own warnings and progress bars off the user's terminal."""
-    import logging
-
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import chatter
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: str = "auto",
                status: Status = lambda _: None, tokenizer_only: bool = False,
                allow_pickle: bool = False, trust_remote_code: bool = False, fuse_gptq: bool = True,
@@ -119,7 +109,7 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
         raise InputError(f"cpu weights '{cpu_weights}' are not one of {', '.join(CPU_WEIGHTS)}",
                          f"use {' or '.join(CPU_WEIGHTS)}")
     started = time.perf_counter()
-    _quiet_libraries()
+    quiet_torch()
     import torch
 
     if device is None:
@@ -139,7 +129,10 @@ def load_model(choice: ModelChoice, *, device: str | None = None, gptq_backend: 
 
     if not tokenizer_only and not gguf_file and not allow_pickle:
         refuse_pickle_only(directory, choice.label)
-    tokenizer = _load_tokenizer(directory, gguf_file, choice, status, trust_remote_code)
+    # A CPU model the engine alone runs loads without transformers where it can: plain modules,
+    # and the tokenizer file read directly (tokenizer_file.py).
+    without_transformers = engine_only and torch_device.type == "cpu" and not gguf_file and not tokenizer_only
+    tokenizer = _load_tokenizer(directory, gguf_file, choice, status, trust_remote_code, without_transformers)
     model, kernel = None, None
     blocks, blocks_unused = {}, None
     if not tokenizer_only and torch_device.type == "cpu" and cpu_weights == "gguf" and not gguf_file:
@@ -220,9 +213,12 @@ GENERAL_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, status: Status,
-                    trust_remote_code: bool = False) -> Any:
+                    trust_remote_code: bool = False, without_transformers: bool = False) -> Any:
     status(f"loading tokenizer of {choice.label}")
     try:
+        if without_transformers and tokenizer_file.readable(Path(directory)):
+            return tokenizer_file.TokenizerFile(directory)
+        quiet_transformers()
         if not gguf_file and _general_tokenizer(Path(directory)):
             # The class AutoTokenizer would pick, without importing the configuration classes it
             # reads on the way (about a second of a CPU start; docs/performance.md).
@@ -251,6 +247,7 @@ def _general_tokenizer(directory: Path) -> bool:
 
 def _load_config(directory: str, gguf_file: str | None, trust_remote_code: bool) -> Any:
     """The configuration alone (for the context length), where only the tokenizer is loaded."""
+    quiet_transformers()
     from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
@@ -263,6 +260,8 @@ def _load_config(directory: str, gguf_file: str | None, trust_remote_code: bool)
 def _load_weights(directory: str, gguf_file: str | None, choice: ModelChoice, device: Any,
                   gptq_backend: str, status: Status, safety: dict[str, Any]) -> tuple[Any, str | None]:
     import torch
+
+    quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"device_map": {"": device}, "trust_remote_code": safety["trust_remote_code"]}

@@ -91,7 +91,10 @@ class GrammarTokenizer:
 
 
 def _fast(tokenizer: Any) -> Any:
-    """The transformers tokenizer llguidance reads (the fast one: it serialises its Rust backend)."""
+    """The transformers tokenizer llguidance reads (the fast one: it serialises its Rust backend);
+    a tokenizer file read without transformers (model/tokenizer_file.py) hands over its own."""
+    if hasattr(type(tokenizer), "as_transformers"):
+        tokenizer = tokenizer.as_transformers()
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ValueError("answer formats need a fast tokenizer (tokenizer.json); this model's is a slow one")
     return tokenizer
