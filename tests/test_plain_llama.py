@@ -19,6 +19,7 @@ from test_engine_families import rows, run, tiny_family
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
 from personas.model.plain_llama import PlainCausalLM, PlainConfig, PlainRMSNorm, PlainRotary, load_plain
+from personas.model.tokenizer_file import TokenizerFile, readable
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "mistral"])
@@ -31,7 +32,7 @@ def both(request, tmp_path_factory):
 
 
 def test_each_family_loads_as_plain_modules_with_what_the_engine_reads(both):
-    name, _, reference, plain = both
+    name, directory, reference, plain = both
     assert isinstance(plain.model, PlainCausalLM), name
     assert not isinstance(reference.model, PlainCausalLM)
     assert plain.half_weights == reference.half_weights > 0
@@ -39,7 +40,9 @@ def test_each_family_loads_as_plain_modules_with_what_the_engine_reads(both):
     assert plain.context_length == reference.context_length
     assert plain.model.get_output_embeddings().out_features == reference.model.get_output_embeddings().out_features
     assert (plain.model.device, plain.model.dtype) == (reference.model.device, reference.model.dtype)
-    assert type(plain.tokenizer) is type(reference.tokenizer)
+    # The tokenizer file is read without transformers where its class would add nothing (Qwen's has its own).
+    expected = TokenizerFile if readable(directory) else type(reference.tokenizer)
+    assert type(plain.tokenizer) is expected and (expected is TokenizerFile) == (name in ("llama3", "mistral"))
     text = "What do you see tonight, keeper? <|im_end|> ünïcödé"
     assert plain.tokenizer.encode(text) == reference.tokenizer.encode(text)
 
