@@ -20,8 +20,8 @@ from ..sampling.grid import TOP_LOGPROBS
 from ..sampling.rules import forbid_early_end
 from .config import PREFILL_TOKENS
 from .decoder import Decoder, Part
-from .kernels.cpu_layers import CpuLayers
 from .job import ChosenLogprobs, Placement, Prefix, Prompt
+from .kernels.cpu_layers import CpuLayers
 from .kernels.paged import PAGE, PagedPart, flat_positions, gather
 from .pages import SINK_PAGE, Slot
 from .prefix_pool import PrefixPool

@@ -134,7 +134,8 @@ class CpuLayers:
 
     def _layer_array(self, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
                      prefix_keys: list[torch.Tensor] | None, prefix_values: list[torch.Tensor] | None) -> ctypes.Array:
-        """The layers' descriptions, rebuilt only when the caches or the pool's tensors change."""
+        """The layers' descriptions, rebuilt only when the caches or the pool's tensors change (the
+        caller keeps the tensors behind the addresses alive while it steps)."""
         bound = (tuple(t.data_ptr() for t in cache_keys + cache_values),
                  tuple(t.data_ptr() for t in (prefix_keys or []) + (prefix_values or [])))
         if self._layers is None or bound != self._bound:
@@ -148,7 +149,6 @@ class CpuLayers:
                 for i, (products, norms, keys, values) in enumerate(zip(self.products, self.norms, cache_keys,
                                                                         cache_values))))
             self._bound = bound
-            # The tensors behind the addresses: the caller keeps them alive while it steps.
         return self._layers
 
     def logits(self, ids: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, write_at: torch.Tensor,
@@ -175,5 +175,6 @@ class CpuLayers:
                      starts.data_ptr() if starts is not None else None,
                      lengths.data_ptr() if lengths is not None else None)
         if self.library.decode_layers(layers, len(self.products), ctypes.byref(step), hidden.data_ptr()):
-            raise MemoryError("not enough memory for a decode step's scratch")
+            # Worded as the engine's back-off recognises it (sizing.is_out_of_memory): fewer slots.
+            raise MemoryError("out of memory for a CPU decode step's scratch")
         return d.head(d.norm(hidden)).float()
