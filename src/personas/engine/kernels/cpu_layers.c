@@ -55,7 +55,8 @@ typedef struct {
 static inline float sum16(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 /* exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial
- * (within about 2 ulp), times 2^n. Below about -103 it gives 0, above 88.4 its largest value. */
+ * (within about 2 ulp), times 2^n. Inputs are clamped to [-103, 88.38]: below, a value under
+ * 2^-148 (a weight that counts for nothing); above, the largest float's neighbourhood. */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
