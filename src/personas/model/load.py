@@ -208,9 +208,6 @@ def refuse_pickle_only(directory: str, label: str) -> None:
                          "convert them to safetensors, or pass --allow-pickle if you trust their source")
 
 
-# Classes AutoTokenizer resolves to the general tokenizers-backed one (PreTrainedTokenizerFast).
-GENERAL_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
 
 def _load_tokenizer(directory: str, gguf_file: str | None, choice: ModelChoice, status: Status,
                     trust_remote_code: bool = False, without_transformers: bool = False) -> Any:
@@ -242,7 +239,7 @@ def _general_tokenizer(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     return ((directory / "tokenizer.json").is_file() and not settings.get("auto_map")
-            and settings.get("tokenizer_class") in GENERAL_TOKENIZER_CLASSES)
+            and settings.get("tokenizer_class") in tokenizer_file.GENERAL_CLASSES)
 
 
 def _load_config(directory: str, gguf_file: str | None, trust_remote_code: bool) -> Any:

@@ -25,6 +25,7 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 # tokenizer_config.json keys that ask nothing of transformers' class beyond what is done here.
 PLAIN_KEYS = frozenset({"backend", "tokenizer_class", "is_local", "local_files_only", "model_max_length",
                         "clean_up_tokenization_spaces", "chat_template", *SPECIAL_TOKENS})
+# Classes AutoTokenizer resolves to the general tokenizers-backed one (PreTrainedTokenizerFast).
 GENERAL_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 TEMPLATE_FILE = "chat_template.jinja"
 
