@@ -147,12 +147,15 @@ class PackedBlocks:
         Parts whose outputs fill whole groups are joined as they are; others are repacked."""
         if len(parts) == 1:
             return parts[0]
+
+        def joined(triples: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+            return [torch.cat(pieces) for pieces in zip(*triples)]
+
         if all(part.outputs % 16 == 0 for part in parts[:-1]):
             return cls(parts[0].bits, sum(part.outputs for part in parts),
-                       *(torch.cat(pieces) for pieces in zip(*((p.packed, p.scale, p.offset) for p in parts))))
+                       *joined([(p.packed, p.scale, p.offset) for p in parts]))
         rows = [part.unpacked() for part in parts]
-        return cls.of(Blocks(parts[0].bits, *(torch.cat(pieces) for pieces in
-                                              zip(*((b.integers, b.scale, b.offset) for b in rows)))))
+        return cls.of(Blocks(parts[0].bits, *joined([(b.integers, b.scale, b.offset) for b in rows])))
 
 
 FORMAT = "personas-blocks-2"  # 2: the kernel's layout, so that loading is reading

@@ -134,11 +134,11 @@ class CpuLayers:
 
     def _layer_array(self, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
                      prefix_keys: list[torch.Tensor] | None, prefix_values: list[torch.Tensor] | None) -> ctypes.Array:
-        """The layers' descriptions, rebuilt only when the caches or the pool's tensors change (the
-        caller keeps the tensors behind the addresses alive while it steps)."""
-        bound = (tuple(t.data_ptr() for t in cache_keys + cache_values),
-                 tuple(t.data_ptr() for t in (prefix_keys or []) + (prefix_values or [])))
-        if self._layers is None or bound != self._bound:
+        """The layers' descriptions, rebuilt only when the runner or the pool has replaced its lists of
+        tensors (both replace them whole, never in place). The lists are held here, so the tensors
+        behind the addresses live as long as the descriptions."""
+        bound = (cache_keys, cache_values, prefix_keys, prefix_values)
+        if self._layers is None or any(now is not then for now, then in zip(bound, self._bound)):
             def address(tensor: torch.Tensor | None) -> int | None:
                 return None if tensor is None else tensor.data_ptr()
 
