@@ -8,6 +8,9 @@ includes encoding the shared prompt once, from its own stderr line); llama.cpp r
 process per N, so its whole-process time is comparable too. Printed: each side's generation
 tokens/s, llama.cpp's prompt and generation speeds, whole-process times, the ratio, and the
 memory floor of one row's step (the weights a step reads, over the copy bandwidth measured here).
+llama.cpp's generation speed leaves its prompt out; personas' main figure keeps it in, and a
+second figure leaves it out as llama.cpp's does: the decode steps' tokens over the time outside
+the prompts' passes (the stderr line's "prompts S s, then R tokens/s").
 
 llama.cpp is built from the source inside the llama-cpp-python sdist — PyPI is the one registry
 such a machine reaches — with CMake and Ninja into `.peer/` (ignored), once: GGML_NATIVE off,
@@ -152,7 +155,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.threads)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONAS_MODEL": spec, "OMP_NUM_THREADS": str(args.threads)}
-    personas_runs: dict[tuple[int, str], list[tuple[float, float]]] = {
+    # (whole process s, generation tokens/s with the prompt, without it)
+    personas_runs: dict[tuple[int, str], list[tuple[float, float, float]]] = {
         (n, kind): [] for n in args.rows for kind in args.cpu_weights}
     peer_runs: dict[int, list[tuple[float, dict]]] = {n: [] for n in args.rows}
     for repeat in range(args.repeats):
@@ -162,8 +166,9 @@ def main() -> None:
                                        "-t", "1.0", "--seed", str(repeat + 1), "--max-new-tokens", str(args.new_tokens),
                                        "--min-new-tokens", str(args.new_tokens), "--cpu-weights", kind, "-f", "jsonl"],
                                       env)
-                found = re.search(r"(\d+) new tokens in ([\d.]+) s", result.stderr)
-                personas_runs[n, kind].append((whole, int(found.group(1)) / float(found.group(2))))
+                found = re.search(r"(\d+) new tokens in ([\d.]+) s .*then ([\d.]+) tokens/s", result.stderr)
+                personas_runs[n, kind].append((whole, int(found.group(1)) / float(found.group(2)),
+                                               float(found.group(3))))
             whole, result = timed([str(binary), "-m", str(gguf), "-c", str((prompt_tokens + args.new_tokens) * n + 64),
                                    "-b", "2048", "-ub", "512", "-npp", str(prompt_tokens), "-ntg", str(args.new_tokens),
                                    "-npl", str(n), "-pps", "-t", str(args.threads), "--output-format", "jsonl"], env)
@@ -189,16 +194,18 @@ def main() -> None:
           f"{bandwidth / peer_bytes:.0f} tokens/s\n")
     print("| rows | personas --cpu-weights | personas: generation tokens/s (prompt included) | "
           "llama.cpp: generation tokens/s | llama.cpp: prompt tokens/s | ratio (personas / llama.cpp) | "
-          "whole process: personas vs llama.cpp (s) |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+          "both without the prompt: personas tokens/s (ratio) | whole process: personas vs llama.cpp (s) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
     for n in args.rows:
         theirs = statistics.median(r["speed_tg"] for _, r in peer_runs[n])
         theirs_pp = statistics.median(r["speed_pp"] for _, r in peer_runs[n])
         theirs_whole = statistics.median(whole for whole, _ in peer_runs[n])
         for kind in args.cpu_weights:
-            ours = statistics.median(speed for _, speed in personas_runs[n, kind])
-            ours_whole = statistics.median(whole for whole, _ in personas_runs[n, kind])
+            ours = statistics.median(speed for _, speed, _ in personas_runs[n, kind])
+            ours_alone = statistics.median(alone for _, _, alone in personas_runs[n, kind])
+            ours_whole = statistics.median(whole for whole, _, _ in personas_runs[n, kind])
             print(f"| {n} | {kind} | {ours:.1f} | {theirs:.1f} | {theirs_pp:.0f} | {ours / theirs:.2f}× | "
+                  f"{ours_alone:.1f} ({ours_alone / theirs:.2f}×) | "
                   f"{ours_whole:.1f} vs {theirs_whole:.1f} ({ours_whole / theirs_whole:.1f}×) |")
 
 

@@ -8,6 +8,7 @@ without a GPU.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -266,6 +267,19 @@ def test_rows_whose_suffix_is_one_token_start_in_the_decode_step(tiny):
             out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                                       do_sample=False, pad_token_id=tiny.pad_id)[0, ids.shape[1]:].tolist()
             assert list(got[(row.persona, row.id, 0.0, row.sample)].token_ids) == out
+
+
+def test_the_engine_times_its_prompt_passes_apart_from_its_decode_steps(tiny):
+    """stats.prompt_seconds: the time of the prompt passes (the shared prefixes', the encoded
+    suffixes'); stats.rows_decoded: the tokens decode steps chose — with the first tokens the
+    passes chose, every token delivered. What a peer's "generation speed" leaves out, apart."""
+    rows = grid_rows(tiny, personas=("pirate",), asks=ASKS[:1], n=3) + grid_rows(tiny, personas=("grocer",), n=1)
+    encoded = sum(1 for row in rows if row.persona == "grocer")  # their suffixes are longer than one token
+    started = time.perf_counter()
+    got, engine = run_engine(tiny, rows, Settings(max_new_tokens=6, min_new_tokens=6))
+    elapsed = time.perf_counter() - started
+    assert sum(len(s.token_ids) for s in got.values()) == len(rows) * 6 == engine.stats.rows_decoded + encoded
+    assert 0 < engine.stats.prompt_seconds < elapsed
 
 
 def test_one_token_suffixes_refill_at_once_while_others_wait_for_a_pass(tiny):

@@ -207,10 +207,11 @@ def _sample_and_write(request, loaded, pool, fmt: SampleFormat, target, out, fee
                 diagnostics.add(record, sample)
                 sample_done()
 
+            stats = None
             if pool is not None:
                 pool.sample([(request.settings, rows)], on_sample)
             else:
-                sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
+                stats = sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
                             on_split=lambda size, half: feedback.warn(
                                 f"out of memory with {size} rows decoding at once; going on with {half}"),
                             on_dense=lambda made: feedback.info(
@@ -221,5 +222,11 @@ def _sample_and_write(request, loaded, pool, fmt: SampleFormat, target, out, fee
         elapsed = time.perf_counter() - started
         writer.close()
         diagnostics.finish(loaded, out, feedback, target.path if target is not None and target.resumed else None)
+    # The prompts' passes apart, and the decode steps' own speed after them: the figure peers
+    # report as their generation speed (docs/performance.md, against llama.cpp).
+    prompts = ""
+    if stats is not None and stats.steps and elapsed > stats.prompt_seconds:
+        prompts = (f"; prompts {stats.prompt_seconds:.2f} s, then "
+                   f"{stats.rows_decoded / (elapsed - stats.prompt_seconds):.1f} tokens/s")
     feedback.info(f"{len(rows)} samples, {tokens} new tokens in {elapsed:.1f} s "
-                  f"({tokens / elapsed if elapsed else 0:.0f} tokens/s)")
+                  f"({tokens / elapsed if elapsed else 0:.0f} tokens/s{prompts})")

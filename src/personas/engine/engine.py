@@ -12,6 +12,7 @@ prefill, the decode step, CUDA graphs), decoder.py and kernels/. docs/engine.md 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from ..sampling.grammar import GrammarTokenizer
 from ..sampling.grid import Row, Sample, Settings
 from .config import EngineConfig
 from .decoder import Decoder
-from .job import EngineStats, Job, TokenListener
+from .job import EngineStats, Job, Prefix, TokenListener
 from .pages import PAGE, Pages, Slot, round_up
 from .prefix_pool import PrefixPool
 from .runner import Chosen, Placement, Runner
@@ -126,8 +127,7 @@ class Engine:
         # A page table can address the model's context: later rows longer than the first ones
         # then need no new tables (without a known context, twice the first rows' length).
         self.span = round_up(max(need, self.loaded.context_length or 2 * need), PAGE)
-        for prefix in dict.fromkeys(j.prefix for j in queued if j.prefix):
-            self.pool.ensure(prefix)
+        self._ensure_prefixes(j.prefix for j in queued)
         # A job sizes the pool for the rows it has; a server for rows twice as long (a longer row
         # preempts others, and one longer than the whole pool waits for the rows in flight).
         row_positions = min(2 * need, self.span) if self.config.expect_more else need
@@ -165,8 +165,7 @@ class Engine:
 
     def _place(self, admitted: Sequence[tuple[Slot, Job]]) -> None:
         """Give the admitted rows their slots and pages, then the runner their tensors."""
-        for _, job in admitted:
-            self.pool.ensure(job.prefix)
+        self._ensure_prefixes(job.prefix for _, job in admitted)
         placed, previous, holder = [], None, []
         for b, job in admitted:
             self.jobs[b] = job
@@ -177,10 +176,26 @@ class Engine:
             if job.prompt != previous:
                 previous, holder = job.prompt, pages
             placed.append(Placement(b, job, pages, len(shared)))
+        started = time.perf_counter()
+        # Rows with suffixes to encode come back with their first tokens on the host, so the
+        # device is done with them; a row whose suffix is one token leaves it to the decode step.
         chosen = self.runner.place(placed, self.scheduler.slot_prefixes(self.slot_count),
                                    masks=self.scheduler.masks_needed(), rules=self.scheduler.rules_needed(),
                                    dry=self.dry.penalties(dict(admitted)))
+        self.stats.prompt_seconds += time.perf_counter() - started
         self._take(chosen)
+
+    def _ensure_prefixes(self, prefixes: Iterable[Prefix]) -> None:
+        """A pass over each shared prefix not yet in the pool, its time counted as prompt time."""
+        missing = [p for p in dict.fromkeys(prefixes) if p and p not in self.pool.spans]
+        if not missing:
+            return
+        started = time.perf_counter()
+        for prefix in missing:
+            self.pool.ensure(prefix)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once per new prefix: its passes' time, not their launch
+        self.stats.prompt_seconds += time.perf_counter() - started
 
     def _grow(self) -> None:
         """A new page for each row about to write past its last one; when none is left, the

@@ -118,3 +118,6 @@ class EngineStats:
     rows_delivered: int = 0
     positions_held: int = 0  # own pages × PAGE of each row delivered, summed (the mean cache per row)
     preemptions: int = 0  # rows preempted for pages, to rerun later
+    # Wall time of the admission passes (prompts read, each row's first token chosen): the rest
+    # of a run is decode steps, as a peer's "generation speed" that leaves its prompts out.
+    prompt_seconds: float = 0.0

@@ -17,6 +17,7 @@ from .chunked import graphed
 from .config import EngineConfig
 from .decoder import supports
 from .engine import Engine
+from .job import EngineStats
 from .sizing import is_out_of_memory
 
 
@@ -114,15 +115,17 @@ def sample_rows(settings: Settings, model: LoadedModel, rows: Sequence[Row],
                 on_sample: Callable[[Sample], None],
                 on_step: Callable[[int], None] = lambda _: None,
                 on_split: Callable[[int, int], None] = lambda _a, _b: None,
-                on_dense: Callable[[int], None] = lambda _bytes: None) -> None:
+                on_dense: Callable[[int], None] = lambda _bytes: None) -> EngineStats | None:
     """Sample `rows` on a loaded model: the engine where its decoder runs the model (CUDA graphs
-    where the GPTQ kernel survives capture), else the chunked loops. on_dense: see Engine."""
+    where the GPTQ kernel survives capture), else the chunked loops. on_dense: see Engine.
+    Returns what the engine did (None from the chunked loops)."""
     engine = engine_for(model, settings, on_split=on_split, on_dense=on_dense)
     if engine is not None:
         engine.submit(rows, settings, on_sample)
         engine.run(on_step)
-        return
+        return engine.stats
     refuse_rules_without_engine(model, settings, rows)
     generate_grid(model.model, rows, settings, eos_ids=model.eos_ids, pad_id=model.pad_id,
                   on_sample=on_sample, on_step=on_step, on_split=on_split,
                   graph_safe=graphed.graph_safe(model.model, model.gptq_kernel))
+    return None
