@@ -11,7 +11,9 @@ import torch
 
 from personas.generate.request import Request, plan, sample_records
 from personas.library.schema import Example, Persona
-from personas.sampling.chooser import TokenChooser, counter_uniform, gumbel_noise, mix32, noisy_argmax, token_salts
+from personas.sampling import noise_cpu
+from personas.sampling.chooser import (TokenChooser, counter_uniform, gumbel_noise, mix32, noisy_argmax, row_keys,
+                                       token_salts, uniform_from_keys)
 from personas.engine.chunked.eager import RowSampler
 from personas.sampling.grid import Row, Settings, TokenizedCell, build_grid, derive_seed
 from personas.engine.loop import generate_grid
@@ -165,6 +167,28 @@ def test_counter_uniform_is_uniform_and_a_pure_function_of_seed_step_and_token()
     assert (columns - torch.eye(50)).abs().max() < 0.35, "tokens unrelated"
     neighbours = counter_uniform(torch.tensor([5, 6], dtype=torch.long), 0, salts)
     assert abs(torch.corrcoef(neighbours)[0, 1].item()) < 0.15, "adjacent seeds are not correlated"
+
+
+def test_the_cpu_uniforms_come_from_one_pass_of_c_equal_to_the_torch_formula_bit_for_bit():
+    """On the CPU one pass of C (sampling/noise_cpu.c) makes counter_uniform's numbers: the torch
+    formula's, bit for bit, for any seeds, steps and tokens (a block of the vocabulary at an
+    offset too), so the choice — here against a reference made of torch operations alone — is
+    the same token with it as without it."""
+    assert noise_cpu.available(), "the C compiler here builds the noise loop"
+    generator = torch.Generator().manual_seed(3)
+    seeds = torch.cat([torch.randint(0, 2**62, (35,), generator=generator), torch.tensor([0, 2**63 - 1])])
+    whole = token_salts(50_000, torch.device("cpu"))
+    for step in (0, 1, 2**31 + 5, 2**40 + 7):
+        first, second = row_keys(seeds, step)
+        for salts in (token_salts(1003, torch.device("cpu")), whole[12_345:20_000]):
+            made = noise_cpu.counter_uniform(first, second, salts)
+            assert made is not None and torch.equal(made, uniform_from_keys(first, second, salts)), step
+            assert torch.equal(counter_uniform(seeds, step, salts), made)
+    for rows in (1, 5, 37):  # one block of the vocabulary, and several
+        tempered = torch.randn(rows, 50_000, generator=generator) * 2
+        keys = row_keys(seeds[:rows], 9)
+        reference = uniform_from_keys(*keys, whole).log_().neg_().log_().neg_().add_(tempered).argmax(dim=-1)
+        assert torch.equal(noisy_argmax(tempered, seeds[:rows], 9, whole), reference), rows
 
 
 def test_noise_reaches_past_the_cap_of_a_float32_exponential():

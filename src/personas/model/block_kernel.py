@@ -48,21 +48,36 @@ def load() -> ctypes.CDLL:
 
 
 @cache
-def compiled(sources: tuple[Path, ...]) -> ctypes.CDLL:
-    """`sources` (block_kernel.c first; others may call its functions) as one shared library,
-    compiled into the cache once per source text and flags. Raises KernelUnavailable."""
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+def compiled(sources: tuple[Path, ...], requires: tuple[str, ...] = CPU_FLAGS,
+             flags: tuple[str, ...] = COMPILE_FLAGS) -> ctypes.CDLL:
+    """`sources` (block_kernel.c first where others call its functions) as one shared library,
+    compiled with `flags` into the cache once per source text and flags, on a CPU with the
+    `requires` flags of /proc/cpuinfo. Raises KernelUnavailable."""
+    missing = [flag for flag in requires if flag not in _cpu_flags()]
     if missing:
         raise KernelUnavailable(f"this CPU lacks {', '.join(missing)}")
     texts = b"".join(source.read_bytes() for source in sources)
-    digest = hashlib.sha256(texts + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(texts + " ".join(flags).encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"{sources[-1].stem}-{digest}.so"
     if not library.is_file():
-        _compile(sources, library)
+        _compile(sources, flags, library)
     return ctypes.CDLL(str(library))
 
 
-def _compile(sources: tuple[Path, ...], library: Path) -> None:
+def portable_flags() -> tuple[str, ...]:
+    """Flags for plain C that any CPU runs, vectorised as wide as this one allows (compilers do
+    that from plain loops; no flag names an instruction this CPU lacks)."""
+    have = _cpu_flags()
+    if {"avx512f", "avx512dq", "avx512vl"} <= have:
+        wide = ("-mavx512f", "-mavx512dq", "-mavx512vl")
+    elif "avx2" in have:
+        wide = ("-mavx2",)
+    else:
+        wide = ()
+    return ("-O3", *wide, "-fopenmp", "-shared", "-fPIC")
+
+
+def _compile(sources: tuple[Path, ...], flags: tuple[str, ...], library: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise KernelUnavailable("no C compiler (cc) was found")
@@ -75,7 +90,7 @@ def _compile(sources: tuple[Path, ...], library: Path) -> None:
     os.close(handle)
     try:
         try:
-            done = subprocess.run([compiler, *COMPILE_FLAGS, *map(str, sources), "-o", scratch],
+            done = subprocess.run([compiler, *flags, *map(str, sources), "-o", scratch],
                                   capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

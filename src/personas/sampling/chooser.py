@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import noise_cpu
 from .grid import Settings
 from .rules import min_p_mask, top_k_top_p_mask
 
@@ -68,6 +69,11 @@ def token_salts(vocab: int, device: torch.device) -> torch.Tensor:
     return mix32(torch.arange(vocab, dtype=torch.long, device=device) + _TOKEN_SALT)
 
 
+# On the CPU one pass of C makes the uniforms (noise_cpu.py); False keeps the torch operations
+# there too (benchmarks compare the two).
+C_UNIFORMS_ON_CPU = True
+
+
 def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
     """(rows, vocabulary) float64 uniforms in (0, 1), each a pure function of (seed, step, token id).
 
@@ -79,6 +85,15 @@ def counter_uniform(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.
     on any batch, device or machine.
     """
     first, second = row_keys(seeds, step)
+    if salts.device.type == "cpu" and C_UNIFORMS_ON_CPU:
+        made = noise_cpu.counter_uniform(first, second, salts)  # the same numbers, in one pass
+        if made is not None:
+            return made
+    return uniform_from_keys(first, second, salts)
+
+
+def uniform_from_keys(first: torch.Tensor, second: torch.Tensor, salts: torch.Tensor) -> torch.Tensor:
+    """counter_uniform's numbers from the rows' keys, as torch operations (any device)."""
     high = mix32(first[:, None] ^ salts[None, :])
     low = (high ^ second[:, None]).mul_(0x2C1B3C6D).bitwise_and_(MASK32).bitwise_right_shift_(12)
     return (high << 21).bitwise_or_(low << 1).bitwise_or_(1).double().mul_(2.0 ** -53)
@@ -89,12 +104,11 @@ def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, salts: torch.Ten
     return counter_uniform(seeds, step, salts).log_().neg_().log_().neg_()
 
 
-# On the CPU the noise is made a block of the vocabulary at a time: its ~25 elementwise passes
-# then stay in cache, which halves their cost (docs/performance.md). The numbers, and so the
-# argmax, are the same. A block spans about CPU_NOISE_ELEMENTS of (rows × tokens), at least
-# CPU_NOISE_BLOCK tokens: few rows take the vocabulary in one or two blocks, since each block's
-# passes pay ~25 operations' fixed overhead, which at one row outweighs the cache
-# (docs/performance.md, "How does the CPU compare with llama.cpp?").
+# On the CPU the noise is made a block of the vocabulary at a time: its uniforms (one pass of C,
+# noise_cpu.py), two logarithms, the sum and the maximum then stay in cache (docs/performance.md).
+# The numbers, and so the argmax, are the same. A block spans about CPU_NOISE_ELEMENTS of (rows ×
+# tokens), at least CPU_NOISE_BLOCK tokens: few rows take the vocabulary in one block, since each
+# block's passes pay a fixed overhead, which at one row outweighs the cache.
 CPU_NOISE_BLOCK = 8192
 CPU_NOISE_ELEMENTS = 131072
 
@@ -114,12 +128,16 @@ def noisy_argmax(tempered: torch.Tensor, seeds: torch.Tensor, step: int | torch.
         first, second = row_keys(seeds, step)
         return fused_noisy_argmax(tempered, first, second, salts)
     width = max(CPU_NOISE_BLOCK, CPU_NOISE_ELEMENTS // max(1, tempered.shape[0]))
-    if tempered.device.type != "cpu" or vocabulary <= width:
+    if tempered.device.type != "cpu":
         return gumbel_noise(seeds, step, salts).add_(tempered).argmax(dim=-1)
+    # The scores are widened to float64 before the sum: the same sum as float32 added to float64,
+    # where torch's addition of mixed types is several times slower on the CPU.
+    if vocabulary <= width:
+        return gumbel_noise(seeds, step, salts).add_(tempered.double()).argmax(dim=-1)
     best = index = None
     for start in range(0, vocabulary, width):
         block = slice(start, start + width)
-        values, at = gumbel_noise(seeds, step, salts[block]).add_(tempered[:, block]).max(dim=-1)
+        values, at = gumbel_noise(seeds, step, salts[block]).add_(tempered[:, block].double()).max(dim=-1)
         if best is None:
             best, index = values, at
         else:  # strictly greater: the first of equal maxima wins, as in argmax
@@ -143,6 +161,11 @@ def choose(scores: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
         tempered = top_k_top_p_mask(tempered, top_k, top_p)
     if min_p is not None:
         tempered = min_p_mask(tempered, min_p)
+    if scores.device.type == "cpu":  # no graph here to keep free of host synchronisation
+        if bool(greedy.all()):  # the noise would be thrown away: skip making it
+            return scores.argmax(dim=-1)
+        if not bool(greedy.any()):
+            return noisy_argmax(tempered, seeds, step, salts)
     return torch.where(greedy, scores.argmax(dim=-1), noisy_argmax(tempered, seeds, step, salts))
 
 
