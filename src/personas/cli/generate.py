@@ -228,5 +228,5 @@ def _sample_and_write(request, loaded, pool, fmt: SampleFormat, target, out, fee
     if stats is not None and stats.steps and elapsed > stats.prompt_seconds:
         prompts = (f"; prompts {stats.prompt_seconds:.2f} s, then "
                    f"{stats.rows_decoded / (elapsed - stats.prompt_seconds):.1f} tokens/s")
-    feedback.info(f"{len(rows)} samples, {tokens} new tokens in {elapsed:.1f} s "
+    feedback.info(f"{len(rows)} samples, {tokens} new tokens in {elapsed:.2f} s "
                   f"({tokens / elapsed if elapsed else 0:.0f} tokens/s{prompts})")
