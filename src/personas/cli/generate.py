@@ -212,13 +212,13 @@ def _sample_and_write(request, loaded, pool, fmt: SampleFormat, target, out, fee
                 pool.sample([(request.settings, rows)], on_sample)
             else:
                 stats = sample_rows(request.settings, loaded, rows, on_sample, on_step=on_step,
-                            on_split=lambda size, half: feedback.warn(
-                                f"out of memory with {size} rows decoding at once; going on with {half}"),
-                            on_dense=lambda made: feedback.info(
-                                f"keeping half-precision copies of the GPTQ weights ({made / 1e9:.1f} GB) for "
-                                "steps of 256 rows or more (--no-gptq-dense: never)") if made else feedback.warn(
-                                "out of memory: the half-precision copies of the GPTQ weights are dropped; "
-                                "going on with the 4-bit kernel"))
+                                    on_split=lambda size, half: feedback.warn(
+                                        f"out of memory with {size} rows decoding at once; going on with {half}"),
+                                    on_dense=lambda made: feedback.info(
+                                        f"keeping half-precision copies of the GPTQ weights ({made / 1e9:.1f} GB) "
+                                        "for steps of 256 rows or more (--no-gptq-dense: never)") if made else
+                                    feedback.warn("out of memory: the half-precision copies of the GPTQ weights are "
+                                                  "dropped; going on with the 4-bit kernel"))
         elapsed = time.perf_counter() - started
         writer.close()
         diagnostics.finish(loaded, out, feedback, target.path if target is not None and target.resumed else None)

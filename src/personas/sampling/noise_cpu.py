@@ -3,9 +3,9 @@
 torch makes the uniforms of the Gumbel-max choice as ~20 elementwise passes over (rows ×
 vocabulary) int64 tensors, a sixth to a third of a CPU decode step (docs/performance.md, "The
 choice of a token on the CPU"). The C loop computes the same 32-bit hash and the same 53-bit
-integer per (row, token) in registers and writes each uniform once; they are the torch formula's numbers bit for bit (tested), so the
-tokens chosen do not change. The logarithms and the argmax stay torch's. Without a C compiler
-(or where it fails) the torch formula runs.
+integer per (row, token) in registers and writes each uniform once; they are the torch formula's
+numbers bit for bit (tested), so the tokens chosen do not change. The logarithms and the argmax
+stay torch's. Without a C compiler (or where it fails) the torch formula runs.
 """
 
 from __future__ import annotations
