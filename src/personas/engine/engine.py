@@ -187,12 +187,10 @@ class Engine:
 
     def _ensure_prefixes(self, prefixes: Iterable[Prefix]) -> None:
         """A pass over each shared prefix not yet in the pool, its time counted as prompt time."""
-        missing = [p for p in dict.fromkeys(prefixes) if p and p not in self.pool.spans]
-        if not missing:
-            return
         started = time.perf_counter()
-        for prefix in missing:
-            self.pool.ensure(prefix)
+        made = [self.pool.ensure(prefix) for prefix in dict.fromkeys(prefixes)]
+        if not any(made):
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # once per new prefix: its passes' time, not their launch
         self.stats.prompt_seconds += time.perf_counter() - started

@@ -59,10 +59,10 @@ class PrefixPool:
             if self.spans.pop(prefix, None) is not None:
                 self.version += 1
 
-    def ensure(self, prefix: Prefix) -> None:
-        """Compute and store `prefix` unless it is here."""
+    def ensure(self, prefix: Prefix) -> bool:
+        """Compute and store `prefix` unless it is here; whether a pass was made."""
         if not prefix or prefix in self.spans:
-            return
+            return False
         if self.end + len(prefix) > self.capacity:
             self._compact()
         if self.end + len(prefix) > self.capacity:
@@ -72,6 +72,7 @@ class PrefixPool:
         self.spans[prefix] = Span(start, len(prefix))
         self.end = start + len(prefix)
         self.version += 1
+        return True
 
     def read_length(self) -> int:
         """Positions a step reads: up to the last live prefix, in whole spans."""
