@@ -2,10 +2,11 @@
 
 Tiny random models of each family the decoder runs — Llama 3's rotary scaling, Qwen 2's q/k/v
 bias and tied head, Qwen 3's per-head norms, Mistral — with every linear layer quantized as a
-GGUF file's Q4_1 / Q4_0 / Q8_0 blocks: the C step runs them, and gives the tokens and
-log-probabilities the decoder's modules give on the same block layers, greedy text equal to
-`generate`'s, rows alone or sharing a prefix, rows refilled into slots mid-run; where a
-projection is not blocks the modules run.
+GGUF file's Q4_1 / Q4_0 / Q8_0 blocks: the C layers run their decode steps and prompts, and
+give the tokens and log-probabilities the decoder's modules give on the same block layers,
+greedy text equal to `generate`'s, rows alone or sharing a prefix, rows refilled into slots
+mid-run; a row's numbers do not depend on how its prompt was split; where a projection is not
+blocks the modules run.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def test_every_familys_block_model_decodes_through_the_c_layers(block_family):
     name, loaded, _ = block_family
     assert loaded.block_weights, name
     _, engine = run(loaded, rows(loaded, 0.0)[:1], tokens=2)
-    assert engine.runner.cpu_layers is not None, name
+    assert engine.runner.cpu_layers is not None and engine.pool.cpu_layers is engine.runner.cpu_layers, name
     _, modules = run(loaded, rows(loaded, 0.0)[:1], tokens=2, layer_kernels=False)
-    assert modules.runner.cpu_layers is None
+    assert modules.runner.cpu_layers is None and modules.pool.cpu_layers is None
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -85,6 +86,22 @@ def test_greedy_text_through_the_c_layers_equals_generate_alone_and_sharing_a_pr
         expected = tuple(out[:next((i for i, t in enumerate(out) if t in loaded.eos_ids), len(out))])
         assert together[row.id][0] == expected, (name, row.id)
         assert alone[row.id][0] == expected, (name, row.id)
+
+
+def test_a_rows_numbers_are_the_same_however_its_prompt_is_split(block_family):
+    # Alone, a row's prompt is a prefix of all but its last token, and that token goes through
+    # its first decode step; together, the rows share their system text's start as a prefix and
+    # encode the rest in one pass of many rows. The C layers compute each position the same way
+    # in all three, so the samples and log-probabilities are equal to the last bit.
+    name, loaded, _ = block_family
+    for temperature in (0.0, 1.0):
+        batch = rows(loaded, temperature)
+        together, _ = run(loaded, batch)
+        jobs = Engine(loaded, EngineConfig()).submit(batch, Settings(), lambda s: None)
+        assert not any(job.starts_in_decode for job in jobs), name  # each rest goes through a pass of its own
+        for row in batch[:3]:
+            alone, _ = run(loaded, [row])
+            assert alone[row.id] == together[row.id], (name, temperature, row.id)
 
 
 def test_a_model_whose_projections_are_not_all_blocks_decodes_through_the_modules(block_family):

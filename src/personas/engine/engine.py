@@ -24,6 +24,7 @@ from ..sampling.grid import Row, Sample, Settings
 from .config import EngineConfig
 from .decoder import Decoder
 from .job import EngineStats, Job, Prefix, TokenListener
+from .kernels.cpu_layers import CpuLayers
 from .pages import PAGE, Pages, Slot, round_up
 from .prefix_pool import PrefixPool
 from .runner import Chosen, Placement, Runner
@@ -47,7 +48,10 @@ class Engine:
         decoder = Decoder(loaded.model, layer_kernels=config.layer_kernels)
         self.device = decoder.device
         vocabulary = loaded.model.get_output_embeddings().out_features
-        self.pool = PrefixPool(decoder)
+        # On the CPU, the layers of a model whose projections are all GGUF blocks run as one C
+        # call a pass (decode steps and prompts); None: the decoder's modules.
+        cpu_layers = CpuLayers.of(decoder) if config.layer_kernels and self.device.type == "cpu" else None
+        self.pool = PrefixPool(decoder, cpu_layers)
         self.scheduler = Scheduler(self.pool, loaded.eos_ids)
         # llguidance's view of the tokenizer, made on a row's first answer format and once. Not a
         # method of this engine: the runner holding one would make a reference cycle, and an engine
@@ -55,8 +59,7 @@ class Engine:
         # runs, while the next engine sizes itself from the memory free now.
         grammar_tokenizer = functools.cache(lambda: GrammarTokenizer(loaded.tokenizer, vocabulary, loaded.eos_ids))
         self.runner = Runner(decoder, self.pool, graphs=config.graphs, end_ids=loaded.eos_ids, pad_id=loaded.pad_id,
-                             vocabulary=vocabulary, grammar_tokenizer=grammar_tokenizer,
-                             layer_kernels=config.layer_kernels)
+                             vocabulary=vocabulary, grammar_tokenizer=grammar_tokenizer, cpu_layers=cpu_layers)
         self.sizing = Sizing(loaded, decoder, vocabulary, expect_more=config.expect_more, max_pages=config.max_pages)
         self.slot_cap = config.slot_cap(self.device.type)  # halved by each out-of-memory back-off
         self.dense_weights = config.dense_weights  # False once an out-of-memory dropped the copies

@@ -14,9 +14,10 @@ from typing import NamedTuple
 import torch
 
 from .decoder import Decoder, Part
+from .kernels.cpu_layers import CpuLayers
 from .kernels.prefix import PrefixPart
 from .job import Prefix
-from .pages import round_up
+from .pages import PAGE, round_up
 
 SPAN = 32  # the pool is read in spans of this many positions
 POOL_STEP = 256  # the pool grows by at least this many positions
@@ -36,8 +37,8 @@ class PrefixPool:
     dropped prefixes is reclaimed by compacting when a new one does not fit.
     """
 
-    def __init__(self, decoder: Decoder):
-        self.decoder = decoder
+    def __init__(self, decoder: Decoder, cpu_layers: CpuLayers | None = None):
+        self.decoder, self.cpu_layers = decoder, cpu_layers
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.capacity = 0
@@ -129,6 +130,9 @@ class PrefixPool:
         self.version += 1
 
     def _compute(self, prefix: Prefix, start: int) -> None:
+        if self.cpu_layers is not None:
+            self._compute_in_c(prefix, start)
+            return
         d = self.decoder
         length = len(prefix)
         ids = torch.tensor([prefix], device=d.device)
@@ -141,3 +145,16 @@ class PrefixPool:
 
         d.run(ids, torch.arange(length, device=d.device)[None], own, None,
               torch.tensor([length - 1], device=d.device))
+
+    def _compute_in_c(self, prefix: Prefix, start: int) -> None:
+        """`_compute` through the C layers, which write keys and values into pages: the prefix's
+        go into pages of its own for the pass, then into the pool."""
+        d, length = self.decoder, len(prefix)
+        pages = round_up(length, PAGE) // PAGE
+        keys = [torch.empty((pages, PAGE, d.kv_heads, d.head_dim), dtype=d.dtype) for _ in range(d.layer_count)]
+        values = [torch.empty_like(k) for k in keys]
+        at = torch.arange(length)
+        self.cpu_layers.prompt(torch.tensor(prefix), at, torch.arange(pages).expand(length, pages), at, keys, values,
+                               None, last=None)
+        for pool, written in zip(self.keys + self.values, keys + values):
+            pool[:, start:start + length] = written.view(-1, d.kv_heads, d.head_dim)[:length].transpose(0, 1)

@@ -118,11 +118,9 @@ class Runner:
 
     def __init__(self, decoder: Decoder, pool: PrefixPool, *, graphs: bool, end_ids: Sequence[int], pad_id: int,
                  vocabulary: int, grammar_tokenizer: Callable[[], GrammarTokenizer] | None = None,
-                 layer_kernels: bool = True):
+                 cpu_layers: CpuLayers | None = None):
         self.decoder, self.pool, self.device = decoder, pool, decoder.device
-        # On the CPU, a decode step of a model whose projections are all GGUF blocks runs its
-        # layers as one C call; None: the decoder's modules.
-        self.cpu_layers = CpuLayers.of(decoder) if layer_kernels and self.device.type == "cpu" else None
+        self.cpu_layers = cpu_layers  # the CPU's C layers (kernels/cpu_layers.py); None: the decoder's modules
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.end_ids, self.pad_id, self.vocabulary = list(end_ids), pad_id, vocabulary
         self.graphs: dict[GraphKey, StepGraphs] = {}
@@ -304,31 +302,12 @@ class Runner:
     def _encode_suffixes(self, groups: Sequence[tuple[Prompt, list[Placement]]]) -> torch.Tensor:
         """One prefill pass over distinct suffixes; their keys go to their first slot, then are
         copied to the slots with the same prompt. Returns each suffix's last logits."""
-        d, device, s = self.decoder, self.device, self.slots
-        suffixes = [prompt.suffix for prompt, _ in groups]
-        starts = [len(prompt.prefix) for prompt, _ in groups]
-        width = max(len(x) for x in suffixes)
-        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
-        for row, suffix in enumerate(suffixes):
-            ids[row, :len(suffix)] = torch.tensor(suffix)
-        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None, :]
+        device, s = self.device, self.slots
         firsts = torch.tensor([members[0].slot for _, members in groups], device=device)
-        # Causal within the suffix; a padded query sees garbage, and nothing reads its output.
-        causal = torch.full((width, width), float("-inf"), device=device).triu_(1)[None]
-        # Where each suffix position goes in its first slot's pages; padding goes nowhere (a
-        # short row's pages may end before the longest suffix does).
-        lengths = torch.tensor([len(x) for x in suffixes], device=device)
-        written = torch.arange(width, device=device)[None, :] < lengths[:, None]
-        at = flat_positions(s.table[firsts], torch.arange(width, device=device).expand(len(groups), width))[written]
-
-        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
-            for pool, fresh in ((self.cache_keys[layer], k), (self.cache_values[layer], v)):
-                pool.view(-1, *pool.shape[2:])[at] = fresh.transpose(1, 2)[written]
-            return Part(k, v, causal, shared=False)
-
-        bias = self.pool.bias([prompt.prefix for prompt, _ in groups])
-        logits = d.run(ids.to(device), positions.to(device), own, self.pool.parts(bias, self.pool.read_length()),
-                       torch.tensor([len(x) - 1 for x in suffixes], device=device))
+        if self.cpu_layers is not None:
+            logits = self._suffixes_in_c(groups, firsts)
+        else:
+            logits = self._suffixes_through_modules(groups, firsts)
         # The other slots with the same prompt read the first slot's prompt-only pages as their
         # own (Placement.shared): they take copies of the positions after those only.
         copies = [PageCopy(members[0].slot, p.slot, PAGE * p.shared, len(prompt.suffix))
@@ -344,6 +323,50 @@ class Runner:
                 flat_pool = pool.view(-1, *pool.shape[2:])
                 flat_pool[target] = flat_pool[source]
         return logits
+
+    def _suffixes_through_modules(self, groups: Sequence[tuple[Prompt, list[Placement]]],
+                                  firsts: torch.Tensor) -> torch.Tensor:
+        """The suffixes as a padded batch through the decoder's modules; each suffix's last logits."""
+        d, device, s = self.decoder, self.device, self.slots
+        suffixes = [prompt.suffix for prompt, _ in groups]
+        starts = [len(prompt.prefix) for prompt, _ in groups]
+        width = max(len(x) for x in suffixes)
+        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            ids[row, :len(suffix)] = torch.tensor(suffix)
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None, :]
+        # Causal within the suffix; a padded query sees garbage, and nothing reads its output.
+        causal = torch.full((width, width), float("-inf"), device=device).triu_(1)[None]
+        # Where each suffix position goes in its first slot's pages; padding goes nowhere (a
+        # short row's pages may end before the longest suffix does).
+        lengths = torch.tensor([len(x) for x in suffixes], device=device)
+        written = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        at = flat_positions(s.table[firsts], torch.arange(width, device=device).expand(len(groups), width))[written]
+
+        def own(layer: int, k: torch.Tensor, v: torch.Tensor) -> Part:
+            for pool, fresh in ((self.cache_keys[layer], k), (self.cache_values[layer], v)):
+                pool.view(-1, *pool.shape[2:])[at] = fresh.transpose(1, 2)[written]
+            return Part(k, v, causal, shared=False)
+
+        bias = self.pool.bias([prompt.prefix for prompt, _ in groups])
+        return d.run(ids.to(device), positions.to(device), own, self.pool.parts(bias, self.pool.read_length()),
+                     torch.tensor([len(x) - 1 for x in suffixes], device=device))
+
+    def _suffixes_in_c(self, groups: Sequence[tuple[Prompt, list[Placement]]], firsts: torch.Tensor) -> torch.Tensor:
+        """The suffixes' positions as rows of the C layers, no padding: each row of a suffix
+        reads its group's prefix span and its first slot's pages. Each suffix's last logits."""
+        s = self.slots
+        lengths = torch.tensor([len(prompt.suffix) for prompt, _ in groups])
+        group_of = torch.repeat_interleave(torch.arange(len(groups)), lengths)
+        own_at = torch.cat([torch.arange(n) for n in lengths.tolist()])  # positions in the slot's own pages
+        ids = torch.tensor([token for prompt, _ in groups for token in prompt.suffix])
+        positions = torch.tensor([len(prompt.prefix) for prompt, _ in groups])[group_of] + own_at
+        prefix = None
+        if any(prompt.prefix for prompt, _ in groups):
+            starts, spans = self.pool.spans_of([prompt.prefix for prompt, _ in groups])
+            prefix = (self.pool.keys, self.pool.values, starts[group_of], spans[group_of])
+        return self.cpu_layers.prompt(ids, positions, s.table[firsts][group_of], own_at, self.cache_keys,
+                                      self.cache_values, prefix, last=lengths.cumsum(0) - 1)
 
     # --- choosing --------------------------------------------------------------------------------
 

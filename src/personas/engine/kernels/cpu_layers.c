@@ -1,6 +1,8 @@
-/* A CPU decode step's layers in one call: every layer of a Llama-family model whose projections
- * are GGUF blocks (model/block_kernel.c, compiled into the same library), for rows that each add
- * one token. See cpu_layers.py for why this is C and what it replaces.
+/* A CPU pass's layers in one call: every layer of a Llama-family model whose projections are
+ * GGUF blocks (model/block_kernel.c, compiled into the same library), for rows that each add one
+ * token: a decode step's rows, or a prompt's positions as rows of their sequence (every row's k
+ * and v are written before any row attends, so each reads the positions before it). See
+ * cpu_layers.py for why this is C and what it replaces.
  *
  * Per layer and row, as the decoder's modules compute it (engine/decoder.py):
  *   x = RMSNorm(hidden); q, k, v = x Wqkv (+ bias); Qwen 3's per-head norms of q and k; rotary;

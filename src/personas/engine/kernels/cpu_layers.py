@@ -1,4 +1,4 @@
-"""A CPU decode step's layers as one C call (cpu_layers.c), where every projection is GGUF blocks.
+"""A CPU pass's layers as one C call (cpu_layers.c), where every projection is GGUF blocks.
 
 With the GGUF file's blocks (model/block_weights.py) a one-row step of the embedded model spends
 about as long in the ~40 small torch operations each layer makes — norms, rotary, the cache
@@ -8,10 +8,15 @@ CPU compare with llama.cpp?"). No library runs a Llama layer over personas' own 
 (pages plus a shared prefix pool), so this file's C does: one call for all layers, the products
 through block_kernel.c's function in the same library, the rest in AVX-512 next to them.
 
-Only decode steps (one new token a row) run here; prefill and every other model keep the
-modules (decoder.py). Built by `CpuLayers.of(decoder)`, which says None where this does not
-apply: not the CPU, not float32, a projection that is not blocks, a width the kernel does not
-take, or the kernel cannot be built.
+Rows each add one token: a decode step's rows, or a prompt's positions, each a row of its own
+sequence that attends to the positions before it (`prompt`). A prompt pass through the modules
+spends about a quarter of its time in those same small operations, the attention over hundreds
+of positions the largest (docs/performance.md); here its rows share the step's products and
+attend in the same loops as decoding, so a position's numbers are the same whether its prompt is
+encoded as a shared prefix, as a row's own rest, or one token at a time. Every other model
+keeps the modules (decoder.py). Built by `CpuLayers.of(decoder)`, which says None where this
+does not apply: not the CPU, not float32, a projection that is not blocks, a width the kernel
+does not take, or the kernel cannot be built.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from ...model.projections import FusedProjection
 SOURCE = Path(__file__).with_name("cpu_layers.c")
 VECTOR = 16  # floats in an AVX-512 register: the widths the C loops step through
 MAX_HEAD_DIM = 256  # cpu_layers.c keeps a head's attention sums in registers
+# A prompt's rows a call: the call's attention scratch is rows × heads × positions floats, so a
+# long prompt goes in chunks, each attending to the keys the earlier ones wrote.
+PROMPT_CHUNK = 256
 
 pointer, integer = ctypes.c_void_p, ctypes.c_int
 
@@ -87,7 +95,8 @@ def _norm(module: Any, size: int) -> torch.Tensor | None:
 
 class CpuLayers:
     """The decoder's layers as C: `logits` is `Decoder.run` for a decode step (one query a row)
-    over the runner's cache pages and the prefix pool, its numbers the modules' up to rounding."""
+    over the runner's cache pages and the prefix pool, `prompt` for a prompt's positions; their
+    numbers the modules' up to rounding."""
 
     # `decoder` is engine/decoder.py's Decoder (not imported: the decoder imports this folder).
     def __init__(self, decoder: Any, library: ctypes.CDLL, products: list[tuple[_Product, ...]],
@@ -158,6 +167,31 @@ class CpuLayers:
         its keys and values written to the cache pages at `write_at` through `table` (rows, pages
         a row), attending to them and, with `prefix` = (pool keys, pool values, starts, lengths),
         to the row's span of the prefix pool."""
+        hidden = self._through_layers(ids, positions, table, write_at, cache_keys, cache_values, prefix)
+        return self.decoder.head(self.decoder.norm(hidden)).float()
+
+    def prompt(self, ids: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, write_at: torch.Tensor,
+               cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
+               prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor] | None,
+               last: torch.Tensor | None) -> torch.Tensor | None:
+        """`logits` for a prompt's positions, one row each: rows of one sequence share its page
+        table row and come in the order of their positions, `write_at` counting its own positions
+        (each row reads those up to its own). Logits of the rows `last` only (None: keys and values
+        alone)."""
+        outputs = []
+        for start in range(0, ids.shape[0], PROMPT_CHUNK):
+            part = slice(start, start + PROMPT_CHUNK)
+            spans = None if prefix is None else (prefix[0], prefix[1], prefix[2][part], prefix[3][part])
+            outputs.append(self._through_layers(ids[part], positions[part], table[part], write_at[part], cache_keys,
+                                        cache_values, spans))
+        if last is None:
+            return None
+        return self.decoder.head(self.decoder.norm(torch.cat(outputs)[last])).float()
+
+    def _through_layers(self, ids: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, write_at: torch.Tensor,
+                cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
+                prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The rows' hidden states after every layer, (rows, hidden): one C call."""
         d = self.decoder
         rows = ids.shape[0]
         hidden = d.embed(ids[:, None]).reshape(rows, self.hidden).contiguous()
@@ -176,5 +210,5 @@ class CpuLayers:
                      lengths.data_ptr() if lengths is not None else None)
         if self.library.decode_layers(layers, len(self.products), ctypes.byref(step), hidden.data_ptr()):
             # Worded as the engine's back-off recognises it (sizing.is_out_of_memory): fewer slots.
-            raise MemoryError("out of memory for a CPU decode step's scratch")
-        return d.head(d.norm(hidden)).float()
+            raise MemoryError("out of memory for the CPU layers' scratch")
+        return hidden
