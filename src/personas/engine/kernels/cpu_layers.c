@@ -234,7 +234,9 @@ static void decode_layer(const Layer *l, const Step *s, float *hidden, const Scr
     multiply(&l->qkv, x, rows, w, product);
     #pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
     for (int r = 0; r < rows; r++) place_qkv(l, s, r, product + (size_t)r * l->qkv.outputs);
-    #pragma omp parallel for collapse(2) schedule(static)
+    /* Round-robin: a prompt's rows attend to ever more positions, so halves in order would
+     * leave one thread the longer half. */
+    #pragma omp parallel for collapse(2) schedule(static, 1)
     for (int r = 0; r < rows; r++)
         for (int g = 0; g < s->kv_heads; g++)
             attend(l, s, r, g, product + (size_t)r * l->qkv.outputs + (size_t)g * group * hd,
