@@ -18,6 +18,7 @@ from test_block_weights import quantize_linear_layers
 from test_engine_families import rows, tiny_family
 
 from personas.engine.engine import Engine, EngineConfig
+from personas.engine.kernels import cpu_layers
 from personas.model.block_weights import save_blocks
 from personas.model.choice import resolve_model
 from personas.model.load import load_model
@@ -102,6 +103,17 @@ def test_a_rows_numbers_are_the_same_however_its_prompt_is_split(block_family):
         for row in batch[:3]:
             alone, _ = run(loaded, [row])
             assert alone[row.id] == together[row.id], (name, temperature, row.id)
+
+
+def test_a_prompt_in_chunks_of_a_few_positions_gives_the_same_numbers(block_family, monkeypatch):
+    # A long prompt goes through the C layers PROMPT_CHUNK positions a call, each call attending
+    # to the keys the earlier ones wrote: chunks of 5 cut every prompt here many times over.
+    name, loaded, _ = block_family
+    batch = rows(loaded, 1.0)[:3]
+    whole, _ = run(loaded, batch)
+    monkeypatch.setattr(cpu_layers, "PROMPT_CHUNK", 5)
+    assert run(loaded, batch)[0] == whole, name
+    assert run(loaded, batch[:1])[0] == {batch[0].id: whole[batch[0].id]}, name
 
 
 def test_a_model_whose_projections_are_not_all_blocks_decodes_through_the_modules(block_family):

@@ -182,15 +182,16 @@ class CpuLayers:
         for start in range(0, ids.shape[0], PROMPT_CHUNK):
             part = slice(start, start + PROMPT_CHUNK)
             spans = None if prefix is None else (prefix[0], prefix[1], prefix[2][part], prefix[3][part])
-            outputs.append(self._through_layers(ids[part], positions[part], table[part], write_at[part], cache_keys,
-                                        cache_values, spans))
+            outputs.append(self._through_layers(ids[part], positions[part], table[part], write_at[part],
+                                                cache_keys, cache_values, spans))
         if last is None:
             return None
         return self.decoder.head(self.decoder.norm(torch.cat(outputs)[last])).float()
 
-    def _through_layers(self, ids: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, write_at: torch.Tensor,
-                cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
-                prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _through_layers(self, ids: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                        write_at: torch.Tensor, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
+                        prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor] | None
+                        ) -> torch.Tensor:
         """The rows' hidden states after every layer, (rows, hidden): one C call."""
         d = self.decoder
         rows = ids.shape[0]
