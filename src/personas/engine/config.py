@@ -32,8 +32,8 @@ class EngineConfig:
     max_pages: at most this many cache pages (memory shared with something else; tests force
         preemption with it).
     layer_kernels: on CUDA, fused Triton kernels for the layers' small steps; on the CPU, where
-        every projection is GGUF blocks, a decode step's layers as one C call (off: the modules'
-        own, for comparisons).
+        every projection is GGUF blocks, each pass's layers (decode steps and prompts) as one C
+        call (off: the modules' own, for comparisons).
     dense_weights: products of many rows through dense copies of a GPTQ model's weights
         (model/dense_gptq.py): True asks, False refuses, None lets the engine decide from its
         slots and the memory (sizing.py).
