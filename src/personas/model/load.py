@@ -328,8 +328,8 @@ def _end_of_turn_ids(tokenizer: Any, model: Any) -> list[int]:
 
 def _vocabulary_ids(tokenizer: Any, tokens: tuple[str, ...]) -> list[int | None]:
     """Each token's id, None where the vocabulary lacks it. The tokenizers library looks one up
-    directly, where `get_vocab` first builds the whole vocabulary as a dict (30–50 ms of a start
-    for the embedded model's 49,152 tokens)."""
+    directly, where `get_vocab` first builds the whole vocabulary as a dict, a visible part of a
+    start (docs/performance.md, "How long does start-up take?")."""
     if isinstance(tokenizer, tokenizer_file.TokenizerFile):
         backend = tokenizer.backend
     else:  # transformers' fast tokenizers hold the same library's tokenizer
