@@ -17,7 +17,7 @@ from .decoder import Decoder, Part
 from .kernels.cpu_layers import CpuLayers
 from .kernels.prefix import PrefixPart
 from .job import Prefix
-from .pages import PAGE, round_up
+from .pages import PAGE, pages_for, round_up
 
 SPAN = 32  # the pool is read in spans of this many positions
 POOL_STEP = 256  # the pool grows by at least this many positions
@@ -150,7 +150,7 @@ class PrefixPool:
         """`_compute` through the C layers, which write keys and values into pages: the prefix's
         go into pages of its own for the pass, then into the pool."""
         d, length = self.decoder, len(prefix)
-        pages = round_up(length, PAGE) // PAGE
+        pages = pages_for(length)
         keys = [torch.empty((pages, PAGE, d.kv_heads, d.head_dim), dtype=d.dtype) for _ in range(d.layer_count)]
         values = [torch.empty_like(k) for k in keys]
         at = torch.arange(length)
