@@ -250,3 +250,35 @@ def block_kernel_runs() -> bool:
     except block_kernel.KernelUnavailable:
         return False
     return True
+
+
+# How close two logits must be for their order to be a matter of float rounding. Different
+# float32 arithmetic (the C layers' sums against the modules', in another order) moves a tiny
+# random model's logits by ~1e-5; its top two, over a 128k vocabulary of near-flat logits (spread
+# ~0.6), come within that a few times in a few hundred steps.
+NEAR_TIE = 1e-3
+
+
+def greedy_with_margins(model, prompt_ids: list[int], max_new_tokens: int, eos_ids, pad_id):
+    """transformers' greedy `generate` for one prompt: its tokens up to the end of the turn, and each
+    step's logits, so a comparison can tell a real disagreement from a near-tie."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos_ids, pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return tuple(tokens[:end]), [scores[0] for scores in out.scores]
+
+
+def assert_same_greedy_text(got: tuple[int, ...], expected: tuple[int, ...], logits, label) -> None:
+    """`got` equals `expected` token for token, except that at a step where generate's two best
+    logits are within NEAR_TIE the texts may part: `got`'s token must be one of those, and what
+    follows is not compared (each side continues from a different text)."""
+    for step, (mine, theirs) in enumerate(zip(got, expected)):
+        if mine != theirs:
+            gap = float(logits[step].max() - logits[step][mine])
+            assert gap <= NEAR_TIE, f"{label}: token {step} is {mine}, generate's {theirs} is ahead by {gap:.2e}"
+            return
+    assert len(got) == len(expected), f"{label}: {len(got)} tokens, generate made {len(expected)}"

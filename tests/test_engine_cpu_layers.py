@@ -4,7 +4,7 @@ Tiny random models of each family the decoder runs — Llama 3's rotary scaling,
 bias and tied head, Qwen 3's per-head norms, Mistral — with every linear layer quantized as a
 GGUF file's Q4_1 / Q4_0 / Q8_0 blocks: the C layers run their decode steps and prompts, and
 give the tokens and log-probabilities the decoder's modules give on the same block layers,
-greedy text equal to `generate`'s, rows alone or sharing a prefix, rows refilled into slots
+greedy text equal to `generate`'s up to near-ties, rows alone or sharing a prefix, rows refilled into slots
 mid-run; a row's numbers do not depend on how its prompt was split; where a projection is not
 blocks the modules run.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import block_kernel_runs
+from conftest import assert_same_greedy_text, block_kernel_runs, greedy_with_margins
 from test_block_weights import quantize_linear_layers
 from test_engine_families import rows, tiny_family
 
@@ -67,12 +67,22 @@ def test_the_c_layers_give_the_modules_tokens_and_logprobs(block_family, tempera
     batch = rows(loaded, temperature)
     c_layers, _ = run(loaded, batch)
     modules, _ = run(loaded, batch, layer_kernels=False)
-    for i, (tokens, logprobs) in modules.items():
-        assert c_layers[i][0] == tokens, (name, i)
-        assert c_layers[i][1] == pytest.approx(logprobs, abs=2e-3), (name, i)
-    # Two slots for eight rows: rows refilled mid-run, into pages others left.
+    for row in batch:
+        (tokens, logprobs), (c_tokens, c_logprobs) = modules[row.id], c_layers[row.id]
+        if temperature == 0:
+            # The C layers sum in another order than the modules: greedy texts may part at a
+            # near-tie of generate's logits (conftest.NEAR_TIE), and are compared up to there.
+            expected, logits = greedy_with_margins(loaded.model, row.prompt_ids, 40, loaded.eos_ids, loaded.pad_id)
+            assert_same_greedy_text(tokens, expected, logits, (name, row.id, "modules"))
+            assert_same_greedy_text(c_tokens, expected, logits, (name, row.id, "C layers"))
+        else:
+            assert c_tokens == tokens, (name, row.id)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, c_tokens)) if a != b), len(tokens))
+        assert c_logprobs[:same] == pytest.approx(logprobs[:same], abs=2e-3), (name, row.id)
+    # Two slots for eight rows: rows refilled mid-run, into pages others left, and a row's numbers
+    # do not depend on which rows share its steps: the same as all in one go, to the bit.
     refilled, _ = run(loaded, batch, max_slots=2)
-    assert {i: tokens for i, (tokens, _) in refilled.items()} == {i: tokens for i, (tokens, _) in modules.items()}
+    assert refilled == c_layers, name
 
 
 def test_greedy_text_through_the_c_layers_equals_generate_alone_and_sharing_a_prefix(block_family):
@@ -81,12 +91,9 @@ def test_greedy_text_through_the_c_layers_equals_generate_alone_and_sharing_a_pr
     together, _ = run(loaded, greedy)
     for row in greedy[:3]:
         alone, _ = run(loaded, [row])
-        ids = torch.tensor([row.prompt_ids])
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
-                                    eos_token_id=loaded.eos_ids, pad_token_id=loaded.pad_id)[0, ids.shape[1]:].tolist()
-        expected = tuple(out[:next((i for i, t in enumerate(out) if t in loaded.eos_ids), len(out))])
-        assert together[row.id][0] == expected, (name, row.id)
-        assert alone[row.id][0] == expected, (name, row.id)
+        expected, logits = greedy_with_margins(loaded.model, row.prompt_ids, 40, loaded.eos_ids, loaded.pad_id)
+        assert_same_greedy_text(together[row.id][0], expected, logits, (name, row.id, "together"))
+        assert_same_greedy_text(alone[row.id][0], expected, logits, (name, row.id, "alone"))
 
 
 def test_a_rows_numbers_are_the_same_however_its_prompt_is_split(block_family):

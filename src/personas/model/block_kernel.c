@@ -12,7 +12,8 @@
  * Weight layout, made by block_weights.PackedBlocks.of: outputs in groups of 16; per group and
  * block, 8 steps of 4 inputs, each step 64 bytes (16 outputs x 4 inputs, byte 4*o+j = input
  * 4*step+j of output o). 4-bit weights put two steps in one 64-byte chunk: step 2i in the low
- * nibbles, step 2i+1 in the high ones. d and m: float16 [group][block][16 outputs].
+ * nibbles, step 2i+1 in the high ones. d and m: float16 [group][block][16 outputs] (m may be
+ * left out: offsets()).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -95,11 +96,19 @@ static inline void prefetch_block(const uint8_t *chunk, size_t chunk_bytes, cons
     for (size_t c = 0; c < chunk_bytes; c += 64) _mm_prefetch((const char *)(chunk + PREFETCH_BYTES + c), _MM_HINT_T0);
     size_t ahead = PREFETCH_BYTES / chunk_bytes * 16; /* the scales and offsets of that block */
     _mm_prefetch((const char *)(d + ahead), _MM_HINT_T0);
-    _mm_prefetch((const char *)(m + ahead), _MM_HINT_T0);
+    if (m) _mm_prefetch((const char *)(m + ahead), _MM_HINT_T0);
+}
+
+/* A block's 16 offsets: read, or, for symmetric blocks (m == NULL: Q4_0's w = d(u - 8), Q8_0's
+ * w = d(u - 128)), -2^(bits-1) d, exactly the float16 offset they would have stored. */
+static inline __m512 offsets(const uint16_t *m, __m512 d, int bits) {
+    if (m) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)m));
+    return _mm512_mul_ps(d, _mm512_set1_ps(bits == 4 ? -8.f : -128.f));
 }
 
 /* y = x W^T + bias for `rows` rows of x; `planes` (2 * rows * width bytes) and `per_block`
- * (2 * rows * width / 32 floats) are scratch for the rows' quantized form. */
+ * (2 * rows * width / 32 floats) are scratch for the rows' quantized form. `m` NULL: the blocks
+ * are symmetric (offsets()), and a product reads only the weights and their scales. */
 void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, int bits, int outputs,
                   int width, const float *bias, const float *x, int rows, int8_t *planes, float *per_block,
                   float *y) {
@@ -111,7 +120,7 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
     #pragma omp parallel for schedule(static)
     for (int g = 0; g < groups; g++) {
         const uint8_t *wg = weights + (size_t)g * blocks * chunk_bytes;
-        const uint16_t *dg = d + (size_t)g * blocks * 16, *mg = m + (size_t)g * blocks * 16;
+        const uint16_t *dg = d + (size_t)g * blocks * 16, *mg = m ? m + (size_t)g * blocks * 16 : NULL;
         __m512 start = bias ? _mm512_loadu_ps(bias + g * 16) : _mm512_setzero_ps();
         int r0 = 0;
         for (; r0 + ROW_TILE <= rows; r0 += ROW_TILE) {
@@ -119,10 +128,10 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
             for (int t = 0; t < ROW_TILE; t++) acc[t] = start;
             for (int b = 0; b < blocks; b++) {
                 __m512i w[8];
-                prefetch_block(wg + b * chunk_bytes, chunk_bytes, dg + b * 16, mg + b * 16);
+                prefetch_block(wg + b * chunk_bytes, chunk_bytes, dg + b * 16, mg ? mg + b * 16 : NULL);
                 load_block(wg + b * chunk_bytes, bits, w);
                 __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * 16)));
-                __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * 16)));
+                __m512 mv = offsets(mg ? mg + b * 16 : NULL, dv, bits);
                 #pragma GCC unroll 8
                 for (int t = 0; t < ROW_TILE; t++) {
                     size_t r = (size_t)(r0 + t);
@@ -137,10 +146,10 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
             __m512 acc = start;
             for (int b = 0; b < blocks; b++) {
                 __m512i w[8];
-                prefetch_block(wg + b * chunk_bytes, chunk_bytes, dg + b * 16, mg + b * 16);
+                prefetch_block(wg + b * chunk_bytes, chunk_bytes, dg + b * 16, mg ? mg + b * 16 : NULL);
                 load_block(wg + b * chunk_bytes, bits, w);
                 __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dg + b * 16)));
-                __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mg + b * 16)));
+                __m512 mv = offsets(mg ? mg + b * 16 : NULL, dv, bits);
                 acc = row_block(w, hi + r * width + b * 32, lo + r * width + b * 32, dv, mv,
                                 scales[r * blocks + b], sums[r * blocks + b], acc);
             }

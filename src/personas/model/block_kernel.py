@@ -114,14 +114,16 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()  # not Linux, or no /proc: the kernel is not tried
 
 
-def product(weights: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int, outputs: int,
+def product(weights: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bits: int, outputs: int,
             bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (float32, [rows, width], contiguous) ↦ x times the packed block weights (+ bias),
-    [rows, outputs]. What does not change from call to call is bound once: a one-row step makes
-    about 120 of these calls, and Python's share of each is most of a small one's time."""
+    [rows, outputs]; `m` None for symmetric blocks (the kernel derives their offsets). What does
+    not change from call to call is bound once: a one-row step makes about 120 of these calls,
+    and Python's share of each is most of a small one's time."""
     width = weights.shape[1] * 32
-    call = functools.partial(load().block_linear, weights.data_ptr(), d.data_ptr(), m.data_ptr(), bits, outputs,
-                             width, None if bias is None else bias.data_ptr())
+    call = functools.partial(load().block_linear, weights.data_ptr(), d.data_ptr(),
+                             None if m is None else m.data_ptr(), bits, outputs, width,
+                             None if bias is None else bias.data_ptr())
     blocks = width // 32
 
     def multiply(x: torch.Tensor, _kept: tuple = (weights, d, m, bias)) -> torch.Tensor:

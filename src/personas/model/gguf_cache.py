@@ -33,8 +33,8 @@ from .quiet import quiet_transformers
 Status = Callable[[str], None]
 SOURCE_FILE = "personas-source.json"  # what a user file's copy was converted from
 # Changes when a copy gains content or changes layout (2: the file's blocks, block_weights.py; 3: the
-# blocks in the kernel's layout): older copies are redone.
-COPY_FORMAT = "copy3"
+# blocks in the kernel's layout; 4: Q4_0 blocks found in Q4_0's own form): older copies are redone.
+COPY_FORMAT = "copy4"
 
 
 def embedded_checkpoint(gguf: Path, status: Status = lambda _: None) -> tuple[str, str | None]:

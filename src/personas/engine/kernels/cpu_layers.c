@@ -28,7 +28,7 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
 
 typedef struct {
     const uint8_t *weights;
-    const uint16_t *d, *m;
+    const uint16_t *d, *m; /* m NULL: symmetric blocks (block_kernel.c) */
     const float *bias; /* NULL: none */
     int bits, outputs, width; /* outputs: a multiple of 16, the padded ones zero */
 } Product;

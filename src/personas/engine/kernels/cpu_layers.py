@@ -72,7 +72,8 @@ def _product(linear: Any) -> _Product | None:
     if type(linear) is not BlockLinear:
         return None
     bias = linear.bias.data_ptr() if linear.bias is not None else None
-    return _Product(linear.packed.data_ptr(), linear.scale.data_ptr(), linear.offset.data_ptr(), bias,
+    offset = linear.offset.data_ptr() if linear.offset is not None else None  # None: symmetric blocks
+    return _Product(linear.packed.data_ptr(), linear.scale.data_ptr(), offset, bias,
                     linear.bits, linear.computed, linear.in_features)
 
 
