@@ -272,13 +272,17 @@ def greedy_with_margins(model, prompt_ids: list[int], max_new_tokens: int, eos_i
     return tuple(tokens[:end]), [scores[0] for scores in out.scores]
 
 
-def assert_same_greedy_text(got: tuple[int, ...], expected: tuple[int, ...], logits, label) -> None:
-    """`got` equals `expected` token for token, except that at a step where generate's two best
-    logits are within NEAR_TIE the texts may part: `got`'s token must be one of those, and what
-    follows is not compared (each side continues from a different text)."""
-    for step, (mine, theirs) in enumerate(zip(got, expected)):
-        if mine != theirs:
-            gap = float(logits[step].max() - logits[step][mine])
-            assert gap <= NEAR_TIE, f"{label}: token {step} is {mine}, generate's {theirs} is ahead by {gap:.2e}"
-            return
-    assert len(got) == len(expected), f"{label}: {len(got)} tokens, generate made {len(expected)}"
+def assert_same_greedy_text(got: tuple[int, ...], expected: tuple[int, ...], logits, eos_ids, label) -> None:
+    """`got` (a text without its end of turn) is `expected` token for token, up to where `got`'s
+    choice is within NEAR_TIE of generate's best logit: there the texts may part, and what follows
+    is not compared (each side goes on from a different text). An end of turn is a choice too."""
+    for step in range(min(len(got), len(expected)) + 1):
+        mine = got[step] if step < len(got) else None  # None: the turn ended here
+        theirs = expected[step] if step < len(expected) else None
+        if mine == theirs:
+            continue
+        scores = logits[step]
+        chosen = scores[mine] if mine is not None else max(scores[e] for e in eos_ids)
+        gap = float(scores.max() - chosen)
+        assert gap <= NEAR_TIE, f"{label}: token {step} is {mine}, generate's {theirs} is ahead by {gap:.2e}"
+        return

@@ -165,8 +165,8 @@ def test_the_engines_greedy_text_equals_generate_on_the_same_block_layers(quanti
         # The engine's C layers sum in another order than the modules generate runs: equal up to
         # near-ties (conftest.NEAR_TIE).
         expected, logits = greedy_with_margins(loaded.model, row.prompt_ids, 48, loaded.eos_ids, loaded.pad_id)
-        assert_same_greedy_text(together[row.id], expected, logits, f"row {row.id} among all")
-        assert_same_greedy_text(run(loaded, [row])[row.id], expected, logits, f"row {row.id} alone")
+        assert_same_greedy_text(together[row.id], expected, logits, loaded.eos_ids, f"row {row.id} among all")
+        assert_same_greedy_text(run(loaded, [row])[row.id], expected, logits, loaded.eos_ids, f"row {row.id} alone")
     # The plain modules the CLI builds run the same layers: the same tokens, sampled ones too.
     plain = load_model(resolve_model(str(quantized_family)), device="cpu", engine_only=True)
     assert plain.block_weights == loaded.block_weights

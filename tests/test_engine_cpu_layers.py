@@ -73,8 +73,8 @@ def test_the_c_layers_give_the_modules_tokens_and_logprobs(block_family, tempera
             # The C layers sum in another order than the modules: greedy texts may part at a
             # near-tie of generate's logits (conftest.NEAR_TIE), and are compared up to there.
             expected, logits = greedy_with_margins(loaded.model, row.prompt_ids, 40, loaded.eos_ids, loaded.pad_id)
-            assert_same_greedy_text(tokens, expected, logits, (name, row.id, "modules"))
-            assert_same_greedy_text(c_tokens, expected, logits, (name, row.id, "C layers"))
+            assert_same_greedy_text(tokens, expected, logits, loaded.eos_ids, (name, row.id, "modules"))
+            assert_same_greedy_text(c_tokens, expected, logits, loaded.eos_ids, (name, row.id, "C layers"))
         else:
             assert c_tokens == tokens, (name, row.id)
         same = next((i for i, (a, b) in enumerate(zip(tokens, c_tokens)) if a != b), len(tokens))
@@ -92,8 +92,8 @@ def test_greedy_text_through_the_c_layers_equals_generate_alone_and_sharing_a_pr
     for row in greedy[:3]:
         alone, _ = run(loaded, [row])
         expected, logits = greedy_with_margins(loaded.model, row.prompt_ids, 40, loaded.eos_ids, loaded.pad_id)
-        assert_same_greedy_text(together[row.id][0], expected, logits, (name, row.id, "together"))
-        assert_same_greedy_text(alone[row.id][0], expected, logits, (name, row.id, "alone"))
+        assert_same_greedy_text(together[row.id][0], expected, logits, loaded.eos_ids, (name, row.id, "together"))
+        assert_same_greedy_text(alone[row.id][0], expected, logits, loaded.eos_ids, (name, row.id, "alone"))
 
 
 def test_a_rows_numbers_are_the_same_however_its_prompt_is_split(block_family):
