@@ -73,41 +73,39 @@ def _recover(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...] | None
         # with q = 0 for the value largest in size, w0 = -8 d: an offset of w0, a scale of -w0 / 8.
         # Where Q4_0's form gives back every block of the chunk, it is taken for all of them: a
         # Q4_0 layer then comes out symmetric, and the kernel derives its offsets instead of
-        # reading them (a Q4_0 block that Q4_1's form also gives back would otherwise take that).
-        low, high = values.amin(-1), values.amax(-1)
+        # reading them. Elsewhere each block takes Q4_1's form, or Q4_0's where Q4_1's misses.
         largest = values.gather(-1, values.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        found = _recover_with(values, [(-largest / 8, largest)], 15)
-        if found is None:
-            found = _recover_with(values, [((high - low) / 15, low), (-largest / 8, largest)], 15)
+        q4_0 = _candidate(values, -largest / 8, largest, 15)
+        if bool(q4_0[0].all()):
+            found = q4_0
+        else:
+            low, high = values.amin(-1), values.amax(-1)
+            found = _either(_candidate(values, (high - low) / 15, low, 15), q4_0)
     else:
         # Q8_0: w = d * q with q in -127..127, stored as q + 128.
         scale = values.abs().amax(-1) / 127
-        found = _recover_with(values, [(scale, -128 * scale)], 255)
-    return None if found is None else (found[0].view(weight.shape[0], -1), *found[1:])
-
-
-def _recover_with(values: torch.Tensor, candidates: list[tuple[torch.Tensor, torch.Tensor]],
-                  top: int) -> tuple[torch.Tensor, ...] | None:
-    """(integers, scale, offset) giving back every block of `values` (float64 [rows, blocks, 32]),
-    each block from the first of the (scale, offset) candidates that gives it back exactly; None
-    where some block has none."""
-    found = None
-    for scale, offset in candidates:
-        scale, offset = scale.half(), offset.half()
-        step = scale.double()[..., None]
-        integers = ((values - offset.double()[..., None]) / torch.where(step == 0, 1.0, step)).round().clamp(0, top)
-        exact = ((integers * step + offset.double()[..., None]).float().double() == values).all(-1)
-        if found is None:
-            found = [exact, integers, scale, offset]
-        else:  # blocks the first candidate missed take the next one's
-            use = exact & ~found[0]
-            found[1] = torch.where(use[..., None], integers, found[1])
-            found[2], found[3] = torch.where(use, scale, found[2]), torch.where(use, offset, found[3])
-            found[0] = found[0] | exact
-    ok, integers, scale, offset = found
-    if not bool(ok.all()) or not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+        found = _candidate(values, scale, -128 * scale, 255)
+    exact, integers, scale, offset = found
+    if not bool(exact.all()) or not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
         return None
-    return integers.to(torch.uint8), scale, offset
+    return integers.to(torch.uint8).view(weight.shape[0], -1), scale, offset
+
+
+def _candidate(values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """(which blocks it gives back exactly, integers, scale, offset) for one form's float16 scale
+    and offset per block of `values` (float64 [rows, blocks, 32])."""
+    scale, offset = scale.half(), offset.half()
+    step = scale.double()[..., None]
+    integers = ((values - offset.double()[..., None]) / torch.where(step == 0, 1.0, step)).round().clamp(0, top)
+    exact = ((integers * step + offset.double()[..., None]).float().double() == values).all(-1)
+    return exact, integers, scale, offset
+
+
+def _either(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Each block from `first` where it gives the block back, else from `second`."""
+    use = second[0] & ~first[0]
+    return (first[0] | second[0], torch.where(use[..., None], second[1], first[1]),
+            torch.where(use, second[2], first[2]), torch.where(use, second[3], first[3]))
 
 
 class PackedBlocks:
