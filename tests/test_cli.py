@@ -302,6 +302,25 @@ def test_a_sampling_run_ends_without_the_interpreters_teardown_and_loses_no_outp
     assert refused.returncode == 2 and "teardown ran" in refused.stderr, refused.stderr
 
 
+
+COLLECTOR = ("import gc, sys\nfrom personas.cli import main\nstatus = main(sys.argv[1:])\n"
+             "sys.stderr.write(f'collector: {gc.isenabled()} {gc.get_freeze_count()}\\n')\nraise SystemExit(status)\n")
+
+
+def test_a_sampling_run_imports_torch_with_the_cycle_collector_paused_then_frozen(tiny_llama_dir, cache_dir):
+    """Importing torch makes hundreds of cycle collections that find next to nothing: the CLI
+    pauses the collector for those imports, then moves what they made out of its later passes
+    (gc.freeze) and turns it back on. Bad input is refused before any of that."""
+    sampled = subprocess.run([sys.executable, "-c", COLLECTOR, "generate", "pirate", "--model", str(tiny_llama_dir),
+                              "-p", "Hi", "-n", "2", "--max-new-tokens", "4", "--format", "jsonl"],
+                             cwd=REPO, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0, sampled.stderr
+    enabled, frozen = sampled.stderr.splitlines()[-1].removeprefix("collector: ").split()
+    assert enabled == "True" and int(frozen) > 100_000, sampled.stderr  # torch's objects, among others
+    refused = subprocess.run([sys.executable, "-c", COLLECTOR, "generate", "nobody"], cwd=REPO, env=cli_env(cache_dir),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == "collector: True 0", refused.stderr
+
 # --- commands that only read TOML or format text pay for no torch ------------------------------
 
 LIGHT = [["--help"], ["list"], ["render", "customer", "--template", "llama2", "--raw"]]
