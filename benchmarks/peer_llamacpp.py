@@ -174,9 +174,10 @@ def main() -> None:
                                    "-npl", str(n), "-pps", "-t", str(args.threads), "--output-format", "jsonl"], env)
             line = next(line for line in (result.stdout + "\n" + result.stderr).splitlines() if line.startswith('{"'))
             peer_runs[n].append((whole, json.loads(line)))
-            ours = ", ".join(f"{kind} {personas_runs[n, kind][-1][1]:.1f}" for kind in args.cpu_weights)
-            log(f"rows {n}, repeat {repeat + 1}: personas {ours} tokens/s, "
-                f"llama.cpp {peer_runs[n][-1][1].get('speed_tg', float('nan')):.1f}")
+            ours = ", ".join(f"{kind} {personas_runs[n, kind][-1][1]:.1f} tokens/s ({personas_runs[n, kind][-1][0]:.2f} s)"
+                             for kind in args.cpu_weights)
+            log(f"rows {n}, repeat {repeat + 1}: personas {ours}, "
+                f"llama.cpp {peer_runs[n][-1][1].get('speed_tg', float('nan')):.1f} tokens/s ({whole:.2f} s)")
 
     gguf_bytes = gguf.stat().st_size
     peer_bytes = step_bytes(gguf)
@@ -206,7 +207,7 @@ def main() -> None:
             ours_whole = statistics.median(whole for whole, _, _ in personas_runs[n, kind])
             print(f"| {n} | {kind} | {ours:.1f} | {theirs:.1f} | {theirs_pp:.0f} | {ours / theirs:.2f}× | "
                   f"{ours_alone:.1f} ({ours_alone / theirs:.2f}×) | "
-                  f"{ours_whole:.1f} vs {theirs_whole:.1f} ({ours_whole / theirs_whole:.1f}×) |")
+                  f"{ours_whole:.2f} vs {theirs_whole:.2f} ({ours_whole / theirs_whole:.2f}×) |")
 
 
 if __name__ == "__main__":
