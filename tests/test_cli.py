@@ -302,7 +302,6 @@ def test_a_sampling_run_ends_without_the_interpreters_teardown_and_loses_no_outp
     assert refused.returncode == 2 and "teardown ran" in refused.stderr, refused.stderr
 
 
-
 COLLECTOR = ("import gc, sys\nfrom personas.cli import main\nstatus = main(sys.argv[1:])\n"
              "sys.stderr.write(f'collector: {gc.isenabled()} {gc.get_freeze_count()}\\n')\nraise SystemExit(status)\n")
 
@@ -320,6 +319,7 @@ def test_a_sampling_run_imports_torch_with_the_cycle_collector_paused_then_froze
     refused = subprocess.run([sys.executable, "-c", COLLECTOR, "generate", "nobody"], cwd=REPO, env=cli_env(cache_dir),
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stderr.splitlines()[-1] == "collector: True 0", refused.stderr
+
 
 # --- commands that only read TOML or format text pay for no torch ------------------------------
 
