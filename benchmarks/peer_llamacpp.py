@@ -30,6 +30,7 @@ and float16 weights), alternating with llama.cpp, one table row each.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -134,12 +135,16 @@ def main() -> None:
 
     import torch
 
+    import personas
     from personas.generate.request import Request, plan
     from personas.library.load import find_library_file, load_library
     from personas.model.choice import EMBEDDED, embedded_gguf_path, resolve_model
     from personas.model.load import load_model
 
     binary, commit = build_peer(args.sdist_version)
+    # personas is timed as an installed program runs, its bytecode written: an editable install
+    # where PYTHONDONTWRITEBYTECODE is set would compile its modules again in every timed process.
+    compileall.compile_dir(str(Path(personas.__file__).parent), quiet=1)
     gguf = args.gguf or embedded_gguf_path()
     spec = args.model or (str(args.gguf) if args.gguf else EMBEDDED)
     customer = load_library(find_library_file(None)).get("customer")
