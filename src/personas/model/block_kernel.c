@@ -117,7 +117,11 @@ void block_linear(const uint8_t *weights, const uint16_t *d, const uint16_t *m, 
     float *scales = per_block, *sums = per_block + (size_t)rows * blocks;
     quantize_rows(x, rows, width, hi, lo, scales, sums);
     size_t chunk_bytes = bits == 4 ? 256 : 512;
-    #pragma omp parallel for schedule(static)
+    /* Guided, not static: the threads take groups as they free up, so one that runs slower (a busy
+     * core, a shared virtual CPU) no longer leaves the other waiting with work it could have
+     * taken (docs/performance.md). A group's outputs come from one thread whichever it is: the
+     * result is the same either way. */
+    #pragma omp parallel for schedule(guided)
     for (int g = 0; g < groups; g++) {
         const uint8_t *wg = weights + (size_t)g * blocks * chunk_bytes;
         const uint16_t *dg = d + (size_t)g * blocks * 16, *mg = m ? m + (size_t)g * blocks * 16 : NULL;
