@@ -107,7 +107,6 @@ def main() -> None:
                 print(f"| {name} | {rows} | {temperature} | {statistics.median(times['baseline']):,.1f} | "
                       f"{statistics.median(times['current']):,.1f} | {ratio:.2f}× | {identical} | {floor} |",
                       flush=True)
-        del packed, scales
 
 
 if __name__ == "__main__":
