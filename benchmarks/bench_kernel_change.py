@@ -39,15 +39,6 @@ SHAPES = {"135M q/k/v": (960, 576, 4), "135M gate/up": (3072, 576, 4), "135M dow
 COLD_BYTES = 600 << 20  # more than this machine's last-level cache
 
 
-def compiled(source: Path) -> ctypes.CDLL:
-    library = block_kernel.compiled((source,))
-    pointer, integer = ctypes.c_void_p, ctypes.c_int
-    library.block_linear.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer,
-                                     pointer, integer, pointer, pointer, pointer]
-    library.block_linear.restype = None
-    return library
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("baseline", type=Path, help="the earlier block_kernel.c")
@@ -56,8 +47,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="alternating rounds per cell")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), metavar="SHAPE")
     args = parser.parse_args()
+    if not args.baseline.is_file():
+        parser.error(f"{args.baseline} is not a file — write the earlier kernel with "
+                     "git show REV:src/personas/model/block_kernel.c > FILE")
     torch.set_num_threads(args.threads)
-    versions = {"baseline": compiled(args.baseline), "current": compiled(block_kernel.SOURCE)}
+    try:
+        versions = {"baseline": block_kernel.load(args.baseline), "current": block_kernel.load()}
+    except block_kernel.KernelUnavailable as e:
+        parser.error(f"a version of the kernel cannot run here: {e}")
     bandwidth = copy_bandwidth(args.threads)
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; torch {torch.__version__}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {args.repeats} alternating rounds a cell\n")

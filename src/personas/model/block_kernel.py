@@ -37,9 +37,10 @@ class KernelUnavailable(Exception):
 
 
 @cache
-def load() -> ctypes.CDLL:
-    """The compiled kernel, built into the cache once per source text and compiler flags."""
-    lib = compiled((SOURCE,))
+def load(source: Path = SOURCE) -> ctypes.CDLL:
+    """The compiled kernel, built into the cache once per source text and compiler flags
+    (`source`: another version of block_kernel.c, as a benchmark compares two)."""
+    lib = compiled((source,))
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     lib.block_linear.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer,
                                  pointer, integer, pointer, pointer, pointer]
