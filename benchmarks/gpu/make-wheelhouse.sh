@@ -29,9 +29,10 @@ for s in "$tmp"/*.tar.gz; do pip wheel -q --no-deps --no-build-isolation -w "$ou
 pip download -q --no-deps --no-binary pypcre -d "$out" pypcre
 if [ -n "${2:-}" ]; then
   mkdir -p "$2" "$tmp/ray"
+  ray_dir=$(cd "$2" && pwd)  # absolute: the archive is written from inside the unpacked wheel
   pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d "$tmp" "ray==2.60.0"
   # Ray's compiled dependencies, installed there only where the image lacks them
-  pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d "$2" msgpack protobuf
+  pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 -d "$ray_dir" msgpack protobuf
   # unpacked with each file's mode: Ray's servers (gcs_server, raylet) must stay executable
   python3 -c 'import os, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as wheel:
@@ -40,8 +41,8 @@ with zipfile.ZipFile(sys.argv[1]) as wheel:
         if info.external_attr >> 16:
             os.chmod(path, info.external_attr >> 16 & 0o777)' "$tmp"/ray-*.whl "$tmp/ray"
   (cd "$tmp/ray" && rm -rf ray/jars ray/rllib ray/serve ray/data ray/tune ray/train ray/llm ray/workflow \
-    && tar cf - ray ray-*.dist-info | xz -T0 -6 > "$2/ray.tar.xz")
-  ls -la "$2"
+    && tar cf - ray ray-*.dist-info | xz -T0 -6 > "$ray_dir/ray.tar.xz")
+  ls -la "$ray_dir"
 fi
 rm -rf "$tmp"
 ls -la "$out"
