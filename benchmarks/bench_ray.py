@@ -4,8 +4,10 @@ The job: PROMPTS distinct prompts to one persona, n = 2, exactly NEW tokens each
 both runs do the same work), the embedded model on the CPU unless --model says otherwise. Both
 are whole processes (start-up, model loads, the Ray runtime's start for the Ray run); the
 generation time is what each prints, from the first row handed out to the last sample. Prints the
-machine, both timings, the overhead, and whether the two runs wrote the same rows (keys and seeds;
-texts up to floating point, so their agreement is counted).
+machine, both timings, the overhead, whether the two runs wrote the same rows (keys and seeds;
+texts up to floating point, so their agreement is counted), and where the difference lies: when
+each had the model ready (the Ray run: its runtime's and workers' start), when its last sample
+came, and how long the process took to end after it (the Ray run: stopping the runtime).
 
     .venv/bin/python benchmarks/bench_ray.py [--prompts 200] [--new-tokens 32] [--workers 2] [--model embedded]
                                              [--persona pirate] [--ray local] [--warmup] [--timeout S]
@@ -28,18 +30,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(label: str, args: list[str], timeout: float | None) -> tuple[float, list[dict], str]:
-    """One whole `personas` process: its wall time, its JSONL rows and its stderr. The child's
-    progress lines are echoed as they come and the time printed when it ends, so a run cut short
-    (a time limit, a hang in a worker's start) still shows how far each process got."""
+def run(label: str, args: list[str], timeout: float | None) -> tuple[float, list[dict], list[tuple[float, str]]]:
+    """One whole `personas` process: its wall time, its JSONL rows and its stderr lines, each with
+    the time it came (seconds since the start). The child's progress lines are echoed as they come
+    and the time printed when it ends, so a run cut short (a time limit, a hang in a worker's
+    start) still shows how far each process got."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as rows:
         child = subprocess.Popen([sys.executable, "-m", "personas", *args], stdout=rows, stderr=subprocess.PIPE,
                                  text=True, env=env, cwd=REPO)
         # A thread reads stderr so that the time limit below still holds while the child is silent.
-        err_lines: list[str] = []
-        reader = threading.Thread(target=_echo, args=(child.stderr, label, err_lines), daemon=True)
+        err_lines: list[tuple[float, str]] = []
+        reader = threading.Thread(target=_echo, args=(child.stderr, label, started, err_lines), daemon=True)
         reader.start()
         try:
             returncode = child.wait(timeout=timeout)
@@ -50,20 +53,31 @@ def run(label: str, args: list[str], timeout: float | None) -> tuple[float, list
             sys.exit(f"{label}: stopped after {time.perf_counter() - started:.1f} s (--timeout {timeout:g})")
         reader.join()
         elapsed = time.perf_counter() - started
-        err = "".join(err_lines)
         if returncode != 0:
-            sys.exit(f"failed: personas {' '.join(args)}\n{err}")
+            sys.exit(f"failed: personas {' '.join(args)}\n{''.join(line for _, line in err_lines)}")
         rows.seek(0)
         parsed = [json.loads(line) for line in rows]
     print(f"[{elapsed:7.1f} s] {label} done: {len(parsed)} rows", file=sys.stderr, flush=True)
-    return elapsed, parsed, err
+    return elapsed, parsed, err_lines
 
 
-def _echo(stream, label: str, into: list[str]) -> None:
+def _echo(stream, label: str, started: float, into: list[tuple[float, str]]) -> None:
     # The CLI redraws its progress line with carriage returns: echo whole lines only.
     for line in stream:
-        into.append(line)
-        print(f"  {label}: {line.rstrip()}", file=sys.stderr, flush=True)
+        at = time.perf_counter() - started
+        into.append((at, line))
+        print(f"  [{at:7.1f} s] {label}: {line.rstrip()}", file=sys.stderr, flush=True)
+
+
+def phases(whole: float, lines: list[tuple[float, str]]) -> tuple[float, float, float, float]:
+    """Where a run's time went, from when its stderr lines came: (when the model was ready — loaded
+    in this process, or the Ray workers ready; the generation time the CLI prints, from the rows
+    planned to the last sample; when that line came, at the last sample; from then to the
+    process's end)."""
+    ready = next(at for at, line in lines if line.startswith("loaded ") or ("Ray worker" in line and " ready" in line))
+    done_at, done = next((at, line) for at, line in lines if " new tokens in " in line)
+    generation = float(re.search(r"new tokens in ([\d.]+) s", done).group(1))
+    return ready, generation, done_at, whole - done_at
 
 
 def main() -> None:
@@ -90,7 +104,8 @@ def main() -> None:
                         "--format", "jsonl"], args.timeout)
     one_s, one_rows, one_err = run("one process", common, args.timeout)
     ray_s, ray_rows, ray_err = run("ray", [*common, "--ray", args.ray, "--ray-workers", str(args.workers)], args.timeout)
-    one_gen, ray_gen = (float(re.search(r"new tokens in ([\d.]+) s", err).group(1)) for err in (one_err, ray_err))
+    one_phases, ray_phases = phases(one_s, one_err), phases(ray_s, ray_err)
+    one_gen, ray_gen = one_phases[1], ray_phases[1]
     os.unlink(f.name)
 
     def key(r: dict) -> tuple:
@@ -109,6 +124,12 @@ def main() -> None:
     print(f"| --ray {args.ray} --ray-workers {args.workers} | {ray_s:.1f} | {ray_gen:.1f} | {tokens / ray_gen:.0f} | "
           f"{one_gen / ray_gen:.2f}× |")
     print(f"\nsame rows (keys and seeds): {same_keys}; same texts: {same_texts} of {len(ray_rows)}")
+    # Where the overhead is: before the model is ready (the runtime's and the workers' start), in the
+    # generation, or after it (handing the rows back, stopping the workers and the runtime).
+    print("\n| run | model ready at (s) | generation ends at (s) | then to the process's end (s) | whole (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, whole, (ready, _, done_at, after) in (("one process", one_s, one_phases), ("ray", ray_s, ray_phases)):
+        print(f"| {label} | {ready:.1f} | {done_at:.1f} | {after:.2f} | {whole:.1f} |")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,15 +52,40 @@ def keyed(stdout: str) -> dict[tuple, str]:
     return {k: r["text"] for k, r in zip(keys, rows)}
 
 
-def test_local_runtime_gives_the_same_rows_and_texts_as_one_process(files, tiny_llama_dir, cache_dir):
+def processes_using(folder: str) -> list[str]:
+    """The command lines of this machine's live processes that hold a file under `folder` open:
+    each of a Ray runtime's processes writes its logs under the runtime's folder, whatever it
+    later calls itself (its command line and environment may be rewritten)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if any(os.readlink(fd).startswith(folder + "/") for fd in (entry / "fd").iterdir()):
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # not a process, one that ended meanwhile, or another user's
+            continue
+    return found
+
+
+def test_local_runtime_gives_the_same_rows_and_texts_as_one_process_then_stops(files, tiny_llama_dir, cache_dir):
+    """Same rows as one process; and every process of the runtime it started (under RAY_TMPDIR)
+    ends with it."""
     alone = run_cli(job(files, tiny_llama_dir), cache_dir)
     assert alone.returncode == 0, alone.stderr
-    spread = run_cli(job(files, tiny_llama_dir, "--ray", "local", "--ray-workers", "2"), cache_dir)
-    assert spread.returncode == 0, spread.stderr
-    assert "2 Ray workers ready" in spread.stderr
-    expected = keyed(alone.stdout)
-    assert len(expected) == 2 * 10 * 2 * 2
-    assert keyed(spread.stdout) == expected
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        spread = run_cli(job(files, tiny_llama_dir, "--ray", "local", "--ray-workers", "2"), cache_dir,
+                         RAY_TMPDIR=ray_tmp)
+        assert spread.returncode == 0, spread.stderr
+        assert "2 Ray workers ready" in spread.stderr
+        expected = keyed(alone.stdout)
+        assert len(expected) == 2 * 10 * 2 * 2
+        assert keyed(spread.stdout) == expected
+        deadline = time.monotonic() + 10  # processes killed as the CLI ended may take a moment to go
+        while (left := processes_using(ray_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"the runtime's processes outlived the run: {left}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_more_workers_than_a_local_runtime_has_room_for_is_refused_not_waited_on(files, tiny_llama_dir, cache_dir):

@@ -17,6 +17,7 @@ Imported only when `--ray` is given: `ray` is an optional extra (`personas[ray]`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -49,11 +50,15 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def sample(self, settings: Settings, rows: list[Row]) -> Iterator[tuple[int, Sample]]:
-        """(position in `rows`, sample) for each row, as each finishes.
+    def sample(self, settings: Settings, rows: list[Row]) -> Iterator[list[tuple[int, Sample]]]:
+        """The rows' samples as they finish, in lists of (position in `rows`, sample): each list
+        what finished since the last one.
 
         sample_rows reports through a callback, and a generator cannot yield from inside one: it
-        runs in a thread that hands samples over a queue.
+        runs in a thread that hands samples over a queue. A list is one object for Ray to hand
+        over, and a decode step often ends many rows at once (a bulk job's rows of one length end
+        together): one object per sample made the driver take each of them in a round trip of
+        its own, the last step's hundreds of them after the worker had finished.
         """
         from ..engine.loop import sample_rows
 
@@ -70,10 +75,19 @@ class Worker:
                 handover.put(finished)
 
         threading.Thread(target=work, daemon=True).start()
-        while (item := handover.get()) is not finished:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        while True:
+            items = [handover.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(handover.get_nowait())
+            samples = [item for item in items if isinstance(item, tuple)]
+            if samples:  # before an error that came after them: what finished is not lost
+                yield samples
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+            if any(item is finished for item in items):
+                return
 
 
 def connect(address: str) -> bool:
@@ -90,6 +104,21 @@ def connect(address: str) -> bool:
         raise ModelError(f"cannot join the Ray cluster at '{address}': {str(e).strip().splitlines()[0]}",
                          "start one with `ray start --head`, check the address, or use --ray local") from None
     return False
+
+
+def stop_runtime() -> None:
+    """ray.shutdown() of a runtime this process started, less the second it waits on the monitor.
+
+    ray.shutdown asks each of the runtime's processes in turn to end (SIGTERM) and gives each a
+    second before killing it. The autoscaler's monitor — which a runtime of one machine, with no
+    nodes to add, never uses — answers SIGTERM by reporting its end to the runtime's GCS, which is
+    stopped before it, so it takes the whole second every time (docs/performance.md, "How much
+    does Ray cost?"). It is killed first, through the node object Ray keeps for the runtime it
+    started (not public API: where a Ray version lacks it, the plain shutdown still stops the
+    monitor, a second later)."""
+    with contextlib.suppress(Exception):  # Ray's internals: another version may not have them
+        ray._private.worker._global_node.kill_monitor(check_alive=False)
+    ray.shutdown()
 
 
 def _check_reachable(address: str) -> None:
@@ -198,7 +227,7 @@ class RayPool:
             ray.kill(actor)
         self.actors = []
         if self.started_here:
-            ray.shutdown()
+            stop_runtime()
             self.started_here = False
 
     def batch_rows(self, settings: Settings) -> int:
@@ -255,7 +284,7 @@ def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row]]],
         generator = ready[0]
         actor, w, chunk = running[generator]
         try:
-            position, sample = ray.get(next(generator))
+            finished = ray.get(next(generator))
         except StopIteration:
             del running[generator]
             idle.append(actor)
@@ -277,8 +306,9 @@ def _run(actors: list[Any], work: Sequence[tuple[Settings, Sequence[Row]]],
                                  "the finished rows are written; rerun with --resume to sample the rest") from None
             hand_out()
             continue
-        index = chunk[position]
-        if (w, index) not in delivered:
-            delivered.add((w, index))
-            # The driver's own row: the actor's copy came back through pickling.
-            on_sample(dataclasses.replace(sample, row=work[w][1][index]))
+        for position, sample in finished:
+            index = chunk[position]
+            if (w, index) not in delivered:
+                delivered.add((w, index))
+                # The driver's own row: the actor's copy came back through pickling.
+                on_sample(dataclasses.replace(sample, row=work[w][1][index]))
