@@ -190,6 +190,23 @@ def test_a_killed_worker_loses_no_row_and_writes_none_twice(runtime, tiny_llama_
     assert all(len(s.token_ids) == 16 for s in samples)
 
 
+def test_a_worker_imports_torch_with_the_cycle_collector_paused_then_frozen(runtime, tiny_llama_dir):
+    """As the CLI's own process does (test_cli.py): a worker's imports of torch and the engine run
+    with the collector paused, then what they made is frozen out of its passes."""
+    from personas.generate.ray import RayPool
+    from personas.model.choice import resolve_model
+
+    try:
+        with RayPool(runtime, 1, resolve_model(str(tiny_llama_dir)), {"device": "cpu"}) as pool:
+            pool.wait_ready()
+            # A lambda travels by value; a function of this module would need the module there.
+            enabled, frozen = ray.get(pool.actors[0].__ray_call__.remote(
+                lambda _worker: (__import__("gc").isenabled(), __import__("gc").get_freeze_count())))
+    finally:
+        ray.shutdown()  # this process leaves the runtime (which the fixture stops)
+    assert enabled and frozen > 100_000, (enabled, frozen)  # torch's objects, among others
+
+
 def test_a_cluster_short_of_room_says_the_run_waits_for_it(files, runtime, tiny_llama_dir, cache_dir):
     """A joined cluster may grow (an autoscaler), so more workers than it has room for are not
     refused; but the wait is said, never silent. The fixture's runtime has 2 CPUs."""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..library.schema import Defaults
 from ..model.choice import ModelChoice, default_model_spec, resolve_model
+from ..model.imports import collector_paused
 from .feedback import Feedback
 
 
@@ -44,7 +43,7 @@ def model_options(defaults: Defaults, model: str | None, device: str | None = No
     """The model flags, with --model (else [defaults].model, $PERSONAS_MODEL, auto) resolved now,
     so that a model that does not exist is refused before anything slow."""
     def has_cuda() -> bool:
-        with _imports():
+        with collector_paused():
             from ..model.load import cuda_available
 
             return cuda_available()
@@ -54,30 +53,10 @@ def model_options(defaults: Defaults, model: str | None, device: str | None = No
                         engine_only)
 
 
-@contextlib.contextmanager
-def _imports() -> Iterator[None]:
-    """Python's cycle collector paused while torch and the engine are imported, then what they made
-    frozen out of its later passes (gc.freeze). Importing torch triggers hundreds of collections,
-    some of them passes over every object, and they find next to nothing: what an import makes
-    lives as long as the process. That collecting was most of what a short run spent in the
-    collector (docs/performance.md, start-up); the few objects the imports leave in cycles stay.
-    Not the load: a first start converts a GGUF file, and what that leaves in cycles must be freed
-    as it goes."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.freeze()
-            gc.enable()
-
-
 def load_model_for(options: ModelOptions, feedback: Feedback, *, tokenizer_only: bool = False) -> Any:
     """The loaded model (model.load.LoadedModel), telling the user what was chosen and how long
     it took. Library output (gptqmodel's banner, for one) goes to stderr: stdout is for data."""
-    with _imports():
+    with collector_paused():
         from ..model.load import load_model
         from ..engine.chunked.graphed import graph_safe
         from ..engine.decoder import unsupported_reason

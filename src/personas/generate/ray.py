@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..errors import InputError, ModelError, PersonasError
 from ..model.choice import ModelChoice
+from ..model.imports import collector_paused
 from ..sampling.grid import Row, Sample, Settings, batch_size
 
 CONNECT_SECONDS = 3.0  # an address that does not answer within this is reported, not waited on
@@ -43,8 +44,11 @@ class Worker:
     """One actor: the model loaded once on its own device, sampling the chunks it is given."""
 
     def __init__(self, choice: ModelChoice, load: dict[str, Any]):
-        from ..model.load import load_model
+        with collector_paused():  # as the CLI's own process imports them (model/imports.py)
+            from ..engine.loop import sample_rows
+            from ..model.load import load_model
 
+        self.sample_rows = sample_rows
         self.model = load_model(choice, **load)
 
     def pid(self) -> int:
@@ -60,15 +64,13 @@ class Worker:
         together): one object per sample made the driver take each of them in a round trip of
         its own, the last step's hundreds of them after the worker had finished.
         """
-        from ..engine.loop import sample_rows
-
         position = {id(row): i for i, row in enumerate(rows)}
         handover: queue.Queue = queue.Queue()
         finished = object()
 
         def work() -> None:
             try:
-                sample_rows(settings, self.model, rows, lambda s: handover.put((position[id(s.row)], s)))
+                self.sample_rows(settings, self.model, rows, lambda s: handover.put((position[id(s.row)], s)))
             except BaseException as e:  # re-raised below, in the actor's task, so the driver sees it
                 handover.put(e)
             finally:
