@@ -112,6 +112,23 @@ def test_each_worker_is_handed_one_equal_share_of_the_rows():
     assert share_rows(1, 4) == 1
 
 
+def test_auto_on_ray_asks_the_cluster_for_a_gpu_not_this_machine():
+    """The cluster's machines load the model: `auto` is theirs to answer, and asking this machine
+    would import torch (seconds) before the runtime could start."""
+    from personas.generate.ray import auto_choice
+
+    on_gpus, on_cpus = auto_choice({"CPU": 16.0, "GPU": 2.0}), auto_choice({"CPU": 2.0})
+    assert (on_gpus.label, on_gpus.reason) == ("llama2-13b-gptq", "the Ray cluster has a GPU")
+    assert (on_cpus.label, on_cpus.reason) == ("embedded", "no GPU in the Ray cluster")
+    check = ("import sys; from personas.cli.loading import model_options; from personas.library.schema import Defaults; "
+             "options = model_options(Defaults(), None, on_ray=sys.argv[1] == 'ray'); "
+             "print(options.choice is None, 'torch' in sys.modules)")
+    for on_ray, expected in (("ray", "True False"), ("here", "False True")):
+        said = subprocess.run([sys.executable, "-c", check, on_ray], capture_output=True, text=True, timeout=120,
+                              cwd=REPO, env={**os.environ, "PERSONAS_MODEL": "auto"})
+        assert said.stdout.split() == expected.split(), said.stderr
+
+
 def test_workers_loading_on_the_cpu_hold_no_gpu(files, tiny_llama_dir):
     """`--device cpu` on a cluster with GPUs: each worker holds a CPU, not a GPU it would not use.
     The runtime here declares 1 GPU (Ray's resources are counts it schedules by) and 2 CPUs, so
@@ -205,6 +222,19 @@ def test_a_worker_imports_torch_with_the_cycle_collector_paused_then_frozen(runt
     finally:
         ray.shutdown()  # this process leaves the runtime (which the fixture stops)
     assert enabled and frozen > 100_000, (enabled, frozen)  # torch's objects, among others
+
+
+def test_the_default_model_on_a_cluster_without_gpus_is_the_embedded_one(files, runtime, cache_dir):
+    """No --model on a cluster of CPUs (the fixture's): its workers load the embedded model, and the
+    run says why."""
+    personas, _ = files
+    result = run_cli(["generate", "sailor", "--file", str(personas), "-p", "Ahoy?", "-n", "2", "--max-new-tokens", "6",
+                      "--seed", "1", "--format", "jsonl", "--ray", runtime, "--ray-workers", "1"], cache_dir,
+                     PERSONAS_MODEL="auto")
+    assert result.returncode == 0, result.stderr
+    assert "model: embedded (no GPU in the Ray cluster)" in result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and {r["model"] for r in rows} == {"embedded"}
 
 
 def test_a_cluster_short_of_room_says_the_run_waits_for_it(files, runtime, tiny_llama_dir, cache_dir):

@@ -17,10 +17,10 @@ from ..library.load import find_library_file, load_library
 from ..output.batch import BatchFormat, batch_writer
 from ..sampling.grid import Settings
 from .feedback import Feedback
-from .loading import load_model_for, model_options
+from .loading import load_here_or_on_ray, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, DenseWeightsOpt, DeviceOpt,
                       FastPathOpt, FileOpt, GptqBackend, GptqBackendOpt, ModelOpt, QuietOpt, RayOpt, RayWorkersOpt,
-                      TrustRemoteCodeOpt, check_ray, ray_messages)
+                      TrustRemoteCodeOpt, check_ray)
 
 
 def batch(
@@ -81,7 +81,7 @@ def batch(
                 target.commit()
                 return
         options = model_options(library.defaults, model, device, gptq_backend, allow_pickle, trust_remote_code,
-                                fast_path, cpu_weights=cpu_weights)
+                                fast_path, cpu_weights=cpu_weights, on_ray=ray_address is not None)
         settings = Settings(max_batch=batch_size, fast_path=fast_path, dense_weights=gptq_dense)
         try:
             summary = _run(path, name, library, options, settings, seed, done, target, fmt, feedback,
@@ -120,16 +120,20 @@ def _readable(source: str):
 
 def _run(path, name, library, options, settings, seed, done, target, fmt, feedback, total_rows, ray_address,
          ray_workers):
+    writer = batch_writer(fmt, target.stream if target is not None else sys.stdout)
+    with contextlib.ExitStack() as stack:
+        loaded, pool = load_here_or_on_ray(stack, options, feedback, ray_address, ray_workers)
+        return _answer(path, name, library, loaded, pool, settings, seed, done, writer, feedback, total_rows)
+
+
+def _answer(path, name, library, loaded, pool, settings, seed, done, writer, feedback, total_rows):
+    """The requests answered on this process's engine, or on the Ray pool's workers."""
     from ..engine.loop import engine_for
     from ..serve.batch import BatchRun, requests
 
-    writer = batch_writer(fmt, target.stream if target is not None else sys.stdout)
-    # With Ray the workers hold the model; this process needs only its tokenizer, for the prompts
-    # and the texts.
-    loaded = load_model_for(options, feedback, tokenizer_only=ray_address is not None)
     with contextlib.redirect_stdout(sys.stderr):  # libraries may print; stdout is for the answers
         engine = None
-        if ray_address is None:
+        if pool is None:
             engine = engine_for(loaded, settings, expect_more=True)
             if engine is None:
                 from ..engine.decoder import unsupported_reason
@@ -143,14 +147,10 @@ def _run(path, name, library, options, settings, seed, done, target, fmt, feedba
                 run = BatchRun(loaded, library, engine, writer.add, seed=seed, on_row=row_done)
                 summary = run.run(requests(path, name, done))
             else:
-                from ..generate.ray import RayPool
-
-                with RayPool(ray_address, ray_workers, options.choice, options.load_kwargs(),
-                             **ray_messages(feedback)) as pool:
-                    # Enough rows a round for every worker twice over at its batch size.
-                    rows = 2 * len(pool.actors) * pool.batch_rows(settings)
-                    run = BatchRun(loaded, library, None, writer.add, seed=seed, queue_rows=rows, on_row=row_done)
-                    summary = run.run_on(requests(path, name, done), pool)
+                # Enough rows a round for every worker twice over at its batch size.
+                rows = 2 * len(pool.actors) * pool.batch_rows(settings)
+                run = BatchRun(loaded, library, None, writer.add, seed=seed, queue_rows=rows, on_row=row_done)
+                summary = run.run_on(requests(path, name, done), pool)
         elapsed = time.perf_counter() - started
         writer.close()
     feedback.info(f"{summary.answered} requests answered, {len(summary.refused)} refused; {summary.rows} rows, "

@@ -15,14 +15,13 @@ from ..library.load import find_library_file, load_library
 from ..output.records import SampleFormat, make_writer
 from .diagnostics import Diagnostics
 from .feedback import Feedback
-from .loading import ModelOptions, load_model_for, model_options
+from .loading import ModelOptions, load_here_or_on_ray, model_options
 from .options import (AllowPickleOpt, BatchSizeOpt, CpuWeights, CpuWeightsOpt, DenseWeightsOpt, DeviceOpt,
                       DryAllowedLengthOpt, DryBaseOpt, DryBreakerOpt, DryMultiplierOpt, FastPathOpt, FileOpt,
                       FrequencyPenaltyOpt, GptqBackend, GptqBackendOpt, GrammarOpt, JsonOpt, JsonSchemaOpt,
                       LogitBiasOpt, MinPOpt, ModelOpt, PresencePenaltyOpt, QuietOpt, RayOpt, RayWorkersOpt, RegexOpt,
                       RepetitionPenaltyOpt, SeedOpt, Template, TemplateOpt, TopKOpt, TopPOpt, TrustRemoteCodeOpt,
-                      answer_format_from_flags, check_ray, ray_messages, rules_from_flags, sampling_settings,
-                      seed_in_force)
+                      answer_format_from_flags, check_ray, rules_from_flags, sampling_settings, seed_in_force)
 
 
 def generate(
@@ -143,7 +142,7 @@ def generate(
                          "the samples already written are matched by their seeds")
     # --diverge reads the model's logits through transformers' forward (diagnostics/diverge.py).
     options = model_options(defaults, model, device, gptq_backend, allow_pickle, trust_remote_code, fast_path,
-                            cpu_weights=cpu_weights, engine_only=not diverge)
+                            cpu_weights=cpu_weights, engine_only=not diverge, on_ray=ray_address is not None)
     diagnostics = Diagnostics(stats_file, diverge, plot, fmt)
     diagnostics.open(resume)
     target = OutputFile(output, fmt, resume) if output is not None else None
@@ -165,15 +164,8 @@ def _generate(request, options: ModelOptions, fmt: SampleFormat, target, feedbac
               diagnostics: Diagnostics, ray_address: str | None, ray_workers: int | None) -> None:
     out = target.stream if target is not None else sys.stdout
     with contextlib.ExitStack() as stack:
-        # With Ray the workers hold the model: they start first, and load it while this process
-        # loads only its tokenizer (for the prompts and the texts) and plans the rows.
-        pool = None
-        if ray_address is not None:
-            from ..generate.ray import RayPool
-
-            pool = stack.enter_context(RayPool(ray_address, ray_workers, options.choice, options.load_kwargs(),
-                                               **ray_messages(feedback)))
-        loaded = load_model_for(options, feedback, tokenizer_only=pool is not None)
+        # With Ray the workers hold the model; this process plans the rows while they load it.
+        loaded, pool = load_here_or_on_ray(stack, options, feedback, ray_address, ray_workers)
         _sample_and_write(request, loaded, pool, fmt, target, out, feedback, diagnostics)
 
 

@@ -31,7 +31,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..errors import InputError, ModelError, PersonasError
-from ..model.choice import ModelChoice
+from ..model.choice import ModelChoice, resolve_model
 from ..model.imports import collector_paused
 from ..sampling.grid import Row, Sample, Settings, batch_size
 
@@ -146,6 +146,15 @@ def on_gpus(load: dict[str, Any], resources: dict[str, float]) -> bool:
     return resources.get("GPU", 0) >= 1
 
 
+def auto_choice(resources: dict[str, float]) -> ModelChoice:
+    """`--model auto` on Ray: the GPU model where the cluster (`resources`: its totals) has a GPU,
+    else the embedded one — as `auto` asks of one machine. It is the workers' machines that load
+    it, not this one, which may lack the cluster's GPUs or have one the cluster does not."""
+    has_gpu = resources.get("GPU", 0) >= 1
+    choice = resolve_model("auto", has_cuda=lambda: has_gpu)
+    return dataclasses.replace(choice, reason="the Ray cluster has a GPU" if has_gpu else "no GPU in the Ray cluster")
+
+
 def worker_count(requested: int | None, on_gpu: bool, resources: dict[str, float]) -> int:
     """--ray-workers, else one per GPU of the cluster (workers on GPUs), else LOCAL_CPU_WORKERS
     (at most one per CPU of the cluster)."""
@@ -182,13 +191,15 @@ class RayPool:
 
     Making the pool starts the actors and returns: each imports its libraries and loads the
     model in its own process while the caller goes on (the driver loads its tokenizer and plans
-    the rows meanwhile); the first `sample` waits for them. `on_workers` hears the actors'
+    the rows meanwhile); the first `sample` waits for them. `choice` None is `--model auto`,
+    resolved by the cluster's GPUs (auto_choice); `self.choice` is the model the workers load,
+    whose tokenizer the driver loads. `on_workers` hears the actors'
     process ids once they are up; `on_lost(actors left, rows requeued)` when one dies;
     `on_short(room, workers, unit)` when a joined cluster has room for fewer workers than asked
     (the first `sample` then waits for it to grow).
     """
 
-    def __init__(self, address: str, workers: int | None, choice: ModelChoice, load: dict[str, Any], *,
+    def __init__(self, address: str, workers: int | None, choice: ModelChoice | None, load: dict[str, Any], *,
                  on_workers: Callable[[list[int]], None] = lambda _pids: None,
                  on_lost: Callable[[int, int], None] = lambda _left, _requeued: None,
                  on_short: Callable[[int, int, str], None] = lambda _room, _count, _unit: None):
@@ -198,11 +209,12 @@ class RayPool:
         self.pids: list[int] | None = None
         try:
             resources = ray.cluster_resources()  # the cluster's totals, asked of it once
+            self.choice = choice or auto_choice(resources)
             self.on_gpu = on_gpus(load, resources)
             count = worker_count(workers, self.on_gpu, resources)
             check_room(count, self.on_gpu, resources, self.started_here, on_short)
             options = {"num_gpus": 1} if self.on_gpu else {"num_cpus": 1}
-            self.actors = [Worker.options(**options).remote(choice, load) for _ in range(count)]
+            self.actors = [Worker.options(**options).remote(self.choice, load) for _ in range(count)]
         except BaseException:
             self.close()
             raise
