@@ -137,22 +137,26 @@ def _check_reachable(address: str) -> None:
                          "start one with `ray start --head`, check the address, or use --ray local") from None
 
 
-def on_gpus(load: dict[str, Any], resources: dict[str, float]) -> bool:
-    """Whether the workers hold a GPU each: where the cluster (`resources`: its totals) has GPUs,
-    unless the model is to load on the CPU (`--device cpu`), where a GPU held would only keep
-    other work off it."""
-    if str(load.get("device") or "").startswith("cpu"):
-        return False
+def has_gpu(resources: dict[str, float]) -> bool:
+    """Whether the cluster (`resources`: its totals) has a GPU."""
     return resources.get("GPU", 0) >= 1
 
 
+def on_gpus(load: dict[str, Any], resources: dict[str, float]) -> bool:
+    """Whether the workers hold a GPU each: where the cluster has GPUs, unless the model is to
+    load on the CPU (`--device cpu`), where a GPU held would only keep other work off it."""
+    if str(load.get("device") or "").startswith("cpu"):
+        return False
+    return has_gpu(resources)
+
+
 def auto_choice(resources: dict[str, float]) -> ModelChoice:
-    """`--model auto` on Ray: the GPU model where the cluster (`resources`: its totals) has a GPU,
-    else the embedded one — as `auto` asks of one machine. It is the workers' machines that load
-    it, not this one, which may lack the cluster's GPUs or have one the cluster does not."""
-    has_gpu = resources.get("GPU", 0) >= 1
-    choice = resolve_model("auto", has_cuda=lambda: has_gpu)
-    return dataclasses.replace(choice, reason="the Ray cluster has a GPU" if has_gpu else "no GPU in the Ray cluster")
+    """`--model auto` on Ray: the GPU model where the cluster has a GPU, else the embedded one —
+    as `auto` asks of one machine. It is the workers' machines that load it, not this one, which
+    may lack the cluster's GPUs or have one the cluster does not."""
+    gpu = has_gpu(resources)
+    choice = resolve_model("auto", has_cuda=lambda: gpu)
+    return dataclasses.replace(choice, reason="the Ray cluster has a GPU" if gpu else "no GPU in the Ray cluster")
 
 
 def worker_count(requested: int | None, on_gpu: bool, resources: dict[str, float]) -> int:
